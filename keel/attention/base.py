@@ -1,0 +1,53 @@
+"""The attention backend protocol.
+
+DESIGN rule "metadata is a value": a backend turns a ForwardBatch into metadata with
+`build_metadata`, once per forward; the runner passes that value down to every layer in an
+AttentionContext that lives for that forward only. Backends keep no "current batch" state,
+so an idle or empty forward cannot see the previous forward's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+
+from keel.cache.kv_pool import KVPool
+from keel.runner.forward_batch import ForwardBatch
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """What a backend needs to know about one attention layer."""
+
+    layer_id: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: Optional[int]  # None: full causal attention
+
+
+class AttentionBackend(Protocol):
+    def build_metadata(self, batch: ForwardBatch) -> Any:
+        """Everything the kernels need for this batch; computed once, read by every layer."""
+        ...
+
+    def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_pool: KVPool, metadata: Any) -> torch.Tensor:
+        """Store this forward's k/v in the pool, then attend. q: [tokens, heads, head_dim],
+        k/v: [tokens, kv_heads, head_dim]; returns [tokens, heads * head_dim]."""
+        ...
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """The attention state of one forward, handed explicitly to every layer."""
+
+    backend: AttentionBackend
+    metadata: Any
+    kv_pool: KVPool
+
+    def attend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.backend.forward(layer, q, k, v, self.kv_pool, self.metadata)

@@ -1,0 +1,106 @@
+"""OwnedIdAllocator: hands out integer ids (KV pages, request-table rows) and records who owns each.
+
+DESIGN rule "one owner, one release path": every id is free, reserved, or owned by exactly one
+owner. Freeing an id that is free, reserved, or owned by someone else raises, naming both
+owners; freeing the same id twice in one call raises too. All operations are vectorized over
+the ids (host tensors, no per-id Python loops). Id 0 is reserved: it is the harmless target of
+padded writes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FREE = 0
+RESERVED = -1
+
+
+class KVAccountingError(RuntimeError):
+    """A page or row was freed or handed out in a way that breaks single ownership."""
+
+
+def describe_owner(owner: int) -> str:
+    if owner == FREE:
+        return "free"
+    if owner == RESERVED:
+        return "reserved"
+    return f"owner {owner}"
+
+
+class OwnedIdAllocator:
+    def __init__(self, size: int, what: str) -> None:
+        if size < 2:
+            raise ValueError(f"{what} allocator needs at least 2 ids (id 0 is reserved), got {size}")
+        self.what = what
+        self.size = size
+        self._owner = torch.zeros(size, dtype=torch.int64)
+        self._owner[0] = RESERVED
+        # Free ids as a stack; low ids are handed out first.
+        self._free = torch.arange(size - 1, 0, -1, dtype=torch.int64)
+        self._num_free = size - 1
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def capacity(self) -> int:
+        return self.size - 1
+
+    def alloc(self, owners: torch.Tensor) -> Optional[torch.Tensor]:
+        """One id per entry of `owners` (int64, each > 0); None, with nothing taken, if too few are free."""
+        n = owners.numel()
+        if n > self._num_free:
+            return None
+        if n and int(owners.min()) <= FREE:
+            raise KVAccountingError(f"{self.what} owners must be positive ids, got {owners.min().item()}")
+        ids = self._free[self._num_free - n:self._num_free].flip(0)
+        self._num_free -= n
+        taken = self._owner[ids]
+        if bool((taken != FREE).any()):
+            bad = int(ids[taken != FREE][0])
+            raise KVAccountingError(
+                f"{self.what} {bad} was on the free list but is {describe_owner(int(self._owner[bad]))}")
+        self._owner[ids] = owners
+        return ids
+
+    def free(self, ids: torch.Tensor, owner: int) -> None:
+        """Return `ids` (owned by `owner`) to the free list; raises without freeing anything if any is not."""
+        ids = ids.to(torch.int64)
+        if ids.numel() == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self.size:
+            raise KVAccountingError(f"{owner=} freed {self.what} ids outside [0, {self.size}): {ids.tolist()}")
+        actual = self._owner[ids]
+        wrong = actual != owner
+        if bool(wrong.any()):
+            index = int(wrong.nonzero()[0])
+            bad, holder = int(ids[index]), int(actual[index])
+            kind = "double free" if holder == FREE else "foreign free"
+            raise KVAccountingError(
+                f"{kind}: owner {owner} freed {self.what} {bad}, which is {describe_owner(holder)}")
+        if torch.unique(ids).numel() != ids.numel():
+            raise KVAccountingError(f"double free: owner {owner} freed a {self.what} twice in one call")
+        self._owner[ids] = FREE
+        self._free[self._num_free:self._num_free + ids.numel()] = ids
+        self._num_free += ids.numel()
+
+    def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._owner[ids.to(torch.int64)]
+
+    def owned_counts(self) -> dict[int, int]:
+        """{owner: number of ids it holds}, reserved and free ids excluded."""
+        owned = self._owner[self._owner > FREE]
+        values, counts = torch.unique(owned, return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
+
+    def check_consistent(self) -> None:
+        """The free list and the owner table describe the same set of free ids."""
+        free_ids = self._free[:self._num_free]
+        if bool((self._owner[free_ids] != FREE).any()) or torch.unique(free_ids).numel() != self._num_free:
+            raise KVAccountingError(f"{self.what} free list disagrees with the owner table")
+        if int((self._owner == FREE).sum()) != self._num_free:
+            raise KVAccountingError(f"{self.what}: {int((self._owner == FREE).sum())} ids marked free, "
+                                    f"{self._num_free} on the free list")

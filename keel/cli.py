@@ -1,0 +1,64 @@
+"""The `keel` command.
+
+    keel generate --model keel-demo "Hello"                 # stream one completion
+    keel generate --model llama-3.2-1b --max-new-tokens 8 "a" "b"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
+from keel.sampling_params import SamplingParams
+
+# The engine's --seed already seeds every request of a CLI run, so there is no per-request --seed.
+_ENGINE_SEEDED = ("seed",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keel", description="keel: LLM inference and serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate completions for prompts",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("prompts", nargs="+", help="prompt text(s)")
+    engine_opts = gen.add_argument_group("engine options")
+    add_dataclass_arguments(engine_opts, EngineConfig)
+    sampling_opts = gen.add_argument_group("sampling options")
+    add_dataclass_arguments(sampling_opts, SamplingParams, skip=_ENGINE_SEEDED)
+    gen.add_argument("--no-stream", action="store_true", help="print each completion when it is done")
+    gen.add_argument("--log-level", default="warning", help="python logging level")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> None:
+    from keel.engine.engine import Engine
+
+    options = dataclass_kwargs(args, EngineConfig)
+    engine = Engine(options.pop("model"), **options)
+    params = SamplingParams(**dataclass_kwargs(args, SamplingParams, skip=_ENGINE_SEEDED))
+    if len(args.prompts) == 1 and not args.no_stream:
+        sys.stdout.write(args.prompts[0])
+        for delta in engine.stream(args.prompts[0], params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for prompt, out in zip(args.prompts, engine.generate(args.prompts, params)):
+        print(f"--- [{out.finish_reason}, {len(out.token_ids)} tokens]\n{prompt}{out.text}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            generate(args)
+    except ValueError as e:
+        sys.exit(f"keel: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""EngineConfig: every engine option in one dataclass, mapped 1:1 to CLI flags.
+
+`keel.Engine(model, page_size=16)` and `keel generate --page-size 16` set the same field;
+the argparse flags are generated from the fields below, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def option(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    """A dataclass field that also describes its CLI flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class EngineConfig:
+    model: str = option("keel-demo", "preset name, 'keel-demo', or a local Hugging Face model directory")
+    dtype: str = option(
+        "auto", "weight and activation dtype; auto: the checkpoint's dtype on GPU (float32 checkpoints run "
+        "in bfloat16), float32 on CPU", ("auto", *DTYPES))
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    load_format: str = option(
+        "auto", "auto: safetensors if the directory has weights, else error; dummy: random weights "
+        "from the config alone (presets always use dummy)", ("auto", "safetensors", "dummy"))
+    seed: int = option(0, "seed for dummy weights and for requests that do not set their own seed")
+    page_size: int = option(1, "tokens per KV page")
+    kv_cache_tokens: Optional[int] = option(
+        None, "KV pool size in tokens; default: from --mem-fraction of memory free after weights")
+    mem_fraction: float = option(0.8, "fraction of the memory free after loading weights used for the KV pool")
+    context_length: Optional[int] = option(None, "maximum tokens per request; default: the model's")
+    max_running_requests: int = option(256, "most requests decoding at once")
+    max_prefill_tokens: int = option(16384, "most prompt tokens prefilled in one step")
+    attention_backend: str = option("torch", "attention implementation", ("torch",))
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("kv_cache_tokens", "context_length"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "must be >= 1 when set")
+        _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction", "must be in (0, 1]")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            _require(choices is None or getattr(self, f.name) in choices, f.name,
+                     f"must be one of {choices}")
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+                 "must be auto, cpu, cuda or cuda:N")
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known options: {sorted(known)}")
+        return cls(model=model, **options)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available")
+        return device
+
+    def resolve_dtype(self, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid option {name}: {why}")
+
+
+# ---- dataclass <-> argparse -------------------------------------------------------------
+
+
+def add_dataclass_arguments(parser: argparse._ActionsContainer, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per dataclass field (snake_case -> kebab-case) with the field's help text."""
+    hints = typing.get_type_hints(cls)
+    for f in _fields(cls, skip):
+        flag = "--" + f.name.replace("_", "-")
+        kind, element = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, nargs="*", type=element, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                choices=f.metadata.get("choices"))
+
+
+def dataclass_kwargs(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in _fields(cls, skip)}
+
+
+def _fields(cls: type, skip: tuple[str, ...]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def _flag_type(hint: Any) -> tuple[Any, Any]:
+    """(flag type, list element type) of an annotation: Optional[int] -> (int, None), list[str] -> (list, str)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        return _flag_type(lists[0] if lists else inner[0])
+    if origin is list:
+        return list, typing.get_args(hint)[0]
+    return hint, None

@@ -1,0 +1,40 @@
+"""What the engine returns: per-step core outputs and per-request results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from keel.scheduler.req import FinishReason
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # of the chosen token, under the model's raw distribution
+    top: tuple[tuple[int, float], ...] = ()  # the top-N (token id, log-prob) alternatives, best first
+
+
+@dataclass(frozen=True)
+class CoreOutput:
+    """One request's new tokens from one engine step (crosses the engine/front-end boundary)."""
+
+    rid: int
+    token_ids: list[int]
+    logprobs: Optional[list[TokenLogprob]]  # one per token, when the request asked for log-probs
+    finish_reason: Optional[FinishReason]  # set on the request's last output
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]  # None when the prompt was given as token ids
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[FinishReason] = None  # "stop" or "length" once finished
+    logprobs: Optional[list[TokenLogprob]] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,55 @@
+"""RequestState: the front end's view of one request: detokenized text, stop strings, log-probs.
+
+Token-level stops (EOS, stop_token_ids, max_new_tokens) are decided by the scheduler; stop
+strings need text, so they are found here, and the front end then finishes the request in the
+core. The text never contains a stop string, and streamed deltas hold back any tail that could
+still become one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from keel.engine.detokenizer import IncrementalDetokenizer
+from keel.engine.outputs import CoreOutput, RequestOutput
+from keel.engine.stop_strings import StopStrings
+from keel.sampling_params import SamplingParams
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        self.output = RequestOutput(request_id, prompt, list(prompt_ids),
+                                    logprobs=[] if params.wants_logprobs else None)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopStrings(params.stop)
+        self.streamed = 0  # characters of output.text already handed out by take_delta
+
+    def update(self, out: CoreOutput) -> bool:
+        """Apply one step's tokens. True if a stop string just ended the request (the core must finish it)."""
+        result = self.output
+        result.token_ids.extend(out.token_ids)
+        if result.logprobs is not None and out.logprobs:
+            result.logprobs.extend(out.logprobs)
+        text = self.detokenizer.push(out.token_ids)
+        if out.finish_reason is not None:
+            text += self.detokenizer.flush()
+        searched_from = len(result.text)
+        result.text += text
+        hit = self.stops.find(result.text, searched_from) if self.stops.stops else None
+        if hit is not None:
+            result.text = result.text[:hit]
+            result.finish_reason = "stop"
+            return out.finish_reason is None
+        result.finish_reason = out.finish_reason
+        return False
+
+    def take_delta(self) -> str:
+        """New text that is safe to show: all of it once finished, else all but a possible stop-string start."""
+        text = self.output.text
+        end = len(text) if self.output.finished else len(text) - self.stops.holdback(text)
+        delta = text[self.streamed:end]
+        self.streamed = max(self.streamed, end)
+        return delta

@@ -1,0 +1,117 @@
+"""ModelConfig: the architecture facts keel needs, read once from a Hugging Face config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from transformers import PretrainedConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    kind: str = "default"  # one of SUPPORTED_ROPE_TYPES
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    attention_bias: bool
+    # Per layer: the sliding-window size, or None for full attention.
+    sliding_windows: tuple[Optional[int], ...]
+    eos_token_ids: tuple[int, ...]
+    checkpoint_dtype: torch.dtype
+
+    @classmethod
+    def from_hf(cls, hf: PretrainedConfig, eos_token_ids: Optional[tuple[int, ...]] = None) -> "ModelConfig":
+        architectures = getattr(hf, "architectures", None) or []
+        if not architectures:
+            raise ValueError("config.json has no 'architectures' entry; cannot choose a model class")
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        return cls(
+            architecture=architectures[0],
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            rope=_rope_config(hf),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf, "attention_bias", False)),
+            sliding_windows=_sliding_windows(hf),
+            eos_token_ids=eos_token_ids if eos_token_ids is not None else _as_ids(hf.eos_token_id),
+            checkpoint_dtype=_checkpoint_dtype(hf),
+        )
+
+
+def _rope_config(hf: PretrainedConfig) -> RopeConfig:
+    params: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
+    legacy = getattr(hf, "rope_scaling", None)  # transformers 4.x layout
+    if legacy and not params.get("rope_type"):
+        params.update(legacy)
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported RoPE type {kind!r}; keel supports {SUPPORTED_ROPE_TYPES}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    return RopeConfig(
+        theta=float(theta),
+        kind=kind,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position=params.get("original_max_position_embeddings"),
+    )
+
+
+def _sliding_windows(hf: PretrainedConfig) -> tuple[Optional[int], ...]:
+    """Which layers use sliding-window attention, following transformers' rules.
+
+    Configs with `layer_types` (Qwen2, Qwen3, ...) window only their "sliding_attention" layers;
+    Mistral-style configs without it window every layer when `sliding_window` is set.
+    """
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    return (window,) * hf.num_hidden_layers
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _checkpoint_dtype(hf: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype

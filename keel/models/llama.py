@@ -1,0 +1,129 @@
+"""Llama (2, 3, 3.1, 3.2) and the decoder family built on it (Mistral, Qwen2, Qwen3).
+
+One file for the shared decoder; the family files switch on QKV bias or Q/K norm. Module names
+follow the Hugging Face checkpoints, so the loader maps names one to one, except for the fused
+projections listed in `FUSED_WEIGHTS`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from keel.attention.base import AttentionContext, AttentionLayer
+from keel.models.config import ModelConfig
+from keel.models.layers.activation import SiluAndMul
+from keel.models.layers.embedding import LMHead, VocabEmbedding
+from keel.models.layers.linear import FusedLinear, Linear
+from keel.models.layers.norm import RMSNorm
+from keel.models.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
+        self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, head_dim ** -0.5,
+                                    config.sliding_windows[layer_id])
+        self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        # Qwen3 normalises each head of q and k before the rotation.
+        self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        spec = self.layer
+        q = q.reshape(-1, spec.num_heads, spec.head_dim)
+        k = k.reshape(-1, spec.num_kv_heads, spec.head_dim)
+        v = v.reshape(-1, spec.num_kv_heads, spec.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(ctx.attend(spec, q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = FusedLinear(config.hidden_size, (config.intermediate_size,) * 2)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary, qkv_bias, qk_norm) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual: Optional[torch.Tensor] = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, ctx)
+        return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint name part -> (keel module name part, shard index in the fused layer)
+    FUSED_WEIGHTS = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions, self.qkv_bias or config.attention_bias, self.qk_norm)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
+
+    @property
+    def attention_layers(self) -> list[AttentionLayer]:
+        return [layer.self_attn.layer for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Final hidden states, [tokens, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits for the given hidden states only (the sampled positions)."""
+        return self.lm_head(hidden)

@@ -1,0 +1,24 @@
+"""Model classes by the `architectures` name in config.json."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from keel.models.llama import LlamaForCausalLM
+from keel.models.mistral import MistralForCausalLM
+from keel.models.qwen2 import Qwen2ForCausalLM
+from keel.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    try:
+        return MODEL_CLASSES[architecture]
+    except KeyError:
+        raise ValueError(f"unknown architecture {architecture!r}; keel supports {sorted(MODEL_CLASSES)}") from None

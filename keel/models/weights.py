@@ -1,0 +1,96 @@
+"""Model weights: loading Hugging Face safetensors into keel's (fused) layers, or random weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+# Checkpoint tensors keel does not need.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@torch.no_grad()
+def init_random_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Deterministic random weights: norms 1, everything else N(0, std), drawn in sorted-name order."""
+    params = sorted(module.named_parameters(), key=lambda item: item[0])
+    if not params:
+        return
+    generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    for name, param in params:
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=generator)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for name in names:
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{index.name} lists {name}, which is missing from {directory}")
+        return [directory / name for name in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory} "
+                                "(use load_format='dummy' for random weights)")
+    return files
+
+
+@torch.no_grad()
+def load_safetensors(model: nn.Module, directory: Path, fused: dict[str, tuple[str, int]], tied_lm_head: bool,
+                     device: torch.device) -> None:
+    """Copy every checkpoint tensor into its keel parameter; raise naming any tensor that does not fit."""
+    params = dict(model.named_parameters())
+    expected = {(name, shard) for name, p in params.items() for shard in _shards(p)}
+    loaded: set[tuple[str, Optional[int]]] = set()
+    files = weight_files(directory)
+    for path in tqdm(files, desc="Loading safetensors shards", unit="shard", disable=None):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for hf_name in f.keys():
+                if hf_name.endswith(_IGNORED_SUFFIXES) or (tied_lm_head and hf_name == "lm_head.weight"):
+                    continue
+                name, shard = keel_name(hf_name, fused)
+                if name not in params:
+                    raise ValueError(f"unexpected tensor {hf_name!r} in {path.name}: keel's model has no "
+                                     f"parameter {name!r}")
+                target = _shard_view(params[name], shard)
+                tensor = f.get_tensor(hf_name)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ValueError(f"shape mismatch for tensor {hf_name!r} in {path.name}: checkpoint has "
+                                     f"{list(tensor.shape)}, the model expects {list(target.shape)}")
+                target.copy_(tensor)
+                loaded.add((name, shard))
+    missing = sorted(expected - loaded, key=str)
+    if missing:
+        raise ValueError(f"checkpoint in {directory} lacks {len(missing)} tensor(s), e.g. "
+                         + ", ".join(f"{n}[shard {s}]" if s is not None else n for n, s in missing[:5]))
+
+
+def keel_name(hf_name: str, fused: dict[str, tuple[str, int]]) -> tuple[str, Optional[int]]:
+    """'…self_attn.k_proj.weight' -> ('…self_attn.qkv_proj.weight', 1); other names map to themselves."""
+    parts = hf_name.split(".")
+    for i, part in enumerate(parts):
+        if part in fused:
+            parts[i], shard = fused[part]
+            return ".".join(parts), shard
+    return hf_name, None
+
+
+def _shards(param: torch.Tensor) -> list[Optional[int]]:
+    sizes = getattr(param, "shard_sizes", None)
+    return list(range(len(sizes))) if sizes else [None]
+
+
+def _shard_view(param: torch.Tensor, shard: Optional[int]) -> torch.Tensor:
+    if shard is None:
+        return param.data
+    sizes = param.shard_sizes
+    return param.data.narrow(0, sum(sizes[:shard]), sizes[shard])

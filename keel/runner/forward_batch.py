@@ -1,0 +1,77 @@
+"""ForwardBatch: everything one model forward needs, as an immutable value.
+
+The scheduler builds one per step; the runner and the attention backend only read it. Fields
+typed `DeviceTensor` live on the model's device, fields typed `HostInts` are plain Python on
+the host (known without a device sync); `__post_init__` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+
+DeviceTensor = Annotated[torch.Tensor, "device"]
+HostInts = tuple[int, ...]
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prompt tokens (possibly after a cached prefix)
+    DECODE = "decode"  # one new token per request
+    MIXED = "mixed"  # extend and decode requests in one batch
+    IDLE = "idle"  # no tokens; still a valid forward (data-parallel ranks with nothing to do)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    mode: ForwardMode
+    device: torch.device
+    # host, one entry per request
+    seq_lens_cpu: HostInts  # KV length of each request after this forward
+    extend_lens_cpu: HostInts  # tokens each request adds in this forward (1 when decoding)
+    # device
+    input_ids: DeviceTensor  # [num_tokens] int64, the requests' new tokens back to back
+    positions: DeviceTensor  # [num_tokens] int64
+    req_rows: DeviceTensor  # [batch_size] int64, rows of the request->token table
+    seq_lens: DeviceTensor  # [batch_size] int64
+    out_cache_loc: DeviceTensor  # [num_tokens] int64, KV slot each new token is written to
+    logits_indices: DeviceTensor  # [num_sampled] int64, token indices whose logits are sampled
+
+    def __post_init__(self) -> None:
+        for name in _DEVICE_FIELDS:
+            tensor = getattr(self, name)
+            if tensor.device != self.device:
+                raise ValueError(f"ForwardBatch.{name} is on {tensor.device}, expected {self.device}")
+        bs = len(self.seq_lens_cpu)
+        if len(self.extend_lens_cpu) != bs or self.req_rows.numel() != bs or self.seq_lens.numel() != bs:
+            raise ValueError("ForwardBatch per-request fields disagree on the batch size")
+        num_tokens = sum(self.extend_lens_cpu)
+        for name in ("input_ids", "positions", "out_cache_loc"):
+            if getattr(self, name).numel() != num_tokens:
+                raise ValueError(f"ForwardBatch.{name} has {getattr(self, name).numel()} entries, "
+                                 f"expected {num_tokens} (sum of extend_lens_cpu)")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def prefix_lens_cpu(self) -> HostInts:
+        return tuple(s - e for s, e in zip(self.seq_lens_cpu, self.extend_lens_cpu))
+
+    @classmethod
+    def idle(cls, device: torch.device) -> "ForwardBatch":
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return cls(ForwardMode.IDLE, device, (), (), empty, empty, empty, empty, empty, empty)
+
+
+_DEVICE_FIELDS = tuple(
+    name for name, hint in typing.get_type_hints(ForwardBatch, include_extras=True).items() if hint is DeviceTensor
+)

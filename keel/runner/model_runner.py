@@ -1,0 +1,84 @@
+"""ModelRunner: owns the model, the KV pool and the attention backend; runs one ForwardBatch at a time."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from keel.attention import create_backend
+from keel.attention.base import AttentionContext
+from keel.cache.kv_cache import KVCacheManager
+from keel.cache.kv_pool import KVPool
+from keel.config import EngineConfig
+from keel.models.config import ModelConfig
+from keel.models.loader import load_model
+from keel.models.source import ModelSource
+from keel.runner.forward_batch import ForwardBatch
+from keel.runner.sampler import SampleOutput, SamplingBatch, sample
+
+logger = logging.getLogger(__name__)
+
+# Without a GPU the KV pool defaults to at most this many tokens: enough for tests and demos,
+# and small enough not to claim the machine's memory.
+CPU_DEFAULT_KV_TOKENS = 16384
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> None:
+        self.device = config.resolve_device()
+        self.model_config = model_config
+        self.dtype = config.resolve_dtype(model_config.checkpoint_dtype, self.device)
+        self.context_length = config.context_length or model_config.max_position_embeddings
+        if self.context_length > model_config.max_position_embeddings:
+            raise ValueError(f"context_length={self.context_length} exceeds the model's "
+                             f"max_position_embeddings={model_config.max_position_embeddings}")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = load_model(source, model_config, dtype=self.dtype, device=self.device,
+                                max_positions=self.context_length, load_format=config.load_format,
+                                seed=config.seed)
+        num_pages = self._plan_kv_pages(config)
+        mc = model_config
+        self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
+                              self.dtype, self.device)
+        self.kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests,
+                                       self.context_length, self.device)
+        self.attn_backend = create_backend(config.attention_backend, self.kv_cache.table,
+                                           self.model.attention_layers)
+        logger.info("KV pool: %d pages of %d tokens (%.2f GiB)", num_pages, config.page_size,
+                    2 * self.kv_pool.k_cache.nbytes / 2**30)
+
+    def _plan_kv_pages(self, config: EngineConfig) -> int:
+        mc = self.model_config
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        tokens = config.kv_cache_tokens
+        if tokens is None:
+            tokens = int(_free_memory_bytes(self.device) * config.mem_fraction) // per_token
+            if self.device.type == "cpu":
+                tokens = min(tokens, CPU_DEFAULT_KV_TOKENS)
+        num_pages = tokens // config.page_size
+        if num_pages < 1:
+            raise ValueError(f"KV pool of {tokens} tokens holds no page of {config.page_size} tokens; "
+                             "raise kv_cache_tokens or mem_fraction")
+        return num_pages
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits [len(batch.logits_indices), vocab]; an IDLE or empty batch gives [0, vocab]."""
+        metadata = self.attn_backend.build_metadata(batch)
+        ctx = AttentionContext(self.attn_backend, metadata, self.kv_pool)
+        hidden = self.model(batch.input_ids, batch.positions, ctx)
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+        return sample(logits, batch)
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

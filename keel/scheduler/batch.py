@@ -1,0 +1,80 @@
+"""From a scheduled step to the runner's inputs: the ForwardBatch and the SamplingBatch."""
+
+from __future__ import annotations
+
+import torch
+
+from keel.runner.forward_batch import ForwardBatch
+from keel.runner.sampler import PenaltyInputs, SamplingBatch
+from keel.scheduler.req import Req
+from keel.scheduler.scheduler import ScheduledBatch
+
+
+def build_forward_batch(batch: ScheduledBatch, device: torch.device) -> ForwardBatch:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    for req, extend, seq in zip(batch.reqs, batch.extend_lens, batch.seq_lens):
+        input_ids += req.token_ids(seq - extend, seq)
+        positions += range(seq - extend, seq)
+    last_token = torch.tensor(batch.extend_lens, dtype=torch.int64).cumsum(0) - 1
+
+    def to_device(values: object) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        mode=batch.mode,
+        device=device,
+        seq_lens_cpu=tuple(batch.seq_lens),
+        extend_lens_cpu=tuple(batch.extend_lens),
+        input_ids=to_device(input_ids),
+        positions=to_device(positions),
+        req_rows=to_device([r.row for r in batch.reqs]),
+        seq_lens=to_device(batch.seq_lens),
+        out_cache_loc=to_device(batch.out_cache_loc),
+        logits_indices=to_device(last_token),
+    )
+
+
+def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatch:
+    params = [r.params for r in reqs]
+
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    greedy = [p.is_greedy for p in params]
+    return SamplingBatch(
+        greedy=column(greedy, torch.bool),
+        temperatures=column([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
+        top_ks=column([p.top_k or vocab_size for p in params], torch.int64),
+        top_ps=column([p.top_p for p in params], torch.float32),
+        min_ps=column([p.min_p for p in params], torch.float32),
+        seeds=column([r.seed % 2**63 for r in reqs], torch.int64),
+        steps=column([len(r.output_ids) for r in reqs], torch.int64),
+        penalties=_penalty_inputs(reqs, vocab_size, device) if any(p.has_penalties for p in params) else None,
+        all_greedy=all(greedy),
+        needs_filter=any(p.top_k is not None or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
+        num_top_logprobs=max(p.top_logprobs for p in params),
+        wants_logprobs=any(p.wants_logprobs for p in params),
+    )
+
+
+def _penalty_inputs(reqs: list[Req], vocab_size: int, device: torch.device) -> PenaltyInputs:
+    """Token counts of each penalised request; other rows get neutral penalties and empty counts."""
+    n = len(reqs)
+    counts = torch.zeros(n, vocab_size, dtype=torch.float32)
+    seen = torch.zeros(n, vocab_size, dtype=torch.bool)
+    for i, req in enumerate(reqs):
+        if not req.params.has_penalties:
+            continue
+        output = torch.tensor(req.output_ids, dtype=torch.int64)
+        counts[i].index_add_(0, output, torch.ones(len(output)))
+        seen[i, output] = True
+        seen[i, torch.tensor(req.prompt_ids, dtype=torch.int64)] = True
+    p = [r.params for r in reqs]
+    return PenaltyInputs(
+        repetition=torch.tensor([x.repetition_penalty for x in p], dtype=torch.float32).to(device),
+        frequency=torch.tensor([x.frequency_penalty for x in p], dtype=torch.float32).to(device),
+        presence=torch.tensor([x.presence_penalty for x in p], dtype=torch.float32).to(device),
+        output_counts=counts.to(device),
+        seen=seen.to(device),
+    )

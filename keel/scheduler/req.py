@@ -1,0 +1,57 @@
+"""Req: one request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from keel.sampling_params import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity, not field-by-field, comparison
+class Req:
+    rid: int  # also the owner id of the request's KV pages and table row
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # params.seed, or one drawn from the engine's seed
+    stop_token_ids: frozenset[int]  # params.stop_token_ids, plus the model's EOS unless ignore_eos
+    output_ids: list[int] = field(default_factory=list)
+    status: ReqStatus = ReqStatus.WAITING
+    row: Optional[int] = None  # request-table row while the request holds KV
+    finish_reason: Optional[FinishReason] = None
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_kv_len(self) -> int:
+        """KV the request can ever hold: its last token is sampled but never fed back."""
+        return len(self.prompt_ids) + self.params.max_new_tokens - 1
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
+
+    def append_token(self, token_id: int) -> Optional[FinishReason]:
+        """Record a sampled token; returns why the request is now finished, if it is."""
+        self.output_ids.append(token_id)
+        if token_id in self.stop_token_ids:
+            return "stop"
+        if len(self.output_ids) >= self.params.max_new_tokens:
+            return "length"
+        return None

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from keel.cache.id_allocator import KVAccountingError, OwnedIdAllocator
+from keel.cache.page_allocator import PageAllocator
+
+
+def owners(owner: int, n: int) -> torch.Tensor:
+    return torch.full((n,), owner, dtype=torch.int64)
+
+
+def test_alloc_hands_out_free_ids_only_and_never_id_zero():
+    alloc = OwnedIdAllocator(9, "page")
+    a = alloc.alloc(owners(1, 3))
+    b = alloc.alloc(owners(2, 5))
+    assert alloc.num_free == 0
+    taken = torch.cat([a, b]).tolist()
+    assert sorted(taken) == list(range(1, 9))
+    assert alloc.alloc(owners(3, 1)) is None  # nothing taken on failure
+    assert alloc.owner_of(a).tolist() == [1, 1, 1]
+
+
+def test_failed_alloc_takes_nothing():
+    alloc = OwnedIdAllocator(5, "page")
+    assert alloc.alloc(owners(1, 5)) is None
+    assert alloc.num_free == 4
+    alloc.check_consistent()
+
+
+def test_double_free_raises_and_names_both_owners():
+    alloc = OwnedIdAllocator(5, "page")
+    ids = alloc.alloc(owners(7, 2))
+    alloc.free(ids, 7)
+    with pytest.raises(KVAccountingError, match=r"double free: owner 7 freed page \d, which is free"):
+        alloc.free(ids, 7)
+
+
+def test_foreign_free_raises_and_changes_nothing():
+    alloc = OwnedIdAllocator(6, "page")
+    mine = alloc.alloc(owners(1, 2))
+    theirs = alloc.alloc(owners(2, 2))
+    with pytest.raises(KVAccountingError, match=r"foreign free: owner 1 freed page \d, which is owner 2"):
+        alloc.free(torch.cat([mine, theirs[:1]]), 1)
+    assert alloc.owner_of(mine).tolist() == [1, 1]  # the call freed nothing, not even its own pages
+    assert alloc.num_free == 1
+    alloc.check_consistent()
+
+
+def test_freeing_the_same_id_twice_in_one_call_raises():
+    alloc = OwnedIdAllocator(6, "page")
+    ids = alloc.alloc(owners(1, 2))
+    with pytest.raises(KVAccountingError, match="twice in one call"):
+        alloc.free(torch.cat([ids, ids[:1]]), 1)
+
+
+def test_reserved_id_zero_cannot_be_freed():
+    alloc = OwnedIdAllocator(4, "page")
+    with pytest.raises(KVAccountingError, match="reserved"):
+        alloc.free(torch.tensor([0]), 1)
+
+
+def test_owners_must_be_positive():
+    with pytest.raises(KVAccountingError):
+        OwnedIdAllocator(4, "page").alloc(owners(0, 1))
+
+
+def test_mixed_owner_alloc_and_counts():
+    alloc = OwnedIdAllocator(10, "page")
+    ids = alloc.alloc(torch.tensor([3, 3, 4, 5, 5, 5]))
+    assert alloc.owned_counts() == {3: 2, 4: 1, 5: 3}
+    alloc.free(ids[2:3], 4)
+    assert alloc.owned_counts() == {3: 2, 5: 3}
+
+
+def test_page_allocator_page_math():
+    pages = PageAllocator(num_pages=4, page_size=16)
+    assert pages.capacity == 4
+    assert pages.pages_for(torch.tensor([0, 1, 16, 17, 32])).tolist() == [0, 1, 1, 2, 2]

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints, engines, and the end-of-test KV check."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import keel
+from tests.helpers import build_tiny_hf_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keel_cache_dir(pytestconfig: pytest.Config) -> Path:
+    """keel-demo and presets go to pytest's cache folder in the checkout, never the user's cache;
+    keel-demo is trained once per checkout rather than once per test run."""
+    path = pytestconfig.cache.mkdir("keel-cache")
+    os.environ["KEEL_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, torch.nn.Module]]:
+    """tiny_model(kind) -> (checkpoint directory, the transformers model it holds). Built once per session."""
+    built: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def get(kind: str) -> tuple[Path, torch.nn.Module]:
+        if kind not in built:
+            directory = tmp_path_factory.mktemp(f"hf-{kind}")
+            # The llama3 checkpoint is sharded, so the index-file path is exercised too.
+            shard = "40KB" if kind == "llama3" else None
+            built[kind] = (directory, build_tiny_hf_model(kind, directory, max_shard_size=shard))
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., keel.Engine]]:
+    """Engines made through this fixture are checked after the test: every page and row free again."""
+    engines: list[keel.Engine] = []
+
+    def make(model: str | Path, **options) -> keel.Engine:
+        options.setdefault("dtype", "float32")
+        options.setdefault("device", "cpu")
+        engine = keel.Engine(str(model), **options)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.core.check_idle()

@@ -1,0 +1,40 @@
+import pytest
+
+from keel.engine.detokenizer import IncrementalDetokenizer
+from keel.engine.stop_strings import StopStrings
+from keel.models.byte_tokenizer import EOS_ID, byte_tokenizer
+
+TOKENIZER = byte_tokenizer()
+
+
+@pytest.mark.parametrize("text", ["plain ascii", "héllo wörld", "你好，世界", "emoji 🎉🚀 end", "mixé你🎉"])
+def test_deltas_never_split_a_character_and_add_up_to_the_text(text):
+    ids = TOKENIZER(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(TOKENIZER, TOKENIZER("prompt").input_ids)
+    deltas = [detok.push([t]) for t in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_incomplete_character_is_held_then_flushed_at_the_end():
+    detok = IncrementalDetokenizer(TOKENIZER, [])
+    first_two_bytes_of_ni = list("你".encode())[:2]
+    assert detok.push(first_two_bytes_of_ni) == ""
+    assert detok.flush() == "\ufffd"  # the request ended mid-character; say so rather than drop it
+
+
+def test_special_tokens_are_not_text():
+    detok = IncrementalDetokenizer(TOKENIZER, [])
+    assert detok.push([ord("a"), EOS_ID]) == "a"
+
+
+def test_stop_strings_find_and_holdback():
+    stops = StopStrings(["###", "END"])
+    assert stops.find("abc###def", 0) == 3
+    assert stops.find("abc#", 0) is None
+    assert stops.find("xEN", 2) is None and stops.find("xEND", 3) == 1  # a match that the new text completes
+    assert stops.holdback("text ##") == 2
+    assert stops.holdback("text E") == 1
+    assert stops.holdback("text") == 0
+    assert StopStrings([]).holdback("anything") == 0
