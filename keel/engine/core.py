@@ -84,14 +84,13 @@ class EngineCore:
         sampled = self.runner.sample(logits, build_sampling_batch(batch.reqs, self.model_config.vocab_size, device))
         token_ids = sampled.token_ids.tolist()
         logprobs = _host_logprobs(sampled, token_ids)
-        finished = {f.req.rid: f.reason for f in self.scheduler.process(batch, token_ids)}
         outputs = []
-        for i, (req, token_id) in enumerate(zip(batch.reqs, token_ids)):
-            wanted = None
+        for step in self.scheduler.process(batch, token_ids):
+            req, wanted = step.req, None
             if logprobs is not None and req.params.wants_logprobs:
-                lp = logprobs[i]
+                lp = logprobs[step.index]
                 wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])]
-            outputs.append(CoreOutput(req.rid, [token_id], wanted, finished.get(req.rid)))
+            outputs.append(CoreOutput(req.rid, [token_ids[step.index]], wanted, step.finish_reason))
         return outputs
 
     def check_idle(self) -> None:

@@ -28,9 +28,10 @@ class ScheduledBatch:
 
 
 @dataclass(frozen=True)
-class FinishedReq:
+class TokenAppended:
+    index: int  # the request's position in the batch
     req: Req
-    reason: FinishReason
+    finish_reason: Optional[FinishReason]
 
 
 class Scheduler:
@@ -64,6 +65,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.row, req.status = row, ReqStatus.RUNNING
+            self.running.append(req)  # from here on, abort() finds it and releases its KV
             admitted.append(req)
             budget -= len(req.prompt_ids)
             free_pages -= need
@@ -72,7 +74,7 @@ class Scheduler:
         return self._batch(ForwardMode.EXTEND, admitted, [len(r.prompt_ids) for r in admitted])
 
     def _decode(self) -> Optional[ScheduledBatch]:
-        reqs = list(self.running)
+        reqs = [r for r in self.running if r.output_ids]  # all of them, unless a prefill is in flight
         if not reqs:
             return None
         return self._batch(ForwardMode.DECODE, reqs, [1] * len(reqs))
@@ -96,17 +98,17 @@ class Scheduler:
         final = self.kv.pages.pages_for(torch.tensor([r.max_kv_len for r in reqs]))
         return int((final - self.kv.pages.pages_for(self.kv_lens(reqs))).sum())
 
-    def process(self, batch: ScheduledBatch, token_ids: list[int]) -> list[FinishedReq]:
+    def process(self, batch: ScheduledBatch, token_ids: list[int]) -> list[TokenAppended]:
         """Append each request's sampled token; finished requests release their KV and leave."""
-        finished = []
-        for req, token_id in zip(batch.reqs, token_ids):
+        appended = []
+        for i, (req, token_id) in enumerate(zip(batch.reqs, token_ids)):
+            if req.status == ReqStatus.FINISHED:  # aborted while its forward ran
+                continue
             reason = req.append_token(token_id)
             if reason is not None:
                 self._finish(req, reason)
-                finished.append(FinishedReq(req, reason))
-            elif batch.mode == ForwardMode.EXTEND:
-                self.running.append(req)
-        return finished
+            appended.append(TokenAppended(i, req, reason))
+        return appended
 
     def abort(self, rid: int, reason: FinishReason = "abort") -> Optional[Req]:
         """Finish a request wherever it is; returns it, or None if it is unknown or already finished."""

@@ -18,6 +18,8 @@ from tests.helpers import TINY_MODELS, random_prompts
 PROMPT_LENGTHS = [1, 3, 7, 8, 15, 16, 17, 33, 40]
 NEW_TOKENS = 12
 TOP_LOGPROBS = 5
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device"))]
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -29,12 +31,13 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], tor
     return out.sequences[0, len(prompt):].tolist(), logprobs
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
-def test_greedy_tokens_and_logprobs_match_transformers(kind, page_size, tiny_model, make_engine):
+def test_greedy_tokens_and_logprobs_match_transformers(kind, page_size, device, tiny_model, make_engine):
     directory, hf_model = tiny_model(kind)
     prompts = random_prompts(PROMPT_LENGTHS, seed=len(kind))
-    engine = make_engine(directory, page_size=page_size)
+    engine = make_engine(directory, page_size=page_size, device=device)
     params = keel.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
                                  top_logprobs=TOP_LOGPROBS)
     outputs = engine.generate(prompts, params)

@@ -1,0 +1,49 @@
+"""`keel generate` as a user runs it, in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def keel(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keel.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_on_keel_demo_prints_text():
+    result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "24", "--temperature", "0", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello") and len(result.stdout.strip()) > len("Hello") + 5
+
+
+def test_generate_several_prompts():
+    result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "8", "A", "B")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- [length, 8 tokens]") == 2
+
+
+def test_generate_runs_a_dummy_weight_preset():
+    result = keel("generate", "--model", "llama-3.2-1b", "--max-new-tokens", "3", "--kv-cache-tokens", "256",
+                  "--dtype", "bfloat16", "--ignore-eos", "--no-stream", "Hi")
+    assert result.returncode == 0, result.stderr
+    assert "--- [length, 3 tokens]" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "keel-demo", "--top-p", "2", "x"], "top_p"),
+    (["--model", "nope", "x"], "not a local directory"),
+])
+def test_bad_input_is_a_clear_error(args, message):
+    result = keel("generate", *args)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_engine_and_sampling_flags():
+    result = keel("generate", "--help")
+    assert result.returncode == 0
+    for flag in ("--page-size", "--kv-cache-tokens", "--mem-fraction", "--load-format", "--top-k",
+                 "--repetition-penalty", "--stop"):
+        assert flag in result.stdout
