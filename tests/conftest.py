@@ -14,10 +14,11 @@ from tests.helpers import build_tiny_hf_model
 
 
 @pytest.fixture(scope="session", autouse=True)
-def keel_cache_dir(pytestconfig: pytest.Config) -> Path:
-    """keel-demo and presets go to pytest's cache folder in the checkout, never the user's cache;
-    keel-demo is trained once per checkout rather than once per test run."""
-    path = pytestconfig.cache.mkdir("keel-cache")
+def keel_cache_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """keel-demo and presets go to pytest's cache folder in the checkout (a temporary folder when
+    the cache plugin is off), never the user's cache; keel-demo is trained once per checkout."""
+    cache = getattr(pytestconfig, "cache", None)
+    path = cache.mkdir("keel-cache") if cache is not None else tmp_path_factory.mktemp("keel-cache")
     os.environ["KEEL_CACHE_DIR"] = str(path)
     return path
 
