@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> None:
     from keel.engine.engine import Engine
 
+    params = SamplingParams(**dataclass_kwargs(args, SamplingParams, skip=_ENGINE_SEEDED))  # fail before loading
     options = dataclass_kwargs(args, EngineConfig)
     engine = Engine(options.pop("model"), **options)
-    params = SamplingParams(**dataclass_kwargs(args, SamplingParams, skip=_ENGINE_SEEDED))
     if len(args.prompts) == 1 and not args.no_stream:
         sys.stdout.write(args.prompts[0])
         for delta in engine.stream(args.prompts[0], params):

@@ -43,7 +43,7 @@ class ForwardBatch:
     def __post_init__(self) -> None:
         for name in _DEVICE_FIELDS:
             tensor = getattr(self, name)
-            if tensor.device != self.device:
+            if not _placed_on(tensor, self.device):
                 raise ValueError(f"ForwardBatch.{name} is on {tensor.device}, expected {self.device}")
         bs = len(self.seq_lens_cpu)
         if len(self.extend_lens_cpu) != bs or self.req_rows.numel() != bs or self.seq_lens.numel() != bs:
@@ -70,6 +70,11 @@ class ForwardBatch:
     def idle(cls, device: torch.device) -> "ForwardBatch":
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return cls(ForwardMode.IDLE, device, (), (), empty, empty, empty, empty, empty, empty)
+
+
+def _placed_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """`cuda` (no index) accepts any CUDA tensor; `cuda:1` only that GPU's."""
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
 
 
 _DEVICE_FIELDS = tuple(
