@@ -69,6 +69,8 @@ class Engine:
         return rid
 
     def _step(self) -> None:
+        if not self.core.has_work:  # a request this front end waits for vanished from the core: fail, never hang
+            raise RuntimeError("the engine core has no requests left, but some outputs are unfinished")
         for out in self.core.step():
             state = self._states.get(out.rid)
             if state is not None and state.update(out):

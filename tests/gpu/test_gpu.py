@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import keel
+from keel.models.byte_tokenizer import PAD_ID, save_byte_tokenizer
 from keel.models.presets import PRESETS
 from keel.models.weights import init_random_weights
 from keel.scheduler.batch import build_forward_batch
@@ -36,7 +37,6 @@ def llama_1b_dir(tmp_path_factory):
     init_random_weights(model, seed=0)
     model.save_pretrained(directory)
     (directory / "generation_config.json").unlink(missing_ok=True)
-    from keel.models.byte_tokenizer import save_byte_tokenizer
     save_byte_tokenizer(directory)
     del model
     torch.cuda.empty_cache()
@@ -44,7 +44,8 @@ def llama_1b_dir(tmp_path_factory):
 
 
 def keel_logits(engine: keel.Engine, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Per prompt: [1 + DECODE_STEPS, vocab] logits from keel's prefill and greedy decode steps, and its tokens."""
+    """Per prompt, run together: [1 + DECODE_STEPS, vocab] logits of keel's prefill and greedy decode steps,
+    and the greedy tokens."""
     core = engine.core
     params = keel.SamplingParams(temperature=0.0, max_new_tokens=DECODE_STEPS + 1, ignore_eos=True)
     rids = [core.add_request(p, params) for p in prompts]
@@ -55,28 +56,56 @@ def keel_logits(engine: keel.Engine, prompts: list[list[int]]) -> tuple[list[tor
         for req, row in zip(batch.reqs, out):
             logits[req.rid].append(row)
         core.scheduler.process(batch, out.argmax(-1).tolist())
-    return [torch.stack(logits[r]) for r in rids], [req_tokens(logits[r]) for r in rids]
+    rows = [torch.stack(logits[r]) for r in rids]
+    return rows, [r.argmax(-1).tolist() for r in rows]
 
 
-def req_tokens(rows: list[torch.Tensor]) -> list[int]:
-    return [int(r.argmax()) for r in rows]
+PROMPT_LENGTHS = [1, 7, 16, 17, 40, 64, 100, 129]
 
 
 def test_bf16_llama_1b_logits_match_transformers(llama_1b_dir):
-    prompts = random_prompts([1, 7, 16, 17, 40, 64, 100, 129], vocab=128000, seed=0)
+    """Prefill and decode logits of each prompt against transformers' generate, both at bfloat16.
+
+    Each prompt runs alone on both sides, so both do the same GEMM shapes: with random weights a
+    one-ulp rounding difference (from a different batch size picking another cuBLAS kernel)
+    grows to ~2% by the last of 16 layers, in transformers as much as in keel; the batched
+    case is covered by the accuracy test below.
+    """
+    prompts = random_prompts(PROMPT_LENGTHS, vocab=128000, seed=0)
     engine = keel.Engine(str(llama_1b_dir), dtype="bfloat16", device="cuda", page_size=16, kv_cache_tokens=8192)
-    ours, tokens = keel_logits(engine, prompts)
-    del engine
     hf = AutoModelForCausalLM.from_pretrained(llama_1b_dir, dtype=torch.bfloat16).to(CUDA).eval()
     errors = []
+    for prompt in prompts:
+        ours, _ = keel_logits(engine, [prompt])
+        ids = torch.tensor([prompt], device=CUDA)
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=DECODE_STEPS + 1,
+                          eos_token_id=None, pad_token_id=PAD_ID, output_logits=True, return_dict_in_generate=True)
+        errors.append(relative_error(ours[0], torch.cat(ref.logits)))
+    engine.core.check_idle()
+    print("bf16 relative error vs transformers bf16, per prompt:", [f"{e:.2e}" for e in errors])
+    assert max(errors) < 1e-2, errors
+
+
+def test_bf16_batched_logits_are_as_accurate_as_transformers(llama_1b_dir):
+    """All 8 prompts batched: keel's bf16 logits are no further from float32 than transformers' own bf16."""
+    prompts = random_prompts(PROMPT_LENGTHS, vocab=128000, seed=0)
+    engine = keel.Engine(str(llama_1b_dir), dtype="bfloat16", device="cuda", page_size=16, kv_cache_tokens=8192)
+    ours, tokens = keel_logits(engine, prompts)
+    engine.core.check_idle()
+    del engine
+    ours_err, hf_err = [], []
+    hf32 = AutoModelForCausalLM.from_pretrained(llama_1b_dir, dtype=torch.float32).to(CUDA).eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(llama_1b_dir, dtype=torch.bfloat16).to(CUDA).eval()
     with torch.no_grad():
         for prompt, our_logits, generated in zip(prompts, ours, tokens):
-            # transformers on the prompt followed by keel's own greedy tokens: positions line up one to one
+            # the prompt followed by keel's greedy tokens: positions line up with keel's steps one to one
             ids = torch.tensor([prompt + generated[:DECODE_STEPS]], device=CUDA)
-            ref = hf(ids).logits[0, len(prompt) - 1:]
-            errors.append(relative_error(our_logits, ref))
-    print("relative errors per prompt:", [f"{e:.2e}" for e in errors])
-    assert max(errors) < 1e-2, errors
+            exact = hf32(ids).logits[0, len(prompt) - 1:]
+            ours_err.append(relative_error(our_logits, exact))
+            hf_err.append(relative_error(hf16(ids).logits[0, len(prompt) - 1:], exact))
+    print("bf16 relative error vs float32: keel (batched)", [f"{e:.2e}" for e in ours_err])
+    print("bf16 relative error vs float32: transformers  ", [f"{e:.2e}" for e in hf_err])
+    assert max(ours_err) <= 1.05 * max(hf_err), (ours_err, hf_err)
 
 
 def test_generate_llama_8b_preset_runs():
