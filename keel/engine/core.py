@@ -69,7 +69,10 @@ class EngineCore:
 
     def abort(self, rid: int, reason: FinishReason = "abort") -> bool:
         """Finish a request now, releasing its KV; False if it is unknown or already finished."""
-        return self.scheduler.abort(rid, reason) is not None
+        aborted = self.scheduler.abort(rid, reason) is not None
+        if aborted and not self.has_work:
+            self.check_idle()
+        return aborted
 
     @property
     def has_work(self) -> bool:
@@ -91,6 +94,8 @@ class EngineCore:
                 lp = logprobs[step.index]
                 wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])]
             outputs.append(CoreOutput(req.rid, [token_ids[step.index]], wanted, step.finish_reason))
+        if not self.has_work:
+            self.check_idle()  # always on: cheap when idle, and a leak is caught where it happens
         return outputs
 
     def check_idle(self) -> None:

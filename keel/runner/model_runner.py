@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -36,9 +37,13 @@ class ModelRunner:
                              f"max_position_embeddings={model_config.max_position_embeddings}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        start = time.perf_counter()
         self.model = load_model(source, model_config, dtype=self.dtype, device=self.device,
                                 max_positions=self.context_length, load_format=config.load_format,
                                 seed=config.seed)
+        logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.1f s", source.name, model_config.architecture,
+                    sum(p.numel() for p in self.model.parameters()) / 1e6, self.dtype, self.device,
+                    time.perf_counter() - start)
         num_pages = self._plan_kv_pages(config)
         mc = model_config
         self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
