@@ -41,6 +41,8 @@ class ModelRunner:
         self.model = load_model(source, model_config, dtype=self.dtype, device=self.device,
                                 max_positions=self.context_length, load_format=config.load_format,
                                 seed=config.seed)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # dummy weights are drawn asynchronously: time all of it
         logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.1f s", source.name, model_config.architecture,
                     sum(p.numel() for p in self.model.parameters()) / 1e6, self.dtype, self.device,
                     time.perf_counter() - start)
