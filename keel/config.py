@@ -39,17 +39,31 @@ class EngineConfig:
         None, "KV pool size in tokens; default: from --mem-fraction of memory free after weights")
     mem_fraction: float = option(0.8, "fraction of the memory free after loading weights used for the KV pool")
     context_length: Optional[int] = option(None, "maximum tokens per request; default: the model's")
-    max_running_requests: int = option(256, "most requests decoding at once")
+    max_running_requests: int = option(256, "most requests holding KV (decoding or prefilling) at once")
     max_prefill_tokens: int = option(16384, "most prompt tokens prefilled in one step")
+    chunked_prefill_size: Optional[int] = option(
+        8192, "prefill long prompts in page-aligned chunks of at most this many tokens per step "
+        "(0 or unset: no chunking)")
+    enable_mixed_chunk: bool = option(False, "run prefill chunks and decodes in the same batch")
+    schedule_policy: str = option("fcfs", "waiting-queue order: fcfs (arrival) or lpm (longest cached "
+                                  "prefix first)", ("fcfs", "lpm"))
+    disable_radix_cache: bool = option(False, "do not share KV of common prefixes between requests")
     attention_backend: str = option("torch", "attention implementation", ("torch",))
 
     def __post_init__(self) -> None:
+        if self.chunked_prefill_size in (0, -1):
+            self.chunked_prefill_size = None  # 0 / -1 mean "off", as in SGLang
         for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("kv_cache_tokens", "context_length"):
+        for name in ("kv_cache_tokens", "context_length", "chunked_prefill_size"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "must be >= 1 when set")
         _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction", "must be in (0, 1]")
+        if self.chunked_prefill_size is not None:
+            _require(self.chunked_prefill_size >= self.page_size, "chunked_prefill_size",
+                     f"must be at least page_size ({self.page_size}) so every chunk holds a page")
+            _require(self.max_prefill_tokens >= self.page_size, "max_prefill_tokens",
+                     f"must be at least page_size ({self.page_size}) when prefill is chunked")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             _require(choices is None or getattr(self, f.name) in choices, f.name,

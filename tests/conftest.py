@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import keel
+from keel.debug.invariants import STRICT_ENV
 from tests.helpers import build_tiny_hf_model
+
+# Every engine in the tests checks all KV invariants after every step.
+os.environ[STRICT_ENV] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,7 +45,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tupl
 
 @pytest.fixture
 def make_engine() -> Iterator[Callable[..., keel.Engine]]:
-    """Engines made through this fixture are checked after the test: every page and row free again."""
+    """Engines made through this fixture are checked after the test: drained, invariants intact, and every
+    page free again once the prefix cache is flushed."""
     engines: list[keel.Engine] = []
 
     def make(model: str | Path, **options) -> keel.Engine:
@@ -54,3 +59,6 @@ def make_engine() -> Iterator[Callable[..., keel.Engine]]:
     yield make
     for engine in engines:
         engine.core.check_idle()
+        engine.core.flush_cache()
+        pages = engine.core.kv_cache.pages
+        assert pages.num_free == pages.capacity, f"{pages.capacity - pages.num_free} pages not free after flush"

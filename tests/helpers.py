@@ -8,7 +8,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from keel.models.byte_tokenizer import save_byte_tokenizer
+from keel.models.byte_tokenizer import PAD_ID, save_byte_tokenizer
 from keel.models.weights import init_random_weights
 
 # Weights wider than transformers' 0.02 default give peaked next-token distributions, so greedy
@@ -48,3 +48,33 @@ def build_tiny_hf_model(kind: str, directory: Path, seed: int = 0, max_shard_siz
 def random_prompts(lengths: list[int], vocab: int = 256, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def assert_same_greedy(ours, solo, label: str, tie: float = 1e-4) -> None:
+    """Greedy outputs (with top_logprobs >= 2) agree: same tokens, chosen log-probs within `tie`.
+
+    Batched and solo runs differ in float rounding (~1e-6 here), so the two may part ways at a
+    step where the solo run's top two candidates are within `tie` of each other; that is the one
+    divergence accepted, and the comparison stops there. A KV bookkeeping error shows up as a
+    large difference long before that.
+    """
+    for step, (a, b) in enumerate(zip(ours.token_ids, solo.token_ids)):
+        top = solo.logprobs[step].top
+        if a != b:
+            gap = top[0][1] - top[1][1]
+            assert gap < tie, f"{label}: token {step} is {a}, alone {b} (top-2 gap {gap:.2e}, not a tie)"
+            return
+        ours_lp, solo_lp = ours.logprobs[step].logprob, solo.logprobs[step].logprob
+        assert abs(ours_lp - solo_lp) < tie, f"{label}: token {step} log-prob {ours_lp} vs {solo_lp} alone"
+    assert len(ours.token_ids) == len(solo.token_ids), f"{label}: {len(ours.token_ids)} tokens, alone " \
+                                                       f"{len(solo.token_ids)}"
+    assert ours.finish_reason == solo.finish_reason, f"{label}: {ours.finish_reason} vs {solo.finish_reason}"
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy continuation and its per-step log-softmax, [steps, vocab]."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=PAD_ID, output_logits=True, return_dict_in_generate=True)
+    logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+    return out.sequences[0, len(prompt):].tolist(), logprobs

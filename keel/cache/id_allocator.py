@@ -15,6 +15,7 @@ import torch
 
 FREE = 0
 RESERVED = -1
+CACHE = -2  # the radix prefix cache, once a request hands its pages over
 
 
 class KVAccountingError(RuntimeError):
@@ -26,6 +27,8 @@ def describe_owner(owner: int) -> str:
         return "free"
     if owner == RESERVED:
         return "reserved"
+    if owner == CACHE:
+        return "the prefix cache"
     return f"owner {owner}"
 
 
@@ -68,31 +71,44 @@ class OwnedIdAllocator:
 
     def free(self, ids: torch.Tensor, owner: int) -> None:
         """Return `ids` (owned by `owner`) to the free list; raises without freeing anything if any is not."""
-        ids = ids.to(torch.int64)
+        ids = self._check_owned(ids, owner, "free")
         if ids.numel() == 0:
             return
+        self._owner[ids] = FREE
+        self._free[self._num_free:self._num_free + ids.numel()] = ids
+        self._num_free += ids.numel()
+
+    def transfer(self, ids: torch.Tensor, owner: int, new_owner: int) -> None:
+        """Hand `ids` from `owner` to `new_owner` (e.g. a finished request's pages to the prefix cache)."""
+        ids = self._check_owned(ids, owner, "transfer")
+        self._owner[ids] = new_owner
+
+    def _check_owned(self, ids: torch.Tensor, owner: int, action: str) -> torch.Tensor:
+        """`ids` as int64 after checking each is owned by `owner`, once; raises naming the first that is not."""
+        ids = ids.to(torch.int64)
+        if ids.numel() == 0:
+            return ids
         if int(ids.min()) < 0 or int(ids.max()) >= self.size:
-            raise KVAccountingError(f"{owner=} freed {self.what} ids outside [0, {self.size}): {ids.tolist()}")
+            raise KVAccountingError(f"{describe_owner(owner)} tried to {action} {self.what} ids outside "
+                                    f"[0, {self.size}): {ids.tolist()}")
         actual = self._owner[ids]
         wrong = actual != owner
         if bool(wrong.any()):
             index = int(wrong.nonzero()[0])
             bad, holder = int(ids[index]), int(actual[index])
-            kind = "double free" if holder == FREE else "foreign free"
-            raise KVAccountingError(
-                f"{kind}: owner {owner} freed {self.what} {bad}, which is {describe_owner(holder)}")
+            kind = "double" if holder == FREE else "foreign"
+            raise KVAccountingError(f"{kind} {action}: {describe_owner(owner)} tried to {action} {self.what} "
+                                    f"{bad}, which is {describe_owner(holder)}")
         if torch.unique(ids).numel() != ids.numel():
-            raise KVAccountingError(f"double free: owner {owner} freed a {self.what} twice in one call")
-        self._owner[ids] = FREE
-        self._free[self._num_free:self._num_free + ids.numel()] = ids
-        self._num_free += ids.numel()
+            raise KVAccountingError(f"double {action}: {describe_owner(owner)} named a {self.what} twice in one call")
+        return ids
 
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
         return self._owner[ids.to(torch.int64)]
 
     def owned_counts(self) -> dict[int, int]:
         """{owner: number of ids it holds}, reserved and free ids excluded."""
-        owned = self._owner[self._owner > FREE]
+        owned = self._owner[(self._owner != FREE) & (self._owner != RESERVED)]
         values, counts = torch.unique(owned, return_counts=True)
         return dict(zip(values.tolist(), counts.tolist()))
 

@@ -1,31 +1,46 @@
 """KVCacheManager: the single owner of per-request KV bookkeeping.
 
-It hands out request rows, grows a request's KV page by page, and releases everything a
-request holds in one call. Per row it keeps, on the host, the KV length and the page of each
-page-sized block of positions; the device request->token table mirrors them at token
-granularity for the attention kernels. Releasing twice, or releasing another owner's row or
-pages, raises (see OwnedIdAllocator).
+A request (an owner id) is admitted with a row of the request->token table and, when the
+prefix cache has some of its tokens, those cached pages, locked. It grows page by page, and
+gives everything back in one call, `release`, on every exit path: on finish its KV goes into
+the prefix cache first; on abort, retraction or error it is simply freed. Per row, the host
+keeps the KV length and the page of each page-sized block of positions; the device
+request->token table mirrors them per token for the attention kernels. Releasing twice, or
+releasing pages owned by someone else, raises.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from keel.cache.id_allocator import KVAccountingError, OwnedIdAllocator
 from keel.cache.page_allocator import PageAllocator
+from keel.cache.radix import PrefixMatch, RadixCache, RadixNode
 from keel.cache.req_table import ReqToTokenTable
+
+
+@dataclass
+class HeldKV:
+    """What one admitted request holds."""
+
+    row: int
+    lock: Optional[RadixNode]  # deepest prefix-cache node it has locked
+    cached_pages: int  # leading pages of its row that belong to the prefix cache (the rest are its own)
 
 
 class KVCacheManager:
     def __init__(self, num_pages: int, page_size: int, max_requests: int, context_length: int,
-                 device: torch.device) -> None:
+                 device: torch.device, prefix_cache: bool = True) -> None:
         self.page_size = page_size
         self.context_length = context_length
         self.pages = PageAllocator(num_pages, page_size)
         self.rows = OwnedIdAllocator(max_requests + 1, "request row")  # + the padding row 0
         self.table = ReqToTokenTable(max_requests, context_length, device)
+        self.radix: Optional[RadixCache] = RadixCache(self.pages) if prefix_cache else None
+        self.held: dict[int, HeldKV] = {}
         max_pages_per_row = (context_length + page_size - 1) // page_size
         self._page_table = torch.zeros(max_requests + 1, max_pages_per_row, dtype=torch.int64)
         self._kv_lens = torch.zeros(max_requests + 1, dtype=torch.int64)
@@ -34,72 +49,135 @@ class KVCacheManager:
     def capacity_tokens(self) -> int:
         return self.pages.capacity * self.page_size
 
-    def assign_row(self, owner: int) -> Optional[int]:
-        """A fresh row for `owner`, its mappings reset; None if every row is taken."""
+    def available_pages(self) -> int:
+        """Pages that can be had now: free ones plus those the cache would give up."""
+        return self.pages.num_free + (self.radix.evictable_pages if self.radix else 0)
+
+    def match_prefix(self, tokens: list[int]) -> PrefixMatch:
+        if self.radix is None:
+            return PrefixMatch([], None)
+        return self.radix.match_prefix(tokens)
+
+    def admit(self, owner: int, match: PrefixMatch) -> bool:
+        """Give `owner` a row holding the matched cached prefix (locked); False if every row is taken."""
+        if owner in self.held:
+            raise KVAccountingError(f"owner {owner} admitted twice")
         rows = self.rows.alloc(torch.tensor([owner]))
         if rows is None:
-            return None
+            return False
         row = int(rows[0])
-        self._page_table[row] = 0
-        self._kv_lens[row] = 0
-        return row
+        self._page_table[row] = 0  # a recycled row starts with no mapping at all
+        num_cached = len(match.pages)
+        self._set_pages(row, 0, torch.tensor(match.pages, dtype=torch.int64))
+        self._kv_lens[row] = num_cached * self.page_size
+        if match.node is not None and self.radix is not None:
+            self.radix.lock(match.node)
+        self.held[owner] = HeldKV(row, match.node, num_cached)
+        return True
 
-    def kv_len(self, row: int) -> int:
-        return int(self._kv_lens[row])
+    def row(self, owner: int) -> int:
+        return self._held(owner).row
 
-    def grow(self, rows: torch.Tensor, owners: torch.Tensor, new_lens: torch.Tensor) -> Optional[torch.Tensor]:
-        """Extend each row's KV to `new_lens` tokens; returns the new positions' slots.
+    def kv_len(self, owner: int) -> int:
+        return int(self._kv_lens[self._held(owner).row])
 
-        Slots come back row by row, positions ascending (the order of the batch's new tokens).
-        Returns None, allocating nothing, when the pool has too few free pages.
-        """
+    def grow(self, owners: list[int], new_lens: list[int]) -> Optional[torch.Tensor]:
+        """Extend each owner's KV to `new_lens` tokens, evicting cached pages if needed; returns the new
+        positions' slots, owner by owner, positions ascending. None, allocating nothing, if short."""
+        rows = torch.tensor([self._held(o).row for o in owners], dtype=torch.int64)
+        new_lens_t = torch.tensor(new_lens, dtype=torch.int64)
         old_lens = self._kv_lens[rows]
-        if torch.unique(rows).numel() != rows.numel():
-            raise KVAccountingError(f"grow() got a row twice: {rows.tolist()}")
-        if bool((self.rows.owner_of(rows) != owners).any()):
-            raise KVAccountingError(f"grow() on rows {rows.tolist()} not owned by {owners.tolist()}")
-        if bool((new_lens < old_lens).any()):
+        if bool((new_lens_t < old_lens).any()):
             raise ValueError("grow() cannot shrink a request's KV")
-        if rows.numel() and int(new_lens.max()) > self.context_length:
-            raise ValueError(f"a request would hold {int(new_lens.max())} tokens, more than the context "
+        if rows.numel() and int(new_lens_t.max()) > self.context_length:
+            raise ValueError(f"a request would hold {int(new_lens_t.max())} tokens, more than the context "
                              f"length {self.context_length}")
         have = self.pages.pages_for(old_lens)
-        extra = self.pages.pages_for(new_lens) - have
-        new_pages = self.pages.alloc(owners.repeat_interleave(extra))
+        extra = self.pages.pages_for(new_lens_t) - have
+        shortfall = int(extra.sum()) - self.pages.num_free
+        if shortfall > 0 and self.radix is not None:
+            self.radix.evict(shortfall)
+        new_pages = self.pages.alloc(torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra))
         if new_pages is None:
             return None
         self._page_table[rows.repeat_interleave(extra), have.repeat_interleave(extra) + _ranges(extra)] = new_pages
-        counts = new_lens - old_lens
+        counts = new_lens_t - old_lens
         token_rows = rows.repeat_interleave(counts)
         positions = old_lens.repeat_interleave(counts) + _ranges(counts)
         slots = self._page_table[token_rows, positions // self.page_size] * self.page_size + positions % self.page_size
-        self._kv_lens[rows] = new_lens
+        self._kv_lens[rows] = new_lens_t
         self.table.write(token_rows, positions, slots)
         return slots
 
-    def release(self, row: int, owner: int) -> None:
-        """Free the row and every page it holds. The one release path for a request's KV."""
-        num_pages = int(self.pages.pages_for(self._kv_lens[row]))
-        self.pages.free(self._page_table[row, :num_pages], owner)
+    def cache_prefix(self, owner: int, tokens: list[int]) -> None:
+        """Put the whole pages of `owner`'s KV so far (of `tokens`) into the prefix cache; it keeps running,
+        now on the cached pages (a chunked prompt shares its finished chunks this way)."""
+        held = self._held(owner)
+        if self.radix is not None:
+            self._insert(owner, held, tokens)
+
+    def release(self, owner: int, tokens: Optional[list[int]] = None) -> None:
+        """Everything `owner` holds goes back: with `tokens` (its KV's tokens), whole pages go into the prefix
+        cache first; the rest is freed. The one release path for a request's KV."""
+        held = self.held.get(owner)
+        if held is None:
+            raise KVAccountingError(f"release of owner {owner}, which holds no KV (released twice?)")
+        if tokens is not None and self.radix is not None:
+            self._insert(owner, held, tokens)
+        row = held.row
+        own = self._page_table[row, held.cached_pages:int(self.pages.pages_for(self._kv_lens[row]))]
+        self.pages.free(own, owner)
         self.rows.free(torch.tensor([row]), owner)
+        if held.lock is not None and self.radix is not None:
+            self.radix.unlock(held.lock)
+        del self.held[owner]
         self._kv_lens[row] = 0
 
-    def check_consistent(self) -> None:
-        """Every page held by a row's owner appears in that row's page table, and nowhere else."""
-        self.pages.check_consistent()
-        self.rows.check_consistent()
-        held = self.pages.owned_counts()
-        row_owner = self.rows.owner_of(torch.arange(self.rows.size))
-        for row in (row_owner > 0).nonzero().flatten().tolist():
-            owner = int(row_owner[row])
-            num_pages = int(self.pages.pages_for(self._kv_lens[row]))
-            pages = self._page_table[row, :num_pages]
-            if bool((self.pages.owner_of(pages) != owner).any()):
-                raise KVAccountingError(f"row {row} lists pages not owned by its owner {owner}")
-            if held.pop(owner, 0) != num_pages:
-                raise KVAccountingError(f"owner {owner} holds pages beyond those in its row {row}")
-        if held:
-            raise KVAccountingError(f"pages held by owners with no request row: {held}")
+    def row_pages(self, owner: int) -> torch.Tensor:
+        """The pages of `owner`'s row covering its KV (cached prefix first, then its own)."""
+        row = self._held(owner).row
+        return self._page_table[row, :int(self.pages.pages_for(self._kv_lens[row]))].clone()
+
+    def flush_cache(self) -> int:
+        """Evict every unlocked cached page; returns how many were freed."""
+        return self.radix.evict(self.radix.evictable_pages) if self.radix else 0
+
+    def _insert(self, owner: int, held: HeldKV, tokens: list[int]) -> None:
+        assert self.radix is not None
+        row = held.row
+        whole_pages = int(self._kv_lens[row]) // self.page_size
+        if whole_pages <= held.cached_pages:
+            return
+        if len(tokens) < whole_pages * self.page_size:
+            raise ValueError(f"cache insert got {len(tokens)} tokens for {whole_pages} pages of KV")
+        ours = self._page_table[row, :whole_pages].clone()
+        node, tree_pages = self.radix.insert(tokens[:whole_pages * self.page_size], ours.tolist(), owner)
+        tree = torch.tensor(tree_pages, dtype=torch.int64)
+        # Where another request cached the same tokens first, the tree kept its pages: free ours and
+        # point this row at the tree's, so the row never reads a page it no longer owns.
+        duplicate = (tree != ours).nonzero().flatten()
+        if duplicate.numel():
+            self.pages.free(ours[duplicate], owner)
+            self._set_pages(row, int(duplicate[0]), tree[int(duplicate[0]):])
+        self.radix.lock(node)
+        if held.lock is not None:
+            self.radix.unlock(held.lock)
+        held.lock, held.cached_pages = node, whole_pages
+
+    def _set_pages(self, row: int, first_page: int, pages: torch.Tensor) -> None:
+        """Map pages [first_page, first_page + len(pages)) of `row` on the host and in the device table."""
+        if pages.numel() == 0:
+            return
+        self._page_table[row, first_page:first_page + pages.numel()] = pages
+        positions = torch.arange(first_page * self.page_size, (first_page + pages.numel()) * self.page_size)
+        slots = pages.repeat_interleave(self.page_size) * self.page_size + positions % self.page_size
+        self.table.write(torch.full_like(positions, row), positions, slots)
+
+    def _held(self, owner: int) -> HeldKV:
+        held = self.held.get(owner)
+        if held is None:
+            raise KVAccountingError(f"owner {owner} holds no KV")
+        return held
 
 
 def _ranges(counts: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,10 @@ import itertools
 import random
 from typing import Optional
 
-from keel.cache.id_allocator import KVAccountingError
+import torch
+
 from keel.config import EngineConfig
+from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
 from keel.engine.outputs import CoreOutput, TokenLogprob
 from keel.models.loader import load_model_config, load_tokenizer
 from keel.models.source import resolve_model
@@ -20,7 +22,7 @@ from keel.runner.sampler import SampleOutput
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_forward_batch, build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
-from keel.scheduler.scheduler import Scheduler
+from keel.scheduler.scheduler import ScheduledBatch, Scheduler, TokenAppended
 
 
 class EngineCore:
@@ -31,7 +33,8 @@ class EngineCore:
         self.tokenizer = load_tokenizer(source)
         self.runner = ModelRunner(config, source, self.model_config)
         self.kv_cache = self.runner.kv_cache
-        self.scheduler = Scheduler(self.kv_cache, config.max_prefill_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config)
+        self.strict_checks = strict_checks_enabled()
         self._rids = itertools.count(1)
         self._seeds = random.Random(config.seed)
 
@@ -70,8 +73,7 @@ class EngineCore:
     def abort(self, rid: int, reason: FinishReason = "abort") -> bool:
         """Finish a request now, releasing its KV; False if it is unknown or already finished."""
         aborted = self.scheduler.abort(rid, reason) is not None
-        if aborted and not self.has_work:
-            self.check_idle()
+        self._after_step()
         return aborted
 
     @property
@@ -79,34 +81,54 @@ class EngineCore:
         return self.scheduler.has_work
 
     def step(self) -> list[CoreOutput]:
+        """Run one scheduled batch; returns what each request got from it (and requests that failed)."""
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        device = self.runner.device
-        logits = self.runner.forward(build_forward_batch(batch, device))
-        sampled = self.runner.sample(logits, build_sampling_batch(batch.reqs, self.model_config.vocab_size, device))
-        token_ids = sampled.token_ids.tolist()
-        logprobs = _host_logprobs(sampled, token_ids)
-        outputs = []
-        for step in self.scheduler.process(batch, token_ids):
-            req, wanted = step.req, None
-            if logprobs is not None and req.params.wants_logprobs:
-                lp = logprobs[step.index]
-                wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])]
-            outputs.append(CoreOutput(req.rid, [token_ids[step.index]], wanted, step.finish_reason))
-        if not self.has_work:
-            self.check_idle()  # always on: cheap when idle, and a leak is caught where it happens
+        outputs = [CoreOutput(r.rid, [], None, r.finish_reason, r.num_cached_tokens, r.error)
+                   for r in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        if batch is not None:
+            logits = self.runner.forward(build_forward_batch(batch, self.runner.device))
+            token_ids, logprobs = self._sample(batch, logits)
+            outputs += [self._token_output(appended, token_ids, logprobs)
+                        for appended in self.scheduler.process(batch, token_ids)]
+        elif self.has_work and not outputs:
+            raise RuntimeError("the scheduler has requests but could schedule none of them")
+        self._after_step()
         return outputs
 
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[int], Optional[list[TokenLogprob]]]:
+        reqs = [p.req for p in batch.sampled]
+        if not reqs:  # only chunks of long prompts ran: nothing to sample
+            return [], None
+        sampled = self.runner.sample(logits, build_sampling_batch(reqs, self.model_config.vocab_size,
+                                                                  self.runner.device))
+        token_ids = sampled.token_ids.tolist()
+        return token_ids, _host_logprobs(sampled, token_ids)
+
+    @staticmethod
+    def _token_output(appended: TokenAppended, token_ids: list[int],
+                      logprobs: Optional[list[TokenLogprob]]) -> CoreOutput:
+        req, wanted = appended.req, None
+        if logprobs is not None and req.params.wants_logprobs:
+            lp = logprobs[appended.index]
+            wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])]
+        first = len(req.output_ids) == 1
+        return CoreOutput(req.rid, [token_ids[appended.index]], wanted, appended.finish_reason,
+                          req.num_cached_tokens if first else None)
+
+    def _after_step(self) -> None:
+        if not self.has_work:
+            check_idle(self.scheduler)  # always on: cheap when idle, and a leak is caught where it happens
+        elif self.strict_checks:
+            check_invariants(self.scheduler)
+
     def check_idle(self) -> None:
-        """With no request left, every page and row must be free; raises KVAccountingError otherwise."""
-        if self.has_work:
-            raise KVAccountingError("check_idle() called while requests are still queued or running")
-        self.kv_cache.check_consistent()
-        pages, rows = self.kv_cache.pages, self.kv_cache.rows
-        if pages.num_free != pages.capacity or rows.num_free != rows.capacity:
-            raise KVAccountingError(f"idle engine holds {pages.capacity - pages.num_free} pages and "
-                                    f"{rows.capacity - rows.num_free} rows: {pages.owned_counts()}")
+        """Raise InvariantViolation unless the engine is drained and every page is free or evictable cache."""
+        check_idle(self.scheduler)
+
+    def flush_cache(self) -> int:
+        """Evict the whole prefix cache (every page must be free afterwards); returns the pages freed."""
+        return self.kv_cache.flush_cache()
 
 
 def _host_logprobs(sampled: SampleOutput, token_ids: list[int]) -> Optional[list[TokenLogprob]]:

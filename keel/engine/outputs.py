@@ -23,6 +23,8 @@ class CoreOutput:
     token_ids: list[int]
     logprobs: Optional[list[TokenLogprob]]  # one per token, when the request asked for log-probs
     finish_reason: Optional[FinishReason]  # set on the request's last output
+    num_cached_tokens: Optional[int] = None  # prompt tokens the prefix cache served (on the first output)
+    error: Optional[str] = None  # why the engine gave up on the request (finish_reason "abort")
 
 
 @dataclass
@@ -32,8 +34,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: Optional[FinishReason] = None  # "stop" or "length" once finished
+    finish_reason: Optional[FinishReason] = None  # "stop" or "length" once finished ("abort" if it failed)
     logprobs: Optional[list[TokenLogprob]] = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    error: Optional[str] = None  # set, with finish_reason "abort", when the engine could not serve it
 
     @property
     def finished(self) -> bool:

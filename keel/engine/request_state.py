@@ -30,6 +30,9 @@ class RequestState:
     def update(self, out: CoreOutput) -> bool:
         """Apply one step's tokens. True if a stop string just ended the request (the core must finish it)."""
         result = self.output
+        if out.num_cached_tokens is not None:
+            result.num_cached_tokens = out.num_cached_tokens
+        result.error = out.error
         result.token_ids.extend(out.token_ids)
         if result.logprobs is not None and out.logprobs:
             result.logprobs.extend(out.logprobs)

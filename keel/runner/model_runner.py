@@ -51,7 +51,7 @@ class ModelRunner:
         self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
                               self.dtype, self.device)
         self.kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests,
-                                       self.context_length, self.device)
+                                       self.context_length, self.device, prefix_cache=not config.disable_radix_cache)
         self.attn_backend = create_backend(config.attention_backend, self.kv_cache.table,
                                            self.model.attention_layers)
         logger.info("KV pool: %d pages of %d tokens (%.2f GiB)", num_pages, config.page_size,

@@ -13,10 +13,13 @@ from keel.scheduler.scheduler import ScheduledBatch
 def build_forward_batch(batch: ScheduledBatch, device: torch.device) -> ForwardBatch:
     input_ids: list[int] = []
     positions: list[int] = []
-    for req, extend, seq in zip(batch.reqs, batch.extend_lens, batch.seq_lens):
-        input_ids += req.token_ids(seq - extend, seq)
-        positions += range(seq - extend, seq)
-    last_token = torch.tensor(batch.extend_lens, dtype=torch.int64).cumsum(0) - 1
+    logits_indices: list[int] = []
+    for part in batch.parts:
+        start = part.seq_len - part.extend_len
+        input_ids += part.req.token_ids(start, part.seq_len)
+        positions += range(start, part.seq_len)
+        if part.samples:  # logits only where a token is sampled: not for a chunk mid-prompt
+            logits_indices.append(len(input_ids) - 1)
 
     def to_device(values: object) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.int64).to(device, non_blocking=True)
@@ -24,14 +27,14 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device) -> ForwardB
     return ForwardBatch(
         mode=batch.mode,
         device=device,
-        seq_lens_cpu=tuple(batch.seq_lens),
-        extend_lens_cpu=tuple(batch.extend_lens),
+        seq_lens_cpu=tuple(p.seq_len for p in batch.parts),
+        extend_lens_cpu=tuple(p.extend_len for p in batch.parts),
         input_ids=to_device(input_ids),
         positions=to_device(positions),
-        req_rows=to_device([r.row for r in batch.reqs]),
-        seq_lens=to_device(batch.seq_lens),
-        out_cache_loc=to_device(batch.out_cache_loc),
-        logits_indices=to_device(last_token),
+        req_rows=to_device([p.row for p in batch.parts]),
+        seq_lens=to_device([p.seq_len for p in batch.parts]),
+        out_cache_loc=to_device(torch.cat([p.slots for p in batch.parts])),
+        logits_indices=to_device(logits_indices),
     )
 
 

@@ -26,17 +26,13 @@ class Req:
     stop_token_ids: frozenset[int]  # params.stop_token_ids, plus the model's EOS unless ignore_eos
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
-    row: Optional[int] = None  # request-table row while the request holds KV
     finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None  # why the engine gave up on it, when it did
+    num_cached_tokens: Optional[int] = None  # prompt tokens served by the prefix cache at first admission
 
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def max_kv_len(self) -> int:
-        """KV the request can ever hold: its last token is sampled but never fed back."""
-        return len(self.prompt_ids) + self.params.max_new_tokens - 1
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""

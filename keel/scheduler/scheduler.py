@@ -1,12 +1,24 @@
-"""Scheduler: a minimal continuous-batching loop.
+"""Scheduler: continuous batching over a prefix cache, with chunked prefill and retraction.
 
-Each step either prefills newly admitted requests or decodes every running request; requests
-join between steps and leave as soon as they finish. Admission reserves the KV a request can
-ever need (prompt + max_new_tokens - 1), so a decode step always finds its pages.
+Each step is a prefill (new requests, or the next chunk of a long prompt), a decode of every
+running request, or, with mixed chunks enabled, both in one batch. Without mixed chunks the
+two alternate while both have work, so decodes keep going during a long chunked prefill.
+
+Admission reserves what a request will still need: its prompt pages now, and a fraction
+(`new_token_ratio`, as in SGLang) of its remaining max_new_tokens for later. The fraction
+decays while decoding goes well; if a decode step still runs out of pages after evicting the
+prefix cache, requests are retracted (fewest generated tokens first) to the front of the
+queue, their KV released once, and later re-prefilled from prompt + output so far, which
+continues exactly where they stopped.
+
+A request is always in exactly one place: `waiting`, `chunked` (mid-prefill), `running`
+(prefilled or prefilling this step, then decoding), or finished; so abort() finds it anywhere.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -14,119 +26,267 @@ from typing import Optional
 import torch
 
 from keel.cache.kv_cache import KVCacheManager
+from keel.config import EngineConfig
 from keel.runner.forward_batch import ForwardMode
 from keel.scheduler.req import FinishReason, Req, ReqStatus
+
+INITIAL_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001  # per decode step
+# After a retraction, running requests are assumed to decode this many more steps each (SGLang's estimate).
+RETRACT_LOOKAHEAD_STEPS = 20
+RETRACT_EVERY_ENV = "KEEL_DEBUG_RETRACT_EVERY"  # fault injection: force a retraction every N decode steps
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """One request's share of a step."""
+
+    req: Req
+    row: int
+    extend_len: int  # tokens it adds this step
+    seq_len: int  # its KV length after this step
+    slots: torch.Tensor  # host int64 [extend_len], where the new tokens' K/V go
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step ends the request's prefill (or decodes it), so a token is sampled for it."""
+        return self.seq_len == self.req.seq_len
 
 
 @dataclass(frozen=True)
 class ScheduledBatch:
     mode: ForwardMode
-    reqs: list[Req]
-    extend_lens: list[int]  # new tokens per request in this step
-    seq_lens: list[int]  # KV length of each request once this step's tokens are written
-    out_cache_loc: torch.Tensor  # host int64, KV slot of each new token
+    parts: list[BatchPart]
+
+    @property
+    def sampled(self) -> list[BatchPart]:
+        return [p for p in self.parts if p.samples]
 
 
 @dataclass(frozen=True)
 class TokenAppended:
-    index: int  # the request's position in the batch
+    index: int  # position among the batch's sampled parts
     req: Req
     finish_reason: Optional[FinishReason]
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCacheManager, max_prefill_tokens: int) -> None:
+    def __init__(self, kv_cache: KVCacheManager, config: EngineConfig) -> None:
         self.kv = kv_cache
-        self.max_prefill_tokens = max_prefill_tokens
+        self.config = config
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
+        self.chunked: Optional[Req] = None
+        self.failed: list[Req] = []  # finished with an error while scheduling; the core reports them
+        self.new_token_ratio = INITIAL_NEW_TOKEN_RATIO
+        self._last_mode: Optional[ForwardMode] = None
+        self._decode_steps = 0
+        self._retract_every = int(os.environ.get(RETRACT_EVERY_ENV, "0") or 0)
 
     def add(self, req: Req) -> None:
         self.waiting.append(req)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunked)
+
+    # ---- choosing the next batch -------------------------------------------------------------
 
     def schedule(self) -> Optional[ScheduledBatch]:
-        return self._prefill() or self._decode()
-
-    def _prefill(self) -> Optional[ScheduledBatch]:
-        admitted: list[Req] = []
-        budget = self.max_prefill_tokens
-        free_pages = self.kv.pages.num_free - self._pages_still_needed(self.running)
-        while self.waiting:
-            req = self.waiting[0]
-            need = int(self.kv.pages.pages_for(torch.tensor(req.max_kv_len)))
-            if need > free_pages or (admitted and len(req.prompt_ids) > budget):
-                break
-            row = self.kv.assign_row(req.rid)
-            if row is None:
-                break
-            self.waiting.popleft()
-            req.row, req.status = row, ReqStatus.RUNNING
-            self.running.append(req)  # from here on, abort() finds it and releases its KV
-            admitted.append(req)
-            budget -= len(req.prompt_ids)
-            free_pages -= need
-        if not admitted:
+        mixed = self.config.enable_mixed_chunk
+        has_prefill = bool(self.waiting) or self.chunked is not None
+        decode_first = bool(self.running) and (mixed or not has_prefill or self._last_mode == ForwardMode.EXTEND)
+        decodes = self._decode_parts() if decode_first else []
+        prefills = self._prefill_parts() if mixed or not decodes else []
+        if not prefills and not decodes and self.running:
+            decodes = self._decode_parts()  # nothing could be admitted: decode instead of idling
+        if not prefills and not decodes and (self.waiting or self.chunked is not None):
+            prefills = self._prefill_parts()  # a retraction just now may have made room
+        parts = prefills + decodes
+        if not parts:
+            self._last_mode = None
             return None
-        return self._batch(ForwardMode.EXTEND, admitted, [len(r.prompt_ids) for r in admitted])
+        mode = ForwardMode.MIXED if prefills and decodes else ForwardMode.EXTEND if prefills else ForwardMode.DECODE
+        self._last_mode = mode
+        return ScheduledBatch(mode, parts)
 
-    def _decode(self) -> Optional[ScheduledBatch]:
-        reqs = [r for r in self.running if r.output_ids]  # all of them, unless a prefill is in flight
-        if not reqs:
+    def _decode_parts(self) -> list[BatchPart]:
+        self._decode_steps += 1
+        ready = self._decodable()
+        if self._retract_every and self._decode_steps % self._retract_every == 0 and ready:
+            self._retract(self._retraction_victim(ready))
+        while ready := self._decodable():
+            slots = self.kv.grow([r.rid for r in ready], [r.seq_len for r in ready])
+            if slots is not None:
+                break
+            if len(ready) == 1 and self.chunked is None:
+                self._fail(ready[0], f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
+                                     f"{ready[0].seq_len} tokens")
+                return []
+            self._retract(self._retraction_victim(ready))
+        else:
+            return []
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        return [BatchPart(r, self.kv.row(r.rid), 1, r.seq_len, slots[i:i + 1]) for i, r in enumerate(ready)]
+
+    def _decodable(self) -> list[Req]:
+        """Running requests whose KV is one token behind (not still waiting for their first sampled token)."""
+        return [r for r in self.running if self.kv.kv_len(r.rid) == r.seq_len - 1]
+
+    def _prefill_parts(self) -> list[BatchPart]:
+        budget = self.config.max_prefill_tokens
+        if self.config.chunked_prefill_size is not None:
+            budget = min(budget, self.config.chunked_prefill_size)
+        parts: list[BatchPart] = []
+        if self.chunked is not None:
+            part = self._extend(self.chunked, budget)
+            if part is None:
+                return []
+            parts.append(part)
+            budget -= part.extend_len
+            if not part.samples:
+                return parts
+            self.running.append(self.chunked)
+            self.chunked = None
+        for req in self._admission_order():
+            if budget <= 0 or (parts and not self._chunking and len(req.prompt_ids) > budget):
+                break
+            part = self._admit(req, budget)
+            if part is None:
+                break
+            parts.append(part)
+            budget -= part.extend_len
+            if not part.samples:
+                self.chunked = req
+                break
+            self.running.append(req)
+        return parts
+
+    @property
+    def _chunking(self) -> bool:
+        return self.config.chunked_prefill_size is not None
+
+    def _admission_order(self) -> list[Req]:
+        if self.config.schedule_policy == "lpm":  # longest cached prefix first; ties keep arrival order
+            cached = {r.rid: len(self.kv.match_prefix(self._prefix_probe(r)).pages) for r in self.waiting}
+            return sorted(self.waiting, key=lambda r: -cached[r.rid])
+        return list(self.waiting)
+
+    def _admit(self, req: Req, budget: int) -> Optional[BatchPart]:
+        """Give `req` its row, cached prefix and the pages of this step's tokens; None (nothing held) if it
+        does not fit now."""
+        if len(self.running) + (self.chunked is not None) >= self.config.max_running_requests:
             return None
-        return self._batch(ForwardMode.DECODE, reqs, [1] * len(reqs))
+        if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
+            return None
+        idle = not self.running and self.chunked is None
+        if not idle and not self._fits(req):
+            self.kv.release(req.rid)
+            return None
+        part = self._extend(req, budget)
+        if part is None:
+            self.kv.release(req.rid)
+            if idle:
+                self._fail(req, f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
+                                f"{req.seq_len} tokens")
+            return None
+        self.waiting.remove(req)
+        req.status = ReqStatus.RUNNING
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = self.kv.kv_len(req.rid) - part.extend_len
+        return part
 
-    def _batch(self, mode: ForwardMode, reqs: list[Req], extend_lens: list[int]) -> ScheduledBatch:
-        """Grow each request's KV by its extend length and describe the step."""
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
-        owners = torch.tensor([r.rid for r in reqs], dtype=torch.int64)
-        seq_lens = self.kv_lens(reqs) + torch.tensor(extend_lens, dtype=torch.int64)
-        slots = self.kv.grow(rows, owners, seq_lens)
+    def _prefix_probe(self, req: Req) -> list[int]:
+        """The tokens to look up in the prefix cache: all but the last, which must be computed for its logits."""
+        return req.token_ids(0, req.seq_len - 1)
+
+    def _fits(self, req: Req) -> bool:
+        """Room for `req`'s uncached tokens and its expected output, after what admitted requests expect."""
+        expected = self._expected_tokens(req) + sum(self._expected_tokens(r) for r in self._holding_kv())
+        return math.ceil(expected / self.kv.page_size) <= self.kv.available_pages()
+
+    def _expected_tokens(self, req: Req) -> float:
+        """KV tokens `req` is still expected to add: the rest of its prefill, and a share of its output."""
+        remaining_output = req.params.max_new_tokens - len(req.output_ids)
+        return req.seq_len - self.kv.kv_len(req.rid) + self.new_token_ratio * remaining_output
+
+    def _holding_kv(self) -> list[Req]:
+        return self.running + ([self.chunked] if self.chunked is not None else [])
+
+    def _extend(self, req: Req, budget: int) -> Optional[BatchPart]:
+        """The next prefill step of an admitted request: all of the rest, or a page-aligned chunk of it."""
+        start = self.kv.kv_len(req.rid)
+        end = req.seq_len
+        if self._chunking and end - start > budget:
+            end = (start + budget) // self.kv.page_size * self.kv.page_size  # chunks end on page boundaries
+            if end <= start:
+                return None
+        slots = self.kv.grow([req.rid], [end])
         if slots is None:
-            raise RuntimeError("KV pool exhausted although admission reserved every request's pages")
-        return ScheduledBatch(mode, reqs, extend_lens, seq_lens.tolist(), slots)
+            return None
+        return BatchPart(req, self.kv.row(req.rid), end - start, end, slots)
 
-    def kv_lens(self, reqs: list[Req]) -> torch.Tensor:
-        return torch.tensor([self.kv.kv_len(r.row) for r in reqs], dtype=torch.int64)
+    # ---- retraction and failure -----------------------------------------------------------------
 
-    def _pages_still_needed(self, reqs: list[Req]) -> int:
-        if not reqs:
-            return 0
-        final = self.kv.pages.pages_for(torch.tensor([r.max_kv_len for r in reqs]))
-        return int((final - self.kv.pages.pages_for(self.kv_lens(reqs))).sum())
+    @staticmethod
+    def _retraction_victim(candidates: list[Req]) -> Req:
+        """Fewest generated tokens first (least work lost); of those, the longest prompt (most pages back)."""
+        return min(candidates, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self.kv.release(req.rid)
+        req.status = ReqStatus.WAITING
+        self.waiting.appendleft(req)
+        left = self.running
+        max_new = sum(r.params.max_new_tokens for r in left)
+        if max_new:
+            decoded = sum(len(r.output_ids) for r in left) + RETRACT_LOOKAHEAD_STEPS * len(left)
+            self.new_token_ratio = min(1.0, max(self.new_token_ratio, decoded / max_new))
+
+    def _fail(self, req: Req, error: str) -> None:
+        self._finish(req, "abort", error=error)
+        self.failed.append(req)
+
+    # ---- results, abort, finish ---------------------------------------------------------------------
 
     def process(self, batch: ScheduledBatch, token_ids: list[int]) -> list[TokenAppended]:
-        """Append each request's sampled token; finished requests release their KV and leave."""
+        """Apply one step's results: chunks go into the prefix cache, sampled tokens are appended, finished
+        requests release their KV. `token_ids` has one entry per sampled part."""
         appended = []
-        for i, (req, token_id) in enumerate(zip(batch.reqs, token_ids)):
-            if req.status == ReqStatus.FINISHED:  # aborted while its forward ran
+        for part in batch.parts:
+            if part.req.status == ReqStatus.FINISHED:  # aborted while its forward ran
                 continue
-            reason = req.append_token(token_id)
+            if not part.samples:
+                self.kv.cache_prefix(part.req.rid, part.req.token_ids(0, part.seq_len))
+        for index, part in enumerate(batch.sampled):
+            req = part.req
+            if req.status == ReqStatus.FINISHED:
+                continue
+            reason = req.append_token(token_ids[index])
             if reason is not None:
                 self._finish(req, reason)
-            appended.append(TokenAppended(i, req, reason))
+            appended.append(TokenAppended(index, req, reason))
         return appended
 
     def abort(self, rid: int, reason: FinishReason = "abort") -> Optional[Req]:
         """Finish a request wherever it is; returns it, or None if it is unknown or already finished."""
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                req.status, req.finish_reason = ReqStatus.FINISHED, reason
-                return req
-        for req in self.running:
+        for req in (*self.waiting, *self._holding_kv()):
             if req.rid == rid:
                 self._finish(req, reason)
                 return req
         return None
 
-    def _finish(self, req: Req, reason: FinishReason) -> None:
-        if req.row is not None:
-            self.kv.release(req.row, req.rid)
-            req.row = None
+    def _finish(self, req: Req, reason: FinishReason, error: Optional[str] = None) -> None:
+        if req.rid in self.kv.held:
+            # Only a request that finished normally has all of its KV written; only that goes to the cache.
+            normal = reason in ("stop", "length") and error is None
+            self.kv.release(req.rid, req.token_ids(0, self.kv.kv_len(req.rid)) if normal else None)
         if req in self.running:
             self.running.remove(req)
-        req.status, req.finish_reason = ReqStatus.FINISHED, reason
+        if req is self.chunked:
+            self.chunked = None
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.status, req.finish_reason, req.error = ReqStatus.FINISHED, reason, error

@@ -9,6 +9,7 @@ from keel.attention.base import AttentionLayer
 from keel.attention.torch_native import TorchNativeBackend
 from keel.cache.kv_cache import KVCacheManager
 from keel.cache.kv_pool import KVPool
+from keel.cache.radix import PrefixMatch
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
 
 CPU = torch.device("cpu")
@@ -34,17 +35,19 @@ def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode,
     g = torch.Generator().manual_seed(seed)
     layer = AttentionLayer(0, heads, kv_heads, HEAD_DIM, HEAD_DIM ** -0.5, window)
     kv = KVCacheManager(num_pages=256 // page_size + 8, page_size=page_size, max_requests=8, context_length=256,
-                        device=CPU)
+                        device=CPU, prefix_cache=False)
     pool = KVPool(1, kv.pages.capacity, page_size, kv_heads, HEAD_DIM, torch.float32, CPU)
     seqs = [p + e for p, e in zip(prefix_lens, extend_lens)]
     keys = [torch.randn(s, kv_heads, HEAD_DIM, generator=g) for s in seqs]
     values = [torch.randn(s, kv_heads, HEAD_DIM, generator=g) for s in seqs]
-    rows = [kv.assign_row(i + 1) for i in range(len(seqs))]
-    rows_t, owners = torch.tensor(rows), torch.arange(1, len(seqs) + 1)
-    prefix_slots = kv.grow(rows_t, owners, torch.tensor(prefix_lens))  # the cached prefix, written directly
+    owners = list(range(1, len(seqs) + 1))
+    for owner in owners:
+        kv.admit(owner, PrefixMatch([], None))
+    rows_t = torch.tensor([kv.row(o) for o in owners])
+    prefix_slots = kv.grow(owners, prefix_lens)  # the cached prefix, written directly
     pool.write(0, prefix_slots, torch.cat([k[:p] for k, p in zip(keys, prefix_lens)]),
                torch.cat([v[:p] for v, p in zip(values, prefix_lens)]))
-    new_slots = kv.grow(rows_t, owners, torch.tensor(seqs))
+    new_slots = kv.grow(owners, seqs)
     q = [torch.randn(e, heads, HEAD_DIM, generator=g) for e in extend_lens]
     batch = ForwardBatch(
         mode=mode, device=CPU, seq_lens_cpu=tuple(seqs), extend_lens_cpu=tuple(extend_lens),
@@ -59,8 +62,8 @@ def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode,
     expected = torch.cat([reference(qi, k, v, p, window, layer.scale)
                           for qi, k, v, p in zip(q, keys, values, prefix_lens)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    for row, owner in zip(rows, owners.tolist()):
-        kv.release(row, owner)
+    for owner in owners:
+        kv.release(owner)
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from keel.cache.id_allocator import KVAccountingError, OwnedIdAllocator
+from keel.cache.id_allocator import CACHE, KVAccountingError, OwnedIdAllocator
 from keel.cache.page_allocator import PageAllocator
 
 
@@ -31,7 +31,7 @@ def test_double_free_raises_and_names_both_owners():
     alloc = OwnedIdAllocator(5, "page")
     ids = alloc.alloc(owners(7, 2))
     alloc.free(ids, 7)
-    with pytest.raises(KVAccountingError, match=r"double free: owner 7 freed page \d, which is free"):
+    with pytest.raises(KVAccountingError, match=r"double free: owner 7 tried to free page \d, which is free"):
         alloc.free(ids, 7)
 
 
@@ -39,7 +39,7 @@ def test_foreign_free_raises_and_changes_nothing():
     alloc = OwnedIdAllocator(6, "page")
     mine = alloc.alloc(owners(1, 2))
     theirs = alloc.alloc(owners(2, 2))
-    with pytest.raises(KVAccountingError, match=r"foreign free: owner 1 freed page \d, which is owner 2"):
+    with pytest.raises(KVAccountingError, match=r"foreign free: owner 1 tried to free page \d, which is owner 2"):
         alloc.free(torch.cat([mine, theirs[:1]]), 1)
     assert alloc.owner_of(mine).tolist() == [1, 1]  # the call freed nothing, not even its own pages
     assert alloc.num_free == 1
@@ -70,6 +70,19 @@ def test_mixed_owner_alloc_and_counts():
     assert alloc.owned_counts() == {3: 2, 4: 1, 5: 3}
     alloc.free(ids[2:3], 4)
     assert alloc.owned_counts() == {3: 2, 5: 3}
+
+
+def test_transfer_checks_the_giver_and_changes_the_owner():
+    alloc = OwnedIdAllocator(6, "page")
+    ids = alloc.alloc(owners(1, 2))
+    with pytest.raises(KVAccountingError, match="foreign transfer"):
+        alloc.transfer(ids, 2, CACHE)
+    alloc.transfer(ids, 1, CACHE)
+    assert alloc.owner_of(ids).tolist() == [CACHE, CACHE]
+    with pytest.raises(KVAccountingError, match="foreign free: owner 1 tried to free page"):
+        alloc.free(ids, 1)
+    alloc.free(ids, CACHE)
+    alloc.check_consistent()
 
 
 def test_page_allocator_page_math():

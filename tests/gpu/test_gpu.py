@@ -53,8 +53,8 @@ def keel_logits(engine: keel.Engine, prompts: list[list[int]]) -> tuple[list[tor
     while core.has_work:
         batch = core.scheduler.schedule()
         out = core.runner.forward(build_forward_batch(batch, CUDA))
-        for req, row in zip(batch.reqs, out):
-            logits[req.rid].append(row)
+        for part, row in zip(batch.sampled, out):
+            logits[part.req.rid].append(row)
         core.scheduler.process(batch, out.argmax(-1).tolist())
     rows = [torch.stack(logits[r]) for r in rids]
     return rows, [r.argmax(-1).tolist() for r in rows]

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import keel
-from keel.models.byte_tokenizer import PAD_ID
-from tests.helpers import TINY_MODELS, random_prompts
+from tests.helpers import TINY_MODELS, hf_greedy, random_prompts
 
 # Lengths around page boundaries (16) and the Mistral window (8), and a single token.
 PROMPT_LENGTHS = [1, 3, 7, 8, 15, 16, 17, 33, 40]
@@ -20,15 +19,6 @@ NEW_TOKENS = 12
 TOP_LOGPROBS = 5
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="needs a CUDA device"))]
-
-
-def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy continuation and its per-step log-softmax, [steps, vocab]."""
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         eos_token_id=None, pad_token_id=PAD_ID, output_logits=True, return_dict_in_generate=True)
-    logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
-    return out.sequences[0, len(prompt):].tolist(), logprobs
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -43,7 +33,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(kind, page_size, device, 
     outputs = engine.generate(prompts, params)
 
     for prompt, out in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = hf_greedy(hf_model, prompt)
+        ref_tokens, ref_logprobs = hf_greedy(hf_model, prompt, NEW_TOKENS)
         assert out.token_ids == ref_tokens, f"{kind}: prompt of {len(prompt)} tokens diverged"
         assert out.finish_reason == "length"
         for step, entry in enumerate(out.logprobs):

@@ -77,5 +77,5 @@ def test_logits_only_for_sampled_positions(tiny_model, make_engine):
     fb = build_forward_batch(batch, CPU)
     assert fb.num_tokens == 19 and fb.logits_indices.tolist() == [6, 18]
     assert core.runner.forward(fb).shape == (2, core.model_config.vocab_size)
-    for req in batch.reqs:
-        core.scheduler.abort(req.rid)
+    for part in batch.parts:
+        core.abort(part.req.rid)

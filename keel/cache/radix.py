@@ -1,0 +1,171 @@
+"""RadixCache: KV pages of token prefixes, kept after their requests finish and shared by later ones.
+
+A radix tree over token ids at page granularity: every node holds a run of whole pages (its
+tokens are a multiple of page_size long) and children are keyed by their first page of tokens.
+Pages in the tree are owned by the cache (owner CACHE in the page allocator): a request hands
+its pages over with an explicit, checked transfer when it inserts them. A request that uses a
+cached prefix locks the deepest node of it; a lock covers the node and all its ancestors, and
+only unlocked leaves are evicted, least recently used first. The clock is a counter, not wall
+time, so eviction order is deterministic.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from keel.cache.id_allocator import CACHE, KVAccountingError
+from keel.cache.page_allocator import PageAllocator
+
+PageKey = tuple[int, ...]
+
+
+@dataclass(eq=False)
+class RadixNode:
+    tokens: list[int]  # len(pages) * page_size tokens
+    pages: list[int]
+    parent: Optional["RadixNode"]
+    children: dict[PageKey, "RadixNode"] = field(default_factory=dict)
+    lock_ref: int = 0  # requests whose locked path runs through this node
+    last_access: int = 0
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    pages: list[int]  # cached pages of the longest page-aligned cached prefix, in order
+    node: Optional[RadixNode]  # its deepest node (the root when nothing matched); None without a cache
+
+
+class RadixCache:
+    def __init__(self, allocator: PageAllocator) -> None:
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.root = RadixNode([], [], None, lock_ref=1)  # locked forever: never evicted
+        self.evictable_pages = 0  # pages in nodes no request has locked
+        self.locked_pages = 0
+        self._clock = 0
+
+    @property
+    def total_pages(self) -> int:
+        return self.evictable_pages + self.locked_pages
+
+    def match_prefix(self, tokens: list[int]) -> PrefixMatch:
+        """The longest cached prefix of `tokens` made of whole pages (splits a node where the match ends in it)."""
+        self._clock += 1
+        node, pages, pos = self.root, [], 0
+        node.last_access = self._clock
+        while (child := node.children.get(self._key(tokens, pos))) is not None:
+            matched = self._matching_pages(child, tokens, pos)
+            if matched < len(child.pages):
+                child = self._split(child, matched)
+            child.last_access = self._clock
+            pages += child.pages
+            pos += matched * self.page_size
+            node = child
+        return PrefixMatch(pages, node)
+
+    def insert(self, tokens: list[int], pages: list[int], owner: int) -> tuple[RadixNode, list[int]]:
+        """Add the KV of `tokens` (page aligned, one page in `pages` per page of tokens) to the tree.
+
+        Where the tree lacks the tokens, `owner`'s pages are transferred to the cache; where it
+        already holds them, its own pages stay. Returns the deepest node and the tree's pages for
+        all of `tokens`: the caller frees whichever of its pages the tree did not adopt.
+        """
+        if len(tokens) != len(pages) * self.page_size:
+            raise ValueError(f"insert() got {len(tokens)} tokens for {len(pages)} pages of {self.page_size}")
+        match = self.match_prefix(tokens)
+        have = len(match.pages)
+        assert match.node is not None
+        if have == len(pages):
+            return match.node, match.pages
+        new_pages = pages[have:]
+        self.allocator.transfer(torch.tensor(new_pages), owner, CACHE)
+        leaf = RadixNode(tokens[have * self.page_size:], new_pages, match.node, last_access=self._clock)
+        match.node.children[self._key(leaf.tokens, 0)] = leaf
+        self.evictable_pages += len(new_pages)
+        return leaf, match.pages + new_pages
+
+    def lock(self, node: RadixNode) -> None:
+        for n in self._path(node):
+            if n.lock_ref == 0:
+                self.evictable_pages -= len(n.pages)
+                self.locked_pages += len(n.pages)
+            n.lock_ref += 1
+
+    def unlock(self, node: RadixNode) -> None:
+        for n in self._path(node):
+            if n.lock_ref <= 0:
+                raise KVAccountingError("radix node unlocked more often than it was locked")
+            n.lock_ref -= 1
+            if n.lock_ref == 0:
+                self.locked_pages -= len(n.pages)
+                self.evictable_pages += len(n.pages)
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least `num_pages` pages from unlocked leaves, least recently used first; returns pages freed."""
+        order = 0  # ties broken by tree order, so eviction is deterministic
+        heap = []
+        for node in self.nodes():
+            if not node.children and node.lock_ref == 0:
+                heap.append((node.last_access, order, node))
+                order += 1
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_pages and heap:
+            _, _, node = heapq.heappop(heap)
+            self.allocator.free(torch.tensor(node.pages), CACHE)
+            freed += len(node.pages)
+            self.evictable_pages -= len(node.pages)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[self._key(node.tokens, 0)]
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, order, parent))
+                order += 1
+        return freed
+
+    def nodes(self) -> Iterator[RadixNode]:
+        """Every node but the root, parents before children."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def path_pages(self, node: RadixNode) -> list[int]:
+        """The cached pages from the root down to `node`."""
+        return [p for n in reversed(list(self._path(node))) for p in n.pages]
+
+    def _key(self, tokens: list[int], pos: int) -> PageKey:
+        return tuple(tokens[pos:pos + self.page_size])
+
+    def _matching_pages(self, node: RadixNode, tokens: list[int], pos: int) -> int:
+        """How many of `node`'s pages equal the tokens from `pos` on (whole pages only)."""
+        limit = min(len(node.tokens), len(tokens) - pos)
+        same = 0
+        while same < limit and node.tokens[same] == tokens[pos + same]:
+            same += 1
+        return same // self.page_size
+
+    def _split(self, node: RadixNode, pages: int) -> RadixNode:
+        """Cut `node` after its first `pages` pages; returns the new upper part, now the parent of the rest."""
+        cut = pages * self.page_size
+        parent = node.parent
+        assert parent is not None
+        head = RadixNode(node.tokens[:cut], node.pages[:pages], parent, lock_ref=node.lock_ref,
+                         last_access=node.last_access)
+        parent.children[self._key(head.tokens, 0)] = head
+        node.tokens, node.pages, node.parent = node.tokens[cut:], node.pages[pages:], head
+        head.children[self._key(node.tokens, 0)] = node
+        return head
+
+    def _path(self, node: RadixNode) -> Iterator[RadixNode]:
+        """`node` and its ancestors, excluding the root."""
+        current: Optional[RadixNode] = node
+        while current is not None and current is not self.root:
+            yield current
+            current = current.parent

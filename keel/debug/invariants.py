@@ -1,0 +1,176 @@
+"""The KV invariant checker: recounts every page, row and lock from scratch and compares.
+
+Invariants (any violation raises InvariantViolation listing everything found):
+- pages: free + evictable-cached + locked-cached + held-by-requests == total; each page has
+  exactly one owner; every page a request owns is in its row, past its cached prefix; the cache
+  owns exactly the pages of its tree, each in one node; the cache's counters match its tree.
+- rows: every request holding KV owns exactly its row; no other row is taken.
+- requests: waiting requests hold nothing, running and chunked ones hold KV, none is in two places.
+- radix locks: each node's lock count equals the number of holding requests whose locked path
+  passes through it; a request's cached prefix is exactly the pages of its locked path.
+- device table (when asked): each held row's request->token slots agree with its host pages.
+
+The engine runs it whenever the scheduler drains, and after every step when KEEL_STRICT_CHECKS=1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+from keel.cache.id_allocator import CACHE, KVAccountingError
+from keel.cache.kv_cache import KVCacheManager
+from keel.cache.radix import RadixCache
+from keel.scheduler.req import ReqStatus
+from keel.scheduler.scheduler import Scheduler
+
+STRICT_ENV = "KEEL_STRICT_CHECKS"
+
+
+class InvariantViolation(KVAccountingError):
+    pass
+
+
+def strict_checks_enabled() -> bool:
+    return os.environ.get(STRICT_ENV, "0") == "1"
+
+
+def check_invariants(scheduler: Scheduler, device_table: bool = True) -> None:
+    problems = _request_problems(scheduler) + _page_problems(scheduler.kv) + _row_problems(scheduler.kv)
+    if scheduler.kv.radix is not None:
+        problems += _radix_problems(scheduler.kv, scheduler.kv.radix)
+    if device_table:
+        problems += _device_table_problems(scheduler.kv)
+    if problems:
+        raise InvariantViolation("KV invariants violated:\n- " + "\n- ".join(problems))
+
+
+def check_idle(scheduler: Scheduler) -> None:
+    """With nothing queued or running: the invariants hold, and every page is free or evictable cache."""
+    problems = []
+    if scheduler.has_work:
+        problems.append("check_idle() while requests are queued or running")
+    if scheduler.kv.held:
+        problems.append(f"no request is running, yet owners {sorted(scheduler.kv.held)} hold KV")
+    radix = scheduler.kv.radix
+    if radix is not None and radix.locked_pages:
+        problems.append(f"{radix.locked_pages} cached pages are still locked")
+    if problems:
+        raise InvariantViolation("idle engine is not clean:\n- " + "\n- ".join(problems))
+    check_invariants(scheduler)
+
+
+def _request_problems(s: Scheduler) -> list[str]:
+    problems = []
+    holding = s.running + ([s.chunked] if s.chunked is not None else [])
+    places = Counter(r.rid for r in [*s.waiting, *holding])
+    problems += [f"request {rid} is in {n} places at once" for rid, n in places.items() if n > 1]
+    for req in s.waiting:
+        if req.rid in s.kv.held:
+            problems.append(f"waiting request {req.rid} holds KV")
+        if req.status != ReqStatus.WAITING:
+            problems.append(f"request {req.rid} is queued with status {req.status.value}")
+    for req in holding:
+        if req.rid not in s.kv.held:
+            problems.append(f"running request {req.rid} holds no KV")
+        if req.status != ReqStatus.RUNNING:
+            problems.append(f"request {req.rid} is running with status {req.status.value}")
+    strays = set(s.kv.held) - {r.rid for r in holding}
+    problems += [f"owner {rid} holds KV but is neither running nor chunked" for rid in sorted(strays)]
+    return problems
+
+
+def _page_problems(kv: KVCacheManager) -> list[str]:
+    problems = []
+    pages = kv.pages
+    try:
+        pages.check_consistent()
+    except KVAccountingError as e:
+        problems.append(str(e))
+    owned = pages.owned_counts()
+    for owner, held in kv.held.items():
+        row_pages = kv.row_pages(owner)
+        own = row_pages[held.cached_pages:]
+        cached = row_pages[:held.cached_pages]
+        if bool((pages.owner_of(own) != owner).any()):
+            problems.append(f"owner {owner}'s row lists pages it does not own")
+        if bool((pages.owner_of(cached) != CACHE).any()):
+            problems.append(f"owner {owner}'s cached prefix lists pages the cache does not own")
+        if owned.pop(owner, 0) != own.numel():
+            problems.append(f"owner {owner} owns pages outside its row")
+    cache_pages = owned.pop(CACHE, 0)
+    expected_cache = kv.radix.total_pages if kv.radix is not None else 0
+    if cache_pages != expected_cache:
+        problems.append(f"{cache_pages} pages are owned by the cache, its tree holds {expected_cache}")
+    problems += [f"{n} pages owned by {owner}, who holds no KV (leaked)" for owner, n in owned.items()]
+    held_pages = sum(kv.row_pages(o).numel() - h.cached_pages for o, h in kv.held.items())
+    if pages.num_free + cache_pages + held_pages != pages.capacity:
+        problems.append(f"free {pages.num_free} + cached {cache_pages} + held {held_pages} != "
+                        f"total {pages.capacity} pages")
+    return problems
+
+
+def _row_problems(kv: KVCacheManager) -> list[str]:
+    problems = []
+    try:
+        kv.rows.check_consistent()
+    except KVAccountingError as e:
+        problems.append(str(e))
+    for owner, held in kv.held.items():
+        if int(kv.rows.owner_of(torch.tensor([held.row]))[0]) != owner:
+            problems.append(f"owner {owner}'s row {held.row} is not registered to it")
+    if kv.rows.capacity - kv.rows.num_free != len(kv.held):
+        problems.append(f"{kv.rows.capacity - kv.rows.num_free} rows taken by {len(kv.held)} requests")
+    return problems
+
+
+def _radix_problems(kv: KVCacheManager, radix: RadixCache) -> list[str]:
+    problems = []
+    expected_locks: Counter = Counter()
+    for owner, held in kv.held.items():
+        if held.lock is None:
+            problems.append(f"owner {owner} holds no cache lock")
+            continue
+        node = held.lock
+        while node is not None and node is not radix.root:
+            expected_locks[id(node)] += 1
+            node = node.parent
+        if radix.path_pages(held.lock) != kv.row_pages(owner)[:held.cached_pages].tolist():
+            problems.append(f"owner {owner}'s cached prefix differs from its locked path in the tree")
+    seen: Counter = Counter()
+    evictable = locked = 0
+    for node in radix.nodes():
+        seen.update(node.pages)
+        if len(node.tokens) != len(node.pages) * radix.page_size or not node.pages:
+            problems.append(f"a radix node holds {len(node.tokens)} tokens for {len(node.pages)} pages")
+        if node.lock_ref != expected_locks[id(node)]:
+            problems.append(f"a radix node has lock count {node.lock_ref}, its holders make "
+                            f"{expected_locks[id(node)]}")
+        if node.lock_ref:
+            locked += len(node.pages)
+        else:
+            evictable += len(node.pages)
+    problems += [f"page {p} is in {n} radix nodes" for p, n in seen.items() if n > 1]
+    if (evictable, locked) != (radix.evictable_pages, radix.locked_pages):
+        problems.append(f"radix counters say {radix.evictable_pages} evictable / {radix.locked_pages} locked, "
+                        f"the tree has {evictable} / {locked}")
+    cache_owned = kv.pages.owner_of(torch.tensor(list(seen), dtype=torch.int64))
+    if bool((cache_owned != CACHE).any()):
+        problems.append("the radix tree holds pages the cache does not own")
+    return problems
+
+
+def _device_table_problems(kv: KVCacheManager) -> list[str]:
+    problems = []
+    for owner, held in kv.held.items():
+        length = kv.kv_len(owner)
+        positions = torch.arange(length)
+        expected = kv.row_pages(owner).repeat_interleave(kv.page_size)[:length] * kv.page_size + positions % kv.page_size
+        actual = kv.table.slots[held.row, :length].to("cpu", torch.int64)
+        if not torch.equal(actual, expected):
+            first = int((actual != expected).nonzero()[0])
+            problems.append(f"owner {owner}'s device table maps position {first} to slot {int(actual[first])}, "
+                            f"its pages say {int(expected[first])}")
+    return problems

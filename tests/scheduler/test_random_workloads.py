@@ -1,0 +1,104 @@
+"""Randomized scheduler workloads: every non-aborted request gets the output it gets alone.
+
+Each seed draws a workload (see workloads.py): prompt lengths including 1 and exactly a page,
+shared prefixes, staggered arrivals, aborts at random steps, page size 1/4/16, a KV pool one
+request large plus a few pages, chunked or mixed prefill, fcfs or lpm, radix cache on or off,
+and forced retraction. The engine checks every KV invariant after every step
+(KEEL_STRICT_CHECKS=1) and at the end the pool must be free once the prefix cache is flushed.
+
+Replay one seed: KEEL_WORKLOAD_SEED=17 pytest tests/scheduler/test_random_workloads.py
+More seeds:      KEEL_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+
+import keel
+from keel.debug import invariants
+from tests.helpers import assert_same_greedy
+from tests.scheduler.workloads import Workload, make_workload
+
+SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.environ
+         else range(int(os.environ.get("KEEL_WORKLOADS", "200"))))
+STATS: Counter = Counter()
+
+
+@pytest.fixture(scope="module")
+def solo_engine(tiny_model):
+    directory, _ = tiny_model("llama3")
+    return keel.Engine(str(directory), device="cpu", dtype="float32", chunked_prefill_size=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_stats():
+    """Counts the invariant checker's real calls, and prints the totals at the end."""
+    import keel.engine.core as core_module
+
+    def counted(check):
+        def wrapper(*args, **kwargs):
+            STATS["checks"] += 1
+            return check(*args, **kwargs)
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core_module, "check_invariants", counted(core_module.check_invariants))
+        patch.setattr(core_module, "check_idle", counted(core_module.check_idle))
+        yield
+    print(f"\nrandom workloads: {STATS['workloads']} workloads, {STATS['requests']} requests "
+          f"({STATS['aborted']} aborted), {STATS['steps']} steps, {STATS['checks']} invariant checks, "
+          f"{STATS['retractions']} retractions")
+
+
+def run_workload(core, workload: Workload) -> tuple[dict[int, keel.RequestOutput], set[int]]:
+    """Drive the core step by step with arrivals and aborts; returns outputs per request index."""
+    outputs: dict[int, keel.RequestOutput] = {}
+    rids: dict[int, int] = {}
+    aborted: set[int] = set()
+    step = 0
+    while step <= max(r.arrival_step for r in workload.requests) or core.has_work:
+        for i, req in enumerate(workload.requests):
+            if req.arrival_step == step:
+                rids[core.add_request(req.prompt, req.params)] = i
+                outputs[i] = keel.RequestOutput(str(i), None, req.prompt, logprobs=[])
+            if req.abort_step == step and i in outputs and not outputs[i].finished:
+                rid = next(r for r, j in rids.items() if j == i)
+                core.abort(rid)
+                aborted.add(i)
+        for out in core.step():
+            result = outputs[rids[out.rid]]
+            result.token_ids += out.token_ids
+            result.logprobs += out.logprobs or []
+            result.finish_reason = out.finish_reason
+        step += 1
+        STATS["steps"] += 1
+    return outputs, aborted
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed={s}")
+def test_random_workload(seed, tiny_model, solo_engine, monkeypatch):
+    workload = make_workload(seed)
+    monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
+    directory, _ = tiny_model("llama3")
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32", **workload.options)
+    retractions = Counter()
+    original = engine.core.scheduler._retract
+    engine.core.scheduler._retract = lambda req: (retractions.update([1]), original(req))[1]
+    replay = f"replay: KEEL_WORKLOAD_SEED={seed} pytest {__file__}\n{workload.describe()}"
+    try:
+        outputs, aborted = run_workload(engine.core, workload)
+    except Exception as e:
+        raise AssertionError(f"workload failed: {e}\n{replay}") from e
+    for i, req in enumerate(workload.requests):
+        if i in aborted:
+            continue
+        solo = solo_engine.generate([req.prompt], req.params)[0]
+        assert_same_greedy(outputs[i], solo, f"request {i}\n{replay}")
+    invariants.check_idle(engine.core.scheduler)
+    engine.core.flush_cache()
+    assert engine.core.kv_cache.pages.num_free == engine.core.kv_cache.pages.capacity, replay
+    STATS.update(workloads=1, requests=len(workload.requests), aborted=len(aborted),
+                 retractions=sum(retractions.values()))
