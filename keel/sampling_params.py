@@ -32,6 +32,9 @@ class SamplingParams:
     logprobs: bool = field(default=False, metadata={"help": "return the log-prob of each chosen token"})
     top_logprobs: int = field(
         default=0, metadata={"help": f"also return the top-N alternatives (0-{MAX_TOP_LOGPROBS})"})
+    prompt_logprobs: Optional[int] = field(
+        default=None, metadata={"help": "return the log-prob of every prompt token after the first, with the "
+                                        "top-N alternatives (0-20); such prompts skip the prefix cache"})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +68,9 @@ class SamplingParams:
         _check(isinstance(self.logprobs, bool), "logprobs", "must be a bool", self.logprobs)
         _check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
                f"must be an integer in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs)
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+               "prompt_logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]", self.prompt_logprobs)
 
     @property
     def is_greedy(self) -> bool:

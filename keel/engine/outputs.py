@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
-from keel.scheduler.req import FinishReason
+FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class CoreOutput:
     finish_reason: Optional[FinishReason]  # set on the request's last output
     num_cached_tokens: Optional[int] = None  # prompt tokens the prefix cache served (on the first output)
     error: Optional[str] = None  # why the engine gave up on the request (finish_reason "abort")
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # of prompt tokens 1.., on the first output, when asked
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RequestOutput:
     logprobs: Optional[list[TokenLogprob]] = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: Optional[str] = None  # set, with finish_reason "abort", when the engine could not serve it
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # of prompt tokens 1.. (SamplingParams.prompt_logprobs)
 
     @property
     def finished(self) -> bool:

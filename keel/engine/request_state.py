@@ -32,6 +32,8 @@ class RequestState:
         result = self.output
         if out.num_cached_tokens is not None:
             result.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            result.prompt_logprobs = out.prompt_logprobs
         result.error = out.error
         result.token_ids.extend(out.token_ids)
         if result.logprobs is not None and out.logprobs:

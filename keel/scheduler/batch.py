@@ -7,19 +7,24 @@ import torch
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.sampler import PenaltyInputs, SamplingBatch
 from keel.scheduler.req import Req
-from keel.scheduler.scheduler import ScheduledBatch
+from keel.scheduler.scheduler import BatchPart, ScheduledBatch
 
 
 def build_forward_batch(batch: ScheduledBatch, device: torch.device) -> ForwardBatch:
+    """Logits rows: first one per sampled part (in order), then one per prompt position owed a prompt log-prob
+    (in the order of `prompt_logprob_rows`)."""
     input_ids: list[int] = []
     positions: list[int] = []
-    logits_indices: list[int] = []
+    sampled_rows: list[int] = []
+    prompt_rows: list[int] = []
     for part in batch.parts:
         start = part.seq_len - part.extend_len
+        first_index = len(input_ids)
         input_ids += part.req.token_ids(start, part.seq_len)
         positions += range(start, part.seq_len)
         if part.samples:  # logits only where a token is sampled: not for a chunk mid-prompt
-            logits_indices.append(len(input_ids) - 1)
+            sampled_rows.append(len(input_ids) - 1)
+        prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
     def to_device(values: object) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.int64).to(device, non_blocking=True)
@@ -34,8 +39,19 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device) -> ForwardB
         req_rows=to_device([p.row for p in batch.parts]),
         seq_lens=to_device([p.seq_len for p in batch.parts]),
         out_cache_loc=to_device(torch.cat([p.slots for p in batch.parts])),
-        logits_indices=to_device(logits_indices),
+        logits_indices=to_device(sampled_rows + prompt_rows),
     )
+
+
+def prompt_logprob_rows(batch: ScheduledBatch) -> list[tuple[Req, range]]:
+    """For each part owed prompt log-probs: the request and the prompt positions this step scores."""
+    return [(part.req, positions) for part in batch.parts if (positions := _owed_positions(part))]
+
+
+def _owed_positions(part: BatchPart) -> range:
+    owed = part.req.prompt_logprob_positions
+    start = max(owed.start, part.seq_len - part.extend_len)
+    return range(start, max(start, min(owed.stop, part.seq_len)))
 
 
 def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatch:

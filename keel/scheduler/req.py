@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
+from keel.engine.outputs import FinishReason, TokenLogprob
 from keel.sampling_params import SamplingParams
-
-FinishReason = Literal["stop", "length", "abort"]
 
 
 class ReqStatus(enum.Enum):
@@ -29,10 +28,18 @@ class Req:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None  # why the engine gave up on it, when it did
     num_cached_tokens: Optional[int] = None  # prompt tokens served by the prefix cache at first admission
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.. (when asked)
 
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions whose logits are still needed for prompt log-probs (position p scores prompt token p+1)."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(len(self.prompt_logprobs), len(self.prompt_ids) - 1)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""

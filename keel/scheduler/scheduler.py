@@ -198,7 +198,10 @@ class Scheduler:
         return part
 
     def _prefix_probe(self, req: Req) -> list[int]:
-        """The tokens to look up in the prefix cache: all but the last, which must be computed for its logits."""
+        """The tokens to look up in the prefix cache: all but the last, which must be computed for its logits;
+        none while prompt log-probs are still owed, since those need every prompt position's logits."""
+        if req.prompt_logprob_positions:
+            return []
         return req.token_ids(0, req.seq_len - 1)
 
     def _fits(self, req: Req) -> bool:

@@ -59,3 +59,21 @@ def test_single_shard_and_sharded_checkpoints_load_identically(tiny_model, make_
     b = make_engine(tmp_path).generate([prompt], params)[0]
     assert a.token_ids == b.token_ids
     assert [e.top for e in a.logprobs] == [e.top for e in b.logprobs]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_prompt_logprobs_match_transformers(page_size, tiny_model, make_engine):
+    directory, hf_model = tiny_model("qwen3")
+    prompts = random_prompts([40, 2, 17], seed=50)
+    engine = make_engine(directory, page_size=page_size, chunked_prefill_size=16)
+    engine.generate(prompts, keel.SamplingParams(max_new_tokens=1))  # now cached: scoring must not use the cache
+    outputs = engine.generate(prompts, keel.SamplingParams(max_new_tokens=1, prompt_logprobs=3))
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        for position, entry in enumerate(out.prompt_logprobs):
+            assert entry.token_id == prompt[position + 1]
+            assert entry.logprob == pytest.approx(ref[position, entry.token_id].item(), abs=1e-4)
+            top_values = torch.tensor([lp for _, lp in entry.top])
+            torch.testing.assert_close(top_values, ref[position].topk(3).values, atol=1e-4, rtol=0)
