@@ -1,5 +1,7 @@
 """The `keel` command.
 
+    keel serve --model keel-demo --port 8000                # OpenAI-compatible server
+    keel bench serve --url http://127.0.0.1:8000 --num-prompts 100 --request-rate 4
     keel generate --model keel-demo "Hello"                 # stream one completion
     keel generate --model llama-3.2-1b --max-new-tokens 8 "a" "b"
 """
@@ -11,7 +13,7 @@ import logging
 import sys
 from typing import Optional
 
-from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
+from keel.config import EngineConfig, ServerConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.sampling_params import SamplingParams
 
 # The engine's --seed already seeds every request of a CLI run, so there is no per-request --seed.
@@ -21,6 +23,10 @@ _ENGINE_SEEDED = ("seed",)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="keel: LLM inference and serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(serve.add_argument_group("server options"), ServerConfig)
+    add_dataclass_arguments(serve.add_argument_group("engine options"), EngineConfig)
     gen = commands.add_parser("generate", help="generate completions for prompts",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("prompts", nargs="+", help="prompt text(s)")
@@ -29,8 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_opts = gen.add_argument_group("sampling options")
     add_dataclass_arguments(sampling_opts, SamplingParams, skip=_ENGINE_SEEDED)
     gen.add_argument("--no-stream", action="store_true", help="print each completion when it is done")
-    gen.add_argument("--log-level", default="warning", help="python logging level")
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from keel.bench import serve as bench_serve
+
+    bench_serve.add_arguments(bench.add_parser("serve", help="load an OpenAI-compatible server",
+                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    for command in (serve, gen):
+        command.add_argument("--log-level", default="warning", help="python logging level")
     return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    from keel.server.launch import serve as run_server
+
+    run_server(EngineConfig(**dataclass_kwargs(args, EngineConfig)), ServerConfig(**dataclass_kwargs(args, ServerConfig)))
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -52,10 +70,17 @@ def generate(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "warning").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "serve":
+            serve(args)
+        elif args.command == "bench" and args.bench == "serve":
+            from keel.bench import serve as bench_serve
+
+            bench_serve.run(bench_serve.config_from_args(args))
     except ValueError as e:
         sys.exit(f"keel: error: {e}")
 

@@ -98,6 +98,17 @@ class EngineConfig:
         return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype
 
 
+@dataclass
+class ServerConfig:
+    """Options of `keel serve` beyond the engine's."""
+
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")
+    served_model_name: Optional[str] = option(None, "model name clients must use (default: --model as given)")
+    health_timeout: float = option(20.0, "/health fails if the engine has not answered for this many seconds")
+    shutdown_timeout: float = option(30.0, "on Ctrl-C / SIGTERM, seconds in-flight requests get to finish")
+
+
 def _require(ok: bool, name: str, why: str) -> None:
     if not ok:
         raise ValueError(f"invalid option {name}: {why}")

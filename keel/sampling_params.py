@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+class InvalidParameter(ValueError):
+    """A sampling parameter with an invalid value; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 # A temperature below this is greedy decoding (argmax), as in SGLang and vLLM.
 GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20
@@ -95,4 +103,4 @@ def _is_number(value: object) -> bool:
 
 def _check(ok: bool, name: str, why: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"invalid sampling parameter {name}={value!r}: {why}")
+        raise InvalidParameter(name, f"invalid sampling parameter {name}={value!r}: {why}")

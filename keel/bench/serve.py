@@ -1,0 +1,179 @@
+"""`keel bench serve`: an open-loop load against any OpenAI-compatible server.
+
+Requests arrive as a Poisson process at --request-rate (inf: all at once), optionally capped at
+--max-concurrency in flight; each streams a /v1/completions request with a prompt of random
+token ids (lengths drawn from --input-len) and max_tokens from --output-len with ignore_eos, so
+the work is the same on every server that honours ignore_eos (keel, vLLM, SGLang). Reports
+throughput, time to first token, inter-token latency and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import httpx
+
+
+@dataclass
+class BenchServeConfig:
+    url: str
+    num_prompts: int
+    request_rate: float
+    max_concurrency: Optional[int]
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+    model: Optional[str]
+    seed: int
+    token_id_range: int  # prompt token ids are drawn from [0, token_id_range)
+    output_json: Optional[str]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    input_len: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    latency: float = 0.0
+    error: str = ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf: all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    parser.add_argument("--input-len", type=int, nargs=2, default=(128, 512), metavar=("MIN", "MAX"),
+                        help="prompt lengths, uniform in [MIN, MAX] tokens")
+    parser.add_argument("--output-len", type=int, nargs=2, default=(64, 256), metavar=("MIN", "MAX"),
+                        help="output lengths, uniform in [MIN, MAX] tokens (ignore_eos)")
+    parser.add_argument("--model", default=None, help="model name (default: the server's first model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--token-id-range", type=int, default=256,
+                        help="prompt token ids are drawn below this (keep it inside the model's vocabulary)")
+    parser.add_argument("--output-json", default=None, help="also write the results to this file")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchServeConfig:
+    return BenchServeConfig(args.url.rstrip("/"), args.num_prompts, args.request_rate, args.max_concurrency,
+                            tuple(args.input_len), tuple(args.output_len), args.model, args.seed,
+                            args.token_id_range, args.output_json)
+
+
+def run(config: BenchServeConfig) -> dict:
+    results, duration = asyncio.run(_run(config))
+    summary = summarize(config, results, duration)
+    print(format_summary(summary))
+    if config.output_json:
+        with open(config.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+async def _run(config: BenchServeConfig) -> tuple[list[RequestResult], float]:
+    rng = random.Random(config.seed)
+    work = [([rng.randrange(config.token_id_range) for _ in range(rng.randint(*config.input_len))],
+             rng.randint(*config.output_len)) for _ in range(config.num_prompts)]
+    limits = httpx.Limits(max_connections=config.max_concurrency or config.num_prompts)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        model = config.model or (await client.get(f"{config.url}/v1/models")).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(config.max_concurrency or config.num_prompts)
+        start = time.perf_counter()
+        tasks = []
+        for prompt, output_len in work:
+            tasks.append(asyncio.create_task(_limited(gate, client, config.url, model, prompt, output_len)))
+            if config.request_rate != math.inf:
+                await asyncio.sleep(rng.expovariate(config.request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+async def _limited(gate: asyncio.Semaphore, client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+                   output_len: int) -> RequestResult:
+    async with gate:
+        return await _one_request(client, url, model, prompt, output_len)
+
+
+async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+                       output_len: int) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    result = RequestResult(ok=False, input_len=len(prompt))
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+        result.latency = time.perf_counter() - start
+        result.ok = True
+    except httpx.HTTPError as e:
+        result.error = repr(e)
+    return result
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "median": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
+
+
+def summarize(config: BenchServeConfig, results: list[RequestResult], duration: float) -> dict:
+    done = [r for r in results if r.ok]
+    input_tokens = sum(r.input_len for r in done)
+    output_tokens = sum(r.output_tokens for r in done)
+    return {
+        "config": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(config).items()},
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "request_throughput": len(done) / duration,
+        "input_throughput": input_tokens / duration,
+        "output_throughput": output_tokens / duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "ttft_s": _stats([r.ttft for r in done]),
+        "itl_s": _stats([itl for r in done for itl in r.itls]),
+        "e2e_latency_s": _stats([r.latency for r in done]),
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"{'completed / failed':<28}{s['completed']} / {s['failed']}",
+        f"{'duration (s)':<28}{s['duration_s']:.2f}",
+        f"{'request throughput (req/s)':<28}{s['request_throughput']:.2f}",
+        f"{'input throughput (tok/s)':<28}{s['input_throughput']:.1f}",
+        f"{'output throughput (tok/s)':<28}{s['output_throughput']:.1f}",
+    ]
+    for key, label in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("e2e_latency_s", "end-to-end latency")):
+        stats = s[key]
+        lines.append(f"{label + ' (ms)':<28}mean {1e3 * stats['mean']:.1f}  median {1e3 * stats['median']:.1f}  "
+                     f"p99 {1e3 * stats['p99']:.1f}")
+    lines += [f"error: {e}" for e in s["errors"]]
+    return "\n".join(lines)

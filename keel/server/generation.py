@@ -1,0 +1,109 @@
+"""Generation: one engine request as the API process sees it.
+
+It submits the request, turns the engine's token outputs into text (RequestState: incremental
+detokenization and stop strings; a stop string finishes the request in the engine), records
+latency metrics, and, if whoever consumes it goes away first (a client disconnects), aborts the
+request so the engine releases its KV at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from keel.engine.outputs import RequestOutput, TokenLogprob
+from keel.engine.request_state import RequestState
+from keel.sampling_params import SamplingParams
+from keel.server.engine_client import EngineClient
+from keel.server.metrics import ServerMetrics
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    index: int  # which choice of the response
+    text: str  # new text, safe to show (stop strings held back)
+    token_ids: list[int]  # the tokens that arrived with this event
+    logprobs: list[TokenLogprob]  # theirs, when asked for
+    output: RequestOutput  # the whole result so far (finish_reason set on the last event)
+
+
+class Generation:
+    def __init__(self, request_id: str, index: int, client: EngineClient, metrics: ServerMetrics,
+                 tokenizer: PreTrainedTokenizerBase, prompt: Optional[str], prompt_ids: list[int],
+                 params: SamplingParams) -> None:
+        self.request_id = request_id  # the response id: POST /abort/{request_id} stops it
+        self.index = index
+        self.client = client
+        self.metrics = metrics
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.rid = client.next_rid()
+        self.state = RequestState(str(self.rid), prompt, prompt_ids, params, tokenizer)
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        queue = self.client.submit(self.rid, self.prompt_ids, self.params, self.request_id)
+        output = self.state.output
+        arrival = last_token = time.monotonic()
+        try:
+            while not output.finished:
+                out = await queue.get()
+                if self.state.update(out):  # a stop string ended it: the engine stops too, and may cache it
+                    self.client.abort(self.rid, reason="stop")
+                now = time.monotonic()
+                if out.token_ids:
+                    (self.metrics.ttft if len(output.token_ids) == len(out.token_ids) else self.metrics.itl).observe(
+                        now - last_token)
+                    last_token = now
+                    self.metrics.generation_tokens.inc(len(out.token_ids))
+                if out.num_cached_tokens is not None:
+                    self.metrics.prompt_tokens.inc(len(self.prompt_ids))
+                    self.metrics.cache_hit_tokens.inc(out.num_cached_tokens)
+                yield GenerationEvent(self.index, self.state.take_delta(), list(out.token_ids),
+                                      list(out.logprobs or []), output)
+            self.metrics.e2e.observe(time.monotonic() - arrival)
+            self.metrics.requests.labels(output.finish_reason).inc()
+        finally:
+            if output.finished:
+                self.client.finished(self.rid)
+            else:  # abandoned: the client went away, or the consumer failed
+                self.client.abort(self.rid)
+                self.metrics.requests.labels("abort").inc()
+
+    async def result(self) -> RequestOutput:
+        async for _ in self.events():
+            pass
+        return self.state.output
+
+
+async def merged_events(generations: list[Generation]) -> AsyncIterator[GenerationEvent]:
+    """Events of several generations as they come. If the consumer stops early, every generation is
+    cancelled, which aborts those still running."""
+    queue: asyncio.Queue[Optional[GenerationEvent]] = asyncio.Queue()
+
+    async def pump(generation: Generation) -> None:
+        try:
+            async for event in generation.events():
+                queue.put_nowait(event)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(g)) for g in generations]
+    try:
+        done = 0
+        while done < len(tasks):
+            event = await queue.get()
+            if event is None:
+                done += 1
+            else:
+                yield event
+        for task in tasks:
+            task.result()  # surface a failure in any of them
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,44 @@
+"""Prometheus metrics of one server, in a registry of its own."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from keel.server.messages import EngineStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter("keel_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("keel_generation_tokens", "Tokens generated", registry=r)
+        self.cache_hit_tokens = Counter("keel_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache",
+                                        registry=r)
+        self.requests = Counter("keel_requests_finished", "Finished requests", ["finish_reason"], registry=r)
+        self.ttft = Histogram("keel_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("keel_inter_token_latency_seconds", "Time between consecutive tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("keel_e2e_request_latency_seconds", "Request latency, arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("keel_requests_running", "Requests holding KV in the engine", registry=r)
+        self.waiting = Gauge("keel_requests_waiting", "Requests queued in the engine", registry=r)
+        self.kv_pages_total = Gauge("keel_kv_pages_total", "KV pages in the pool", registry=r)
+        self.kv_pages_used = Gauge("keel_kv_pages_used", "KV pages not free (requests and prefix cache)",
+                                   registry=r)
+        self.kv_pages_cached = Gauge("keel_kv_pages_cached", "KV pages held by the prefix cache", registry=r)
+
+    def render(self, stats: Optional[EngineStats]) -> bytes:
+        if stats is not None:
+            self.running.set(stats.running)
+            self.waiting.set(stats.waiting)
+            self.kv_pages_total.set(stats.pages_total)
+            self.kv_pages_used.set(stats.pages_total - stats.pages_free)
+            self.kv_pages_cached.set(stats.pages_cached)
+        return generate_latest(self.registry)

@@ -1,0 +1,351 @@
+"""The OpenAI routes: /v1/completions and /v1/chat/completions, streaming or not."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from transformers import PreTrainedTokenizerBase
+
+from keel.engine.limits import ContextLengthError, validate_request
+from keel.engine.outputs import RequestOutput, TokenLogprob
+from keel.sampling_params import InvalidParameter, SamplingParams
+from keel.server.engine_client import EngineClient
+from keel.server.errors import APIError
+from keel.server.generation import Generation, GenerationEvent, merged_events
+from keel.server.metrics import ServerMetrics
+from keel.server.protocol import ChatCompletionRequest, CompletionRequest
+
+MAX_N = 128
+MAX_COMPLETION_LOGPROBS = 5
+# keel's name for a sampling parameter -> the request field a client sets
+_COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", "prompt_logprobs": "logprobs"}
+_CHAT_FIELDS = {"max_new_tokens": "max_completion_tokens"}
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    client: EngineClient
+    tokenizer: PreTrainedTokenizerBase
+    metrics: ServerMetrics
+    model_name: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: Optional[str]
+    ids: list[int]
+
+
+# ---- shared ------------------------------------------------------------------------------------
+
+
+def check_model(ctx: ServerContext, model: str) -> None:
+    if model != ctx.model_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{ctx.model_name}`.",
+                       param="model", code="model_not_found")
+
+
+def sampling_params(fields: dict[str, Any], names: dict[str, str]) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except InvalidParameter as e:
+        raise APIError(400, str(e).replace(e.param, names.get(e.param, e.param), 1),
+                       param=names.get(e.param, e.param)) from e
+
+
+def check_request(ctx: ServerContext, prompt: Prompt, params: SamplingParams, param: str) -> None:
+    assert ctx.client.limits is not None
+    try:
+        validate_request(prompt.ids, params, ctx.client.limits)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), param=param, code="context_length_exceeded") from e
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from e
+
+
+def common_fields(body: Union[CompletionRequest, ChatCompletionRequest]) -> dict[str, Any]:
+    if not 1 <= body.n <= MAX_N:
+        raise APIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", param="n")
+    return dict(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        stop=body.stop,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def make_generations(ctx: ServerContext, request_id: str, prompts: list[Prompt],
+                     prompt_params: list[SamplingParams], n: int) -> list[Generation]:
+    """n choices per prompt, numbered prompt by prompt; with a seed, choice j draws from seed + j, so the
+    choices differ but repeat."""
+    generations = []
+    for p, (prompt, params) in enumerate(zip(prompts, prompt_params)):
+        for j in range(n):
+            choice_params = params if params.seed is None or j == 0 else _with_seed(params, params.seed + j)
+            generations.append(Generation(request_id, p * n + j, ctx.client, ctx.metrics, ctx.tokenizer,
+                                          prompt.text, prompt.ids, choice_params))
+    return generations
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return SamplingParams(**{**params.__dict__, "seed": seed})
+
+
+async def collect(generations: list[Generation], request: Request) -> list[RequestOutput]:
+    """Run every generation to the end; if the client disconnects first, they are all aborted. (Streams need
+    no such watch: Starlette cancels a stream whose client is gone, which aborts its generations.)"""
+    results: dict[int, RequestOutput] = {}
+    async for event in watch_disconnect(merged_events(generations), request):
+        if event.output.finished:
+            results[event.index] = event.output
+    outputs = [results[g.index] for g in generations]
+    for out in outputs:
+        if out.error is not None:
+            raise APIError(500, f"the engine could not serve the request: {out.error}", type="internal_error")
+    return outputs
+
+
+async def watch_disconnect(events: AsyncIterator[GenerationEvent], request: Request
+                           ) -> AsyncIterator[GenerationEvent]:
+    """Stop (aborting the generations) as soon as the client disconnects, even between events."""
+    async with _aclosing(events):
+        async for event in events:
+            if await request.is_disconnected():
+                return
+            yield event
+
+
+class _aclosing:
+    def __init__(self, agen: AsyncIterator) -> None:
+        self.agen = agen
+
+    async def __aenter__(self) -> AsyncIterator:
+        return self.agen
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.agen.aclose()  # type: ignore[attr-defined]
+
+
+def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    completion_tokens = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------
+
+
+async def create_completion(ctx: ServerContext, body: CompletionRequest, request: Request):
+    check_model(ctx, body.model)
+    prompts = completion_prompts(ctx, body.prompt)
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}", param="logprobs")
+    fields = common_fields(body)
+    fields.update(seed=body.seed, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
+                  prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+    checked = []
+    for prompt in prompts:
+        room = ctx.client.limits.context_length - len(prompt.ids)
+        max_tokens = body.max_tokens if body.max_tokens is not None else max(room, 1)
+        params = sampling_params({**fields, "max_new_tokens": max_tokens}, _COMPLETION_FIELDS)
+        check_request(ctx, prompt, params, "prompt")
+        checked.append(params)
+    response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    generations = make_generations(ctx, response_id, prompts, checked, body.n)
+    if body.stream:
+        return sse_stream(stream_completion(ctx, body, prompts, generations, response_id, created))
+    outputs = await collect(generations, request)
+    choices = [completion_choice(ctx, body, prompts[i // body.n], i, out) for i, out in enumerate(outputs)]
+    return JSONResponse({"id": response_id, "object": "text_completion", "created": created,
+                         "model": ctx.model_name, "choices": choices, "usage": usage(prompts, outputs)})
+
+
+def completion_prompts(ctx: ServerContext, prompt: Union[str, list[str], list[int], list[list[int]]]
+                       ) -> list[Prompt]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]  # type: ignore[list-item]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    result = []
+    for item in prompt:
+        if isinstance(item, str):
+            result.append(Prompt(item, ctx.tokenizer(item).input_ids))
+        else:
+            result.append(Prompt(None, list(item)))
+    return result
+
+
+def completion_choice(ctx: ServerContext, body: CompletionRequest, prompt: Prompt, index: int,
+                      out: RequestOutput) -> dict[str, Any]:
+    text = out.text
+    if body.echo:
+        text = _prompt_text(ctx, prompt) + text
+    logprobs = None
+    if body.logprobs is not None:
+        entries = out.logprobs or []
+        if body.echo:
+            echoed = [None, *(out.prompt_logprobs or [])]
+            logprobs = completion_logprobs(ctx, prompt.ids, echoed, 0)
+            tail = completion_logprobs(ctx, out.token_ids, entries, len(_prompt_text(ctx, prompt)))
+            logprobs = {key: logprobs[key] + tail[key] for key in logprobs}
+        else:
+            logprobs = completion_logprobs(ctx, out.token_ids, entries, 0)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+
+
+def _prompt_text(ctx: ServerContext, prompt: Prompt) -> str:
+    return prompt.text if prompt.text is not None else ctx.tokenizer.decode(prompt.ids)
+
+
+def completion_logprobs(ctx: ServerContext, token_ids: list[int], entries: list[Optional[TokenLogprob]],
+                        offset: int) -> dict[str, list]:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries):
+        text = token_text(ctx.tokenizer, token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        token_logprobs.append(entry.logprob if entry is not None else None)
+        top.append({token_text(ctx.tokenizer, t): lp for t, lp in entry.top} if entry is not None else None)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+async def stream_completion(ctx: ServerContext, body: CompletionRequest, prompts: list[Prompt],
+                            generations: list[Generation], response_id: str, created: int) -> AsyncIterator[str]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    header = {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    started: set[int] = set()
+    offsets: dict[int, int] = {}
+    finished: dict[int, RequestOutput] = {}
+    async for event in merged_events(generations):
+        prompt = prompts[event.index // body.n]
+        text = event.text
+        if body.echo and event.index not in started:
+            text = _prompt_text(ctx, prompt) + text
+        started.add(event.index)
+        out = event.output
+        if out.error is not None:
+            yield sse({"error": APIError(500, out.error, type="internal_error").body()["error"]})
+            continue
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(ctx, event.token_ids, event.logprobs, offsets.get(event.index, 0))
+            offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in logprobs["tokens"])
+        finish = out.finish_reason if out.finished else None
+        if text or finish or logprobs:
+            choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            yield sse({**header, "choices": [choice], **({"usage": None} if include_usage else {})})
+        if out.finished:
+            finished[event.index] = out
+    if include_usage:
+        yield sse({**header, "choices": [], "usage": usage(prompts, list(finished.values()))})
+    yield "data: [DONE]\n\n"
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------
+
+
+async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: Request):
+    check_model(ctx, body.model)
+    if body.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    prompt = chat_prompt(ctx, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(ctx.client.limits.context_length - len(prompt.ids), 1)
+    fields = {**common_fields(body), "seed": body.seed, "max_new_tokens": max_tokens, "logprobs": body.logprobs,
+              "top_logprobs": body.top_logprobs or 0}
+    names = _CHAT_FIELDS if body.max_completion_tokens is not None else {"max_new_tokens": "max_tokens"}
+    params = sampling_params(fields, names)
+    check_request(ctx, prompt, params, "messages")
+    response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    generations = make_generations(ctx, response_id, [prompt], [params], body.n)
+    if body.stream:
+        return sse_stream(stream_chat(ctx, body, prompt, generations, response_id, created))
+    outputs = await collect(generations, request)
+    choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+                "logprobs": chat_logprobs(ctx, out.token_ids, out.logprobs) if body.logprobs else None,
+                "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]
+    return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
+                         "model": ctx.model_name, "choices": choices, "usage": usage([prompt], outputs)})
+
+
+def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> Prompt:
+    if not getattr(ctx.tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # templates raise on roles or orders they do not accept
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
+    return Prompt(text, ctx.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def chat_logprobs(ctx: ServerContext, token_ids: list[int], entries: Optional[list[TokenLogprob]]
+                  ) -> dict[str, list]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(ctx.tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(t, e.logprob), "top_logprobs": [item(a, lp) for a, lp in e.top]}
+                        for t, e in zip(token_ids, entries or [])]}
+
+
+async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, prompt: Prompt,
+                      generations: list[Generation], response_id: str, created: int) -> AsyncIterator[str]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    header = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+    extra = {"usage": None} if include_usage else {}
+    for g in generations:
+        delta = {"role": "assistant", "content": ""}
+        yield sse({**header, "choices": [{"index": g.index, "delta": delta, "logprobs": None,
+                                          "finish_reason": None}], **extra})
+    finished: list[RequestOutput] = []
+    async for event in merged_events(generations):
+        out = event.output
+        if out.error is not None:
+            yield sse({"error": APIError(500, out.error, type="internal_error").body()["error"]})
+            continue
+        logprobs = chat_logprobs(ctx, event.token_ids, event.logprobs) if body.logprobs and event.logprobs else None
+        if event.text or logprobs:
+            choice = {"index": event.index, "delta": {"content": event.text}, "logprobs": logprobs,
+                      "finish_reason": None}
+            yield sse({**header, "choices": [choice], **extra})
+        if out.finished:
+            finished.append(out)
+            choice = {"index": event.index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
+            yield sse({**header, "choices": [choice], **extra})
+    if include_usage:
+        yield sse({**header, "choices": [], "usage": usage([prompt], finished)})
+    yield "data: [DONE]\n\n"

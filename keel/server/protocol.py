@@ -1,0 +1,81 @@
+"""Request bodies of the HTTP API (OpenAI's schema, plus keel's native /generate).
+
+Types are checked here; values (ranges, combinations) by SamplingParams and the request limits,
+so the engine and the server can never disagree on what is valid. Unknown fields are ignored,
+as OpenAI-compatible servers usually do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    """Fields shared by completions and chat completions (with keel's extensions)."""
+
+    model: str
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None  # extension
+    min_p: Optional[float] = None  # extension
+    n: int = 1
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: Optional[float] = None  # extension
+    ignore_eos: bool = False  # extension
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    echo: bool = False
+    logprobs: Optional[int] = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+
+
+class GenerateRequest(_Body):
+    """keel's native route: text or token ids in, SamplingParams fields by name."""
+
+    text: Optional[str] = None
+    input_ids: Optional[list[int]] = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False

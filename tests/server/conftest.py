@@ -1,0 +1,98 @@
+"""A real `keel serve` on keel-demo, started once per test module, and stopped (and checked) at its end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+HEALTH_TIMEOUT_S = 3
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def children(self) -> list[int]:
+        """Processes whose parent is the server (the engine process)."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    def info(self) -> dict:
+        return httpx.get(f"{self.url}/server_info").json()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(log: Path, *args: str) -> Server:
+    port = free_port()
+    env = {**os.environ, "KEEL_STRICT_CHECKS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keel.cli", "serve", "--model", "keel-demo", "--port", str(port),
+         "--health-timeout", str(HEALTH_TIMEOUT_S), "--kv-cache-tokens", "4096", "--page-size", "4", *args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"keel serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"keel serve did not become healthy:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM, as a service manager would: the server must exit cleanly and leave nothing running."""
+    children = server.children()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(timeout=60)
+    log = server.log.read_text()
+    # uvicorn re-raises the signal after its graceful shutdown, so the exit status reports SIGTERM
+    assert code in (0, -signal.SIGTERM), f"keel serve exited with {code}:\n{log}"
+    assert "Application shutdown complete" in log, log
+    # the engine process, and Python's resource tracker (which exits once it sees the server gone)
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"processes {alive} of the server still running after shutdown"
+    assert "Traceback" not in log, log
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, keel_cache_dir) -> Server:
+    running = start_server(tmp_path_factory.mktemp("server") / "serve.log")
+    yield running
+    stop_server(running)
