@@ -69,11 +69,13 @@ def test_chat_completion_matches_the_offline_engine(client, offline):
     expected = greedy(offline, [chat_prompt_ids(offline, messages)], 24)
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content == expected.text
-    stream = client.chat.completions.create(model="keel-demo", messages=messages, max_tokens=24, temperature=0,
-                                            stream=True)
-    deltas = [c.choices[0].delta for c in stream if c.choices]
+    chunks = list(client.chat.completions.create(model="keel-demo", messages=messages, max_tokens=24,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant"
     assert "".join(d.content or "" for d in deltas) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
 
 
 def test_n_choices_and_seed_reproducibility(client):
