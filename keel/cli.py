@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(sampling_opts, SamplingParams, skip=_ENGINE_SEEDED)
     gen.add_argument("--no-stream", action="store_true", help="print each completion when it is done")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from keel.bench import serve as bench_serve
+    from keel.bench import latency, offline, serve as bench_serve
 
-    bench_serve.add_arguments(bench.add_parser("serve", help="load an OpenAI-compatible server",
-                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    for name, module, what in (("serve", bench_serve, "load an OpenAI-compatible server"),
+                               ("latency", latency, "prefill and decode-step time, achieved memory bandwidth"),
+                               ("offline", offline, "throughput of many prompts at once")):
+        module.add_arguments(bench.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     for command in (serve, gen):
         command.add_argument("--log-level", default="warning", help="python logging level")
     return parser
@@ -77,10 +79,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             generate(args)
         elif args.command == "serve":
             serve(args)
-        elif args.command == "bench" and args.bench == "serve":
-            from keel.bench import serve as bench_serve
+        elif args.command == "bench":
+            from keel.bench import latency, offline, serve as bench_serve
 
-            bench_serve.run(bench_serve.config_from_args(args))
+            if args.bench == "serve":
+                bench_serve.run(bench_serve.config_from_args(args))
+            else:
+                {"latency": latency, "offline": offline}[args.bench].run(args)
     except ValueError as e:
         sys.exit(f"keel: error: {e}")
 

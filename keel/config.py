@@ -48,12 +48,17 @@ class EngineConfig:
     schedule_policy: str = option("fcfs", "waiting-queue order: fcfs (arrival) or lpm (longest cached "
                                   "prefix first)", ("fcfs", "lpm"))
     disable_radix_cache: bool = option(False, "do not share KV of common prefixes between requests")
-    attention_backend: str = option("torch", "attention implementation", ("torch",))
+    cuda_graph_max_bs: int = option(256, "largest decode batch replayed from a captured CUDA graph")
+    disable_cuda_graph: bool = option(False, "run every decode step eagerly (CUDA graphs need the triton backend)")
+    attention_backend: str = option(
+        "torch", "torch (the reference: scaled_dot_product_attention and plain torch ops) or triton (paged "
+        "Triton kernels and fused ops, with CUDA-graph decode on a GPU; opt-in until its bfloat16 end-to-end "
+        "check has passed on a GPU, see docs/benchmarks.md)", ("torch", "triton"))
 
     def __post_init__(self) -> None:
         if self.chunked_prefill_size in (0, -1):
             self.chunked_prefill_size = None  # 0 / -1 mean "off", as in SGLang
-        for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
+        for name in ("page_size", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("kv_cache_tokens", "context_length", "chunked_prefill_size"):
             value = getattr(self, name)

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, in numpy; set before they load
+
 import keel
 from keel.debug.invariants import STRICT_ENV
 from tests.helpers import build_tiny_hf_model

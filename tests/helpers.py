@@ -11,6 +11,9 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from keel.models.byte_tokenizer import PAD_ID, save_byte_tokenizer
 from keel.models.weights import init_random_weights
 
+# Where Triton kernels run in the tests: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # Weights wider than transformers' 0.02 default give peaked next-token distributions, so greedy
 # comparisons test the model rather than float rounding between near-equal logits.
 WEIGHT_STD = 0.1

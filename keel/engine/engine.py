@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Optional, Union
 
+from tqdm import tqdm
+
 from keel.config import EngineConfig
 from keel.engine.core import EngineCore
 from keel.engine.outputs import RequestOutput
@@ -31,15 +33,19 @@ class Engine:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 ) -> list[RequestOutput]:
-        """One output per prompt, in order. Every request is checked before any of them starts."""
+                 progress: bool = False) -> list[RequestOutput]:
+        """One output per prompt, in order. Every request is checked before any of them starts.
+        `progress` shows a progress bar of finished requests."""
         items = self._prompts(prompts)
         params = self._params(sampling_params, len(items))
         for (_, ids), p in zip(items, params):
             self.core.validate(ids, p)
         rids = [self._add(text, ids, p) for (text, ids), p in zip(items, params)]
-        while not all(self._states[rid].output.finished for rid in rids):
-            self._step()
+        with tqdm(total=len(rids), desc="Requests", unit="req", disable=not progress) as bar:
+            while (done := sum(self._states[rid].output.finished for rid in rids)) < len(rids):
+                bar.update(done - bar.n)
+                self._step()
+            bar.update(len(rids) - bar.n)
         return [self._states.pop(rid).output for rid in rids]
 
     def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:

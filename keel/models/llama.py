@@ -23,7 +23,7 @@ from keel.models.layers.rotary import RotaryEmbedding
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, fused: bool) -> None:
         super().__init__()
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
@@ -32,8 +32,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         # Qwen3 normalises each head of q and k before the rotation.
-        self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
+        self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -49,11 +49,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
         self.gate_up_proj = FusedLinear(config.hidden_size, (config.intermediate_size,) * 2)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-        self.act = SiluAndMul()
+        self.act = SiluAndMul(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -61,12 +61,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, fused: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, qk_norm)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, qk_norm, fused)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.mlp = LlamaMLP(config, fused)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +81,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, qkv_bias: bool, qk_norm: bool, fused: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions)
+        rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions, fused)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, qkv_bias, qk_norm) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            LlamaDecoderLayer(config, i, rotary, qkv_bias, qk_norm, fused) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -109,10 +109,11 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
+        """`fused`: run norms, rotary and the activation as Triton kernels (with the Triton attention backend)."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_positions, self.qkv_bias or config.attention_bias, self.qk_norm)
+        self.model = LlamaModel(config, max_positions, self.qkv_bias or config.attention_bias, self.qk_norm, fused)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
 

@@ -33,12 +33,12 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 
 def load_model(source: ModelSource, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-               max_positions: int, load_format: str, seed: int) -> nn.Module:
+               max_positions: int, load_format: str, seed: int, fused: bool = False) -> nn.Module:
     cls = model_class(config.architecture)
     if load_format == "safetensors" and not source.has_weights:
         raise ValueError(f"{source.name!r} is a preset without weights; use load_format='dummy'")
     with _default_dtype(dtype), torch.device(device):
-        model = cls(config, max_positions)
+        model = cls(config, max_positions, fused)
     if load_format == "dummy" or not source.has_weights:
         init_random_weights(model, seed)
     else:

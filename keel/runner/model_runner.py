@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -16,6 +17,7 @@ from keel.config import EngineConfig
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
+from keel.runner.cuda_graph import CudaGraphRunner
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.sampler import SampleOutput, SamplingBatch, sample
 
@@ -37,10 +39,11 @@ class ModelRunner:
                              f"max_position_embeddings={model_config.max_position_embeddings}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.attention_backend = config.attention_backend
         start = time.perf_counter()
         self.model = load_model(source, model_config, dtype=self.dtype, device=self.device,
                                 max_positions=self.context_length, load_format=config.load_format,
-                                seed=config.seed)
+                                seed=config.seed, fused=self.attention_backend == "triton")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # dummy weights are drawn asynchronously: time all of it
         logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.1f s", source.name, model_config.architecture,
@@ -52,10 +55,13 @@ class ModelRunner:
                               self.dtype, self.device)
         self.kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests,
                                        self.context_length, self.device, prefix_cache=not config.disable_radix_cache)
-        self.attn_backend = create_backend(config.attention_backend, self.kv_cache.table,
-                                           self.model.attention_layers)
+        self.attn_backend = create_backend(self.attention_backend, self.kv_cache.table, self.model.attention_layers)
         logger.info("KV pool: %d pages of %d tokens (%.2f GiB)", num_pages, config.page_size,
                     2 * self.kv_pool.k_cache.nbytes / 2**30)
+        self.cuda_graph: Optional[CudaGraphRunner] = None
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
+            max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+            self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device)
 
     def _plan_kv_pages(self, config: EngineConfig) -> int:
         mc = self.model_config
@@ -63,6 +69,8 @@ class ModelRunner:
         tokens = config.kv_cache_tokens
         if tokens is None:
             tokens = int(_free_memory_bytes(self.device) * config.mem_fraction) // per_token
+            # never more than every request row can hold: a small model would otherwise get a huge page table
+            tokens = min(tokens, config.max_running_requests * self.context_length)
             if self.device.type == "cpu":
                 tokens = min(tokens, CPU_DEFAULT_KV_TOKENS)
         num_pages = tokens // config.page_size
@@ -73,7 +81,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), vocab]; an IDLE or empty batch gives [0, vocab]."""
+        """float32 logits [len(batch.logits_indices), vocab]; an IDLE or empty batch gives [0, vocab].
+        From a CUDA graph, they stay valid until the next forward."""
+        if self.cuda_graph is not None and self.cuda_graph.can_run(batch):
+            return self.cuda_graph.replay(batch)
+        return self._forward_eager(batch)
+
+    @torch.inference_mode()
+    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
         metadata = self.attn_backend.build_metadata(batch)
         ctx = AttentionContext(self.attn_backend, metadata, self.kv_pool)
         hidden = self.model(batch.input_ids, batch.positions, ctx)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import keel
-from tests.helpers import TINY_MODELS, hf_greedy, random_prompts
+from tests.helpers import KERNEL_DEVICE, TINY_MODELS, hf_greedy, random_prompts
 
 # Lengths around page boundaries (16) and the Mistral window (8), and a single token.
 PROMPT_LENGTHS = [1, 3, 7, 8, 15, 16, 17, 33, 40]
@@ -27,7 +27,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def test_greedy_tokens_and_logprobs_match_transformers(kind, page_size, device, tiny_model, make_engine):
     directory, hf_model = tiny_model(kind)
     prompts = random_prompts(PROMPT_LENGTHS, seed=len(kind))
-    engine = make_engine(directory, page_size=page_size, device=device)
+    # on a GPU, through the Triton kernels, fused ops and CUDA-graph decode too
+    backend = "triton" if device == "cuda" else "torch"
+    engine = make_engine(directory, page_size=page_size, device=device, attention_backend=backend)
     params = keel.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
                                  top_logprobs=TOP_LOGPROBS)
     outputs = engine.generate(prompts, params)
@@ -77,3 +79,17 @@ def test_prompt_logprobs_match_transformers(page_size, tiny_model, make_engine):
             assert entry.logprob == pytest.approx(ref[position, entry.token_id].item(), abs=1e-4)
             top_values = torch.tensor([lp for _, lp in entry.top])
             torch.testing.assert_close(top_values, ref[position].topk(3).values, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mistral"])
+def test_triton_backend_gives_the_same_tokens(kind, tiny_model, make_engine):
+    """The whole model on the Triton backend (interpreted on a CPU) against the torch-native reference."""
+    directory, _ = tiny_model(kind)
+    prompts = random_prompts([1, 9, 20], seed=60)
+    params = keel.SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, top_logprobs=2)
+    reference = make_engine(directory, attention_backend="torch", page_size=4).generate(prompts, params)
+    outputs = make_engine(directory, attention_backend="triton", page_size=4, device=KERNEL_DEVICE.type,
+                          disable_cuda_graph=True).generate(prompts, params)
+    for out, ref in zip(outputs, reference):
+        assert out.token_ids == ref.token_ids
+        assert [e.logprob for e in out.logprobs] == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)

@@ -1,0 +1,78 @@
+"""Triton attention backend: paged decode with split-KV, extend over the paged prefix, one-launch KV stores.
+
+Selected with --attention-backend triton (it also turns on the fused small ops and, on a GPU,
+CUDA-graph decode). Decode metadata is planned on the device (no host sequence lengths), so a
+decode forward can be captured in a CUDA graph; extend metadata is laid out on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from keel.attention.base import AttentionLayer
+from keel.cache.kv_pool import KVPool
+from keel.cache.req_table import ReqToTokenTable
+from keel.kernels.decode_attention import MAX_SPLITS, decode_attention, plan_decode_splits
+from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
+from keel.kernels.kv_store import store_kv
+from keel.runner.forward_batch import ForwardBatch, ForwardMode
+
+Window = Optional[int]
+
+
+@dataclass(frozen=True)
+class TritonDecodeMetadata:
+    out_cache_loc: torch.Tensor
+    req_rows: torch.Tensor
+    seq_lens: torch.Tensor
+    num_splits: dict[Window, torch.Tensor]  # the planner's decision, per sliding-window size
+    partial_out: torch.Tensor  # [batch, heads, MAX_SPLITS, head_dim] float32 scratch
+    partial_lse: torch.Tensor  # [batch, heads, MAX_SPLITS] float32 scratch
+
+
+@dataclass(frozen=True)
+class TritonExtendMetadata:
+    out_cache_loc: torch.Tensor
+    req_rows: torch.Tensor
+    seq_lens: torch.Tensor
+    blocks: ExtendBlocks
+
+
+TritonMetadata = Union[TritonDecodeMetadata, TritonExtendMetadata]
+
+
+class TritonBackend:
+    def __init__(self, req_table: ReqToTokenTable, layers: list[AttentionLayer]) -> None:
+        self.req_table = req_table
+        self.windows = tuple(set(layer.sliding_window for layer in layers))
+        self.num_heads = layers[0].num_heads
+        self.num_kv_heads = layers[0].num_kv_heads
+        self.head_dim = layers[0].head_dim
+
+    def build_metadata(self, batch: ForwardBatch) -> TritonMetadata:
+        if batch.mode == ForwardMode.DECODE:
+            bs = batch.batch_size
+            return TritonDecodeMetadata(
+                batch.out_cache_loc, batch.req_rows, batch.seq_lens,
+                {w: plan_decode_splits(batch.seq_lens, self.num_kv_heads, w) for w in self.windows},
+                torch.empty(bs, self.num_heads, MAX_SPLITS, self.head_dim, dtype=torch.float32, device=batch.device),
+                torch.empty(bs, self.num_heads, MAX_SPLITS, dtype=torch.float32, device=batch.device))
+        return TritonExtendMetadata(batch.out_cache_loc, batch.req_rows, batch.seq_lens,
+                                    plan_extend_blocks(batch.extend_lens_cpu, batch.device))
+
+    def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_pool: KVPool, metadata: TritonMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_pool.layer(layer.layer_id)
+        store_kv(k_cache, v_cache, metadata.out_cache_loc, k, v)
+        table = self.req_table.slots
+        if isinstance(metadata, TritonDecodeMetadata):
+            out = decode_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
+                                   metadata.num_splits[layer.sliding_window], metadata.partial_out,
+                                   metadata.partial_lse, layer.scale, layer.sliding_window)
+        else:
+            out = extend_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
+                                   metadata.blocks, layer.scale, layer.sliding_window)
+        return out.reshape(q.shape[0], layer.num_heads * layer.head_dim)

@@ -1,0 +1,65 @@
+"""What the benchmarks share: the machine's measured memory bandwidth, timing, and the results file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def environment(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": gpu,
+            "torch": torch.__version__}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_hbm_bandwidth(device: torch.device, gib: float = 4.0, repeats: int = 20) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written (median of repeats)."""
+    if device.type != "cuda":
+        return float("nan")
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, repeats)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / seconds
+
+
+def weight_bytes_read_per_step(model: nn.Module) -> int:
+    """Parameter bytes a decode step reads: all of them, except an untied embedding table (only the batch's
+    rows of it are read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    if not getattr(model.lm_head, "tied", False):
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def append_result(path: str, record: dict) -> None:
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")

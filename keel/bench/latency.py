@@ -1,0 +1,152 @@
+"""`keel bench latency`: prefill time, decode-step time and achieved memory bandwidth per (batch, input length).
+
+A decode step is timed two ways: the runner alone (forward + sampling, what the GPU must do; this
+is the figure the bandwidth fraction uses, as SGLang's bench_one_batch reports it), and the whole
+engine step (scheduling and bookkeeping included). Achieved bandwidth = (weight bytes + KV bytes
+read in the step) / step time, against the HBM bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import keel
+from keel.bench.common import (append_result, environment, measure_hbm_bandwidth, sync,
+                               weight_bytes_read_per_step)
+from keel.cache.kv_pool import KVPool
+from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
+from keel.scheduler.batch import build_forward_batch, build_sampling_batch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--input-lens", type=int, nargs="+", default=[128])
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3, help="repeat each case; the median run is reported")
+    parser.add_argument("--compare", choices=["hf"], default=None,
+                        help="also time transformers (static cache) on the same batch-1 cases")
+    parser.add_argument("--result-file", default="bench_results.jsonl")
+    add_dataclass_arguments(parser.add_argument_group("engine options"), EngineConfig)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    options = dataclass_kwargs(args, EngineConfig)
+    largest = max(args.batch_sizes) * (max(args.input_lens) + args.output_len)
+    options.update(max_running_requests=max(options["max_running_requests"], max(args.batch_sizes)),
+                   kv_cache_tokens=options["kv_cache_tokens"] or largest + 4096, chunked_prefill_size=None,
+                   max_prefill_tokens=max(options["max_prefill_tokens"], largest))
+    engine = keel.Engine(options.pop("model"), **options)
+    runner = engine.core.runner
+    hbm = measure_hbm_bandwidth(runner.device)
+    results = []
+    for bs in args.batch_sizes:
+        for input_len in args.input_lens:
+            runs = [time_case(engine, bs, input_len, args.output_len) for _ in range(args.runs)]
+            record = summarize(engine, runs, bs, input_len, args.output_len, hbm)
+            if args.compare == "hf" and bs == 1:
+                record["hf"] = time_hf(engine, input_len, args.output_len, hbm, record["bytes_per_step"])
+                record["speedup_vs_hf"] = record["hf"]["decode_step_s"] / record["decode_step_s"]
+            append_result(args.result_file, record)
+            results.append(record)
+            print(format_record(record))
+    return results
+
+
+def time_case(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
+    """One prefill of `bs` prompts, then decode steps to `output_len` tokens each, timed step by step."""
+    core, runner = engine.core, engine.core.runner
+    vocab = core.model_config.vocab_size
+    rng = random.Random(bs * 1000 + input_len)
+    params = keel.SamplingParams(temperature=0.0, max_new_tokens=output_len, ignore_eos=True)
+    for _ in range(bs):
+        core.add_request([rng.randrange(vocab) for _ in range(input_len)], params)
+    prefill = None
+    runner_times, engine_times, kv_tokens = [], [], []
+    while core.has_work:
+        sync(runner.device)
+        step_start = time.perf_counter()
+        batch = core.scheduler.schedule()
+        forward_batch = build_forward_batch(batch, runner.device)
+        sampling = build_sampling_batch([p.req for p in batch.sampled], vocab, runner.device)
+        sync(runner.device)
+        start = time.perf_counter()
+        token_ids = runner.sample(runner.forward(forward_batch), sampling).token_ids.tolist()
+        end = time.perf_counter()
+        core.scheduler.process(batch, token_ids)
+        engine_end = time.perf_counter()
+        if prefill is None:
+            prefill = engine_end - step_start
+        else:
+            runner_times.append(end - start)
+            engine_times.append(engine_end - step_start)
+            kv_tokens.append(sum(forward_batch.seq_lens_cpu))
+    core.flush_cache()
+    return {"prefill_s": prefill, "runner_step_s": statistics.median(runner_times),
+            "engine_step_s": statistics.median(engine_times), "kv_tokens": statistics.mean(kv_tokens),
+            "steps": len(runner_times)}
+
+
+def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, output_len: int, hbm: float) -> dict:
+    runner, mc = engine.core.runner, engine.core.model_config
+    run = sorted(runs, key=lambda r: r["runner_step_s"])[len(runs) // 2]
+    kv_bytes = run["kv_tokens"] * KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, runner.dtype)
+    step_bytes = weight_bytes_read_per_step(runner.model) + kv_bytes
+    bandwidth = step_bytes / run["runner_step_s"]
+    return {**environment(runner.device), "bench": "latency", "model": engine.config.model,
+            "attention_backend": runner.attention_backend, "cuda_graph": runner.cuda_graph is not None,
+            "dtype": str(runner.dtype), "batch_size": bs, "input_len": input_len, "output_len": output_len,
+            "runs": len(runs), "prefill_s": run["prefill_s"], "decode_step_s": run["runner_step_s"],
+            "engine_step_s": run["engine_step_s"], "decode_tok_s": bs / run["runner_step_s"],
+            "bytes_per_step": step_bytes, "achieved_bw": bandwidth, "hbm_bw": hbm, "bw_fraction": bandwidth / hbm,
+            "roofline_step_s": step_bytes / hbm, "step_over_roofline": run["runner_step_s"] * hbm / step_bytes}
+
+
+def time_hf(engine: keel.Engine, input_len: int, output_len: int, hbm: float, step_bytes: float) -> dict:
+    """transformers' generate with a static cache, batch 1, on a model of the same shape (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from keel.models.source import resolve_model
+
+    device, dtype = engine.core.runner.device, engine.core.runner.dtype
+    config = AutoConfig.from_pretrained(resolve_model(engine.config.model).path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (1, input_len), device=device)
+
+    def generate(new_tokens: int) -> None:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+
+    def timed(new_tokens: int) -> float:
+        times = []
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            generate(new_tokens)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    generate(4)  # warm up
+    prefill = timed(1)
+    step = (timed(output_len) - prefill) / (output_len - 1)
+    del model
+    torch.cuda.empty_cache()
+    return {"prefill_s": prefill, "decode_step_s": step, "bw_fraction": step_bytes / step / hbm}
+
+
+def format_record(r: dict) -> str:
+    line = (f"{r['model']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']}: prefill "
+            f"{1e3 * r['prefill_s']:.1f} ms, decode step {1e3 * r['decode_step_s']:.3f} ms (engine "
+            f"{1e3 * r['engine_step_s']:.3f} ms), {r['decode_tok_s']:.0f} tok/s, {r['achieved_bw'] / 1e12:.2f} TB/s "
+            f"= {100 * r['bw_fraction']:.1f}% of measured HBM {r['hbm_bw'] / 1e12:.2f} TB/s; "
+            f"{r['step_over_roofline']:.2f}x roofline")
+    if "hf" in r:
+        line += (f"\n  transformers (static cache): decode step {1e3 * r['hf']['decode_step_s']:.3f} ms = "
+                 f"{100 * r['hf']['bw_fraction']:.1f}% of HBM; keel is {r['speedup_vs_hf']:.2f}x faster")
+    return line

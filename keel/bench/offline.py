@@ -1,0 +1,82 @@
+"""`keel bench offline`: N prompts with random input and output lengths, all at once; tokens per second."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+import keel
+from keel.bench.common import append_result, environment, sync
+from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(512, 512), metavar=("MIN", "MAX"))
+    parser.add_argument("--seed", dest="bench_seed", type=int, default=0, help="seed of the prompts")
+    parser.add_argument("--compare", choices=["hf"], default=None,
+                        help="also run transformers' generate_batch on the same prompts (needs MIN == MAX output)")
+    parser.add_argument("--result-file", default="bench_results.jsonl")
+    add_dataclass_arguments(parser.add_argument_group("engine options"), EngineConfig, skip=("seed",))
+
+
+def make_work(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(args.bench_seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*args.input_len))] for _ in range(args.num_prompts)]
+    return prompts, [rng.randint(*args.output_len) for _ in range(args.num_prompts)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.compare == "hf" and args.output_len[0] != args.output_len[1]:
+        raise ValueError("--compare hf needs one output length (transformers' generate_batch takes one max)")
+    options = dataclass_kwargs(args, EngineConfig, skip=("seed",))
+    engine = keel.Engine(options.pop("model"), **options)
+    prompts, output_lens = make_work(args, engine.core.model_config.vocab_size)
+    params = [keel.SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in output_lens]
+    engine.generate(prompts[:4], params[:4])  # warm up
+    device = engine.core.runner.device
+    sync(device)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params, progress=True)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    input_tokens, output_tokens = sum(map(len, prompts)), sum(len(o.token_ids) for o in outputs)
+    record = {**environment(device), "bench": "offline", "model": engine.config.model,
+              "attention_backend": engine.core.runner.attention_backend, "num_prompts": args.num_prompts,
+              "input_len": list(args.input_len), "output_len": list(args.output_len), "seconds": elapsed,
+              "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tokens / elapsed}
+    print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s: "
+          f"{record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
+    if args.compare == "hf":
+        del outputs
+        record["hf"] = time_hf(engine, prompts, output_lens[0])
+        record["speedup_vs_hf"] = record["output_tok_s"] / record["hf"]["output_tok_s"]
+        print(f"transformers generate_batch: {record['hf']['output_tok_s']:.0f} output tok/s; keel is "
+              f"{record['speedup_vs_hf']:.1f}x faster")
+    append_result(args.result_file, record)
+    return record
+
+
+def time_hf(engine: keel.Engine, prompts: list[list[int]], output_len: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from keel.models.source import resolve_model
+
+    runner = engine.core.runner
+    config = AutoConfig.from_pretrained(resolve_model(engine.config.model).path)
+    with torch.device(runner.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=runner.dtype).eval()
+    generation = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(prompts[:4], generation_config=generation)  # warm up
+    sync(runner.device)
+    start = time.perf_counter()
+    results = model.generate_batch(prompts, generation_config=generation, progress_bar=True)
+    sync(runner.device)
+    elapsed = time.perf_counter() - start
+    output_tokens = sum(len(r.generated_tokens) for r in results.values())
+    return {"seconds": elapsed, "output_tokens": output_tokens, "output_tok_s": output_tokens / elapsed}

@@ -1,0 +1,151 @@
+"""Paged decode attention, grouped for GQA, with split-KV.
+
+One program handles one request, one KV head (all the query heads that share it) and one split
+of that request's keys. `plan_decode_splits` decides, once per forward and on the device, how
+many splits each request gets; the attention kernel and the combine kernel both read that one
+tensor, and the partial-result buffers are sized by MAX_SPLITS, the planner's cap (DESIGN rule
+"one planner"). Planning on the device needs no host copy of the sequence lengths, so the same
+code runs inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 16  # the partial buffers hold this many splits per (request, head)
+MIN_KEYS_PER_SPLIT = 256  # shorter contexts get fewer splits
+TARGET_PROGRAMS = 264  # enough programs to fill the GPU twice over (132 SMs on an H100/H200)
+BLOCK_N = 64
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the Triton attention kernels need a power-of-two head_dim >= 16, got {head_dim}; "
+                         "use --attention-backend torch")
+
+
+def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Optional[int]) -> torch.Tensor:
+    """Splits per request ([batch] int32): enough to fill the GPU, none shorter than MIN_KEYS_PER_SPLIT keys."""
+    keys = seq_lens if window is None else torch.clamp(seq_lens, max=window)
+    batch = seq_lens.numel()
+    occupancy_cap = max(1, min(MAX_SPLITS, math.ceil(TARGET_PROGRAMS / max(1, batch * num_kv_heads))))
+    splits = (keys + MIN_KEYS_PER_SPLIT - 1) // MIN_KEYS_PER_SPLIT
+    return torch.clamp(splits, 1, occupancy_cap).to(torch.int32)
+
+
+@triton.jit
+def _decode_partial_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, num_splits_ptr,
+        part_out_ptr, part_lse_ptr,
+        stride_qb, stride_qh, stride_ct, stride_ch, stride_rt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+        scale, window,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+        IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.load(num_splits_ptr + b)
+    if split >= num_splits:
+        return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)  # positions are int32; addresses int64
+    row = tl.load(req_rows_ptr + b).to(tl.int64)
+    first = 0
+    if window > 0:
+        first = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK) * BLOCK
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    head_ok = g < GROUP
+    heads = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < hi
+        slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=valid, other=0).to(tl.int64)
+        kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(valid[None, :], qk * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    part = part_out_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :]
+    tl.store(part, out, mask=head_ok[:, None])
+    tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr,
+                           stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+                           HEAD_DIM: tl.constexpr, MAX_SPLITS_C: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    num_splits = tl.load(num_splits_ptr + b)
+    s = tl.arange(0, MAX_SPLITS_C)
+    used = s < num_splits
+    lse = tl.load(part_lse_ptr + b * stride_lb + head * stride_lh + s, mask=used, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weights = tl.where(used & (lse > float("-inf")), tl.exp(lse - top), 0.0)
+    weights = weights / tl.sum(weights, 0)
+    d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + b * stride_pb + head * stride_ph + s[:, None] * stride_ps + d[None, :],
+                    mask=used[:, None], other=0.0)
+    out = tl.sum(parts * weights[:, None], 0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+                     req_rows: torch.Tensor, seq_lens: torch.Tensor, num_splits: torch.Tensor,
+                     partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float,
+                     window: Optional[int]) -> torch.Tensor:
+    """q: [batch, heads, head_dim]; caches: [slots, kv_heads, head_dim]; returns [batch, heads, head_dim].
+
+    partial_out [batch, heads, MAX_SPLITS, head_dim] and partial_lse [batch, heads, MAX_SPLITS] (float32) are
+    scratch sized from the planner's cap; num_splits is the planner's decision.
+    """
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    check_head_dim(head_dim)
+    assert partial_out.shape == (batch, heads, MAX_SPLITS, head_dim) and partial_lse.shape == (batch, heads, MAX_SPLITS)
+    assert num_splits.shape == (batch,)
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    ieee = k_cache.dtype == torch.float32
+    _decode_partial_kernel[(batch, kv_heads, MAX_SPLITS)](
+        q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
+        partial_lse.stride(1), scale, window or 0,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee)
+    _decode_combine_kernel[(batch, heads)](
+        partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),
+        partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS)
+    return out

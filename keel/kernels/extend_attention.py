@@ -1,0 +1,130 @@
+"""Extend (prefill) attention over the paged KV cache.
+
+New tokens attend to their request's cached prefix through the request->token table and
+causally to each other (their own K/V are already stored in the pool, so all keys come from
+one place), with an optional sliding window. One program handles BLOCK_M queries of one
+request and one head; `plan_extend_blocks` lays the query blocks out once per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from keel.kernels.decode_attention import check_head_dim
+
+BLOCK_M = 32
+BLOCK_N = 32
+
+
+@dataclass(frozen=True)
+class ExtendBlocks:
+    """Where each program's query block lives: request index and first query within the request."""
+
+    block_req: torch.Tensor  # [num_blocks] int32
+    block_start: torch.Tensor  # [num_blocks] int32
+    q_starts: torch.Tensor  # [batch] int32, each request's first token in the flat token array
+    extend_lens: torch.Tensor  # [batch] int32
+
+
+def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device) -> ExtendBlocks:
+    block_req, block_start, q_starts = [], [], []
+    offset = 0
+    for i, length in enumerate(extend_lens):
+        q_starts.append(offset)
+        for start in range(0, length, BLOCK_M):
+            block_req.append(i)
+            block_start.append(start)
+        offset += length
+
+    def to_device(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    return ExtendBlocks(to_device(block_req), to_device(block_start), to_device(q_starts),
+                        to_device(list(extend_lens)))
+
+
+@triton.jit
+def _extend_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, extend_lens_ptr,
+        q_starts_ptr, block_req_ptr, block_start_ptr,
+        stride_qt, stride_qh, stride_ct, stride_ch, stride_rt, stride_ot, stride_oh,
+        scale, window,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr):
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    r = tl.load(block_req_ptr + block)
+    m0 = tl.load(block_start_ptr + block)
+    seq_len = tl.load(seq_lens_ptr + r).to(tl.int32)  # positions are int32; addresses int64
+    extend = tl.load(extend_lens_ptr + r).to(tl.int32)
+    prefix = seq_len - extend
+    row = tl.load(req_rows_ptr + r).to(tl.int64)
+    first_token = tl.load(q_starts_ptr + r).to(tl.int64)
+
+    m = m0 + tl.arange(0, BLOCK_Q)
+    q_ok = m < extend
+    q_pos = prefix + m
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (first_token + m)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=q_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    hi = prefix + tl.minimum(m0 + BLOCK_Q, extend)  # past the block's last query: nothing is visible
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(prefix + m0 - window + 1, 0) // BLOCK_K * BLOCK_K
+    for start in range(lo, hi, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
+        k_ok = offs < hi
+        slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=k_ok, other=0).to(tl.int64)
+        kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=k_ok[:, None], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        visible = k_ok[None, :] & (offs[None, :] <= q_pos[:, None])
+        if window > 0:
+            visible = visible & (offs[None, :] > q_pos[:, None] - window)
+        qk = tl.where(visible, qk * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offs, mask=k_ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (first_token + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+                     req_rows: torch.Tensor, seq_lens: torch.Tensor, blocks: ExtendBlocks, scale: float,
+                     window: Optional[int]) -> torch.Tensor:
+    """q: [tokens, heads, head_dim] (the batch's new tokens back to back); returns the same shape."""
+    tokens, heads, head_dim = q.shape
+    check_head_dim(head_dim)
+    out = torch.empty_like(q)
+    num_blocks = blocks.block_req.numel()
+    if tokens == 0 or num_blocks == 0:
+        return out
+    _extend_kernel[(num_blocks, heads)](
+        q, k_cache, v_cache, out, req_to_token, req_rows, seq_lens, blocks.extend_lens, blocks.q_starts,
+        blocks.block_req, blocks.block_start,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+        out.stride(0), out.stride(1), scale, window or 0,
+        GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N,
+        IEEE=k_cache.dtype == torch.float32)
+    return out

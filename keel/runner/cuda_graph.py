@@ -1,0 +1,90 @@
+"""CUDA-graph decode: one captured forward per batch size, replayed with the real rows written in.
+
+Every input of a captured forward lives in a static buffer sized for the largest batch. A replay
+writes the real rows and neutralises the padded ones (request-table row 0, KV slot 0, length 1:
+they read and write only the reserved padding slot), after checking that what it writes fits
+(DESIGN rule "bounded writes"). Attention metadata is planned inside the graph from the static
+sequence lengths, so every replay gets a fresh plan. Needs the Triton attention backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from keel.runner.forward_batch import ForwardBatch, ForwardMode
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    sizes = [s for s in CAPTURE_SIZES if s < max_bs]
+    return sizes + [max_bs]
+
+
+class CudaGraphRunner:
+    def __init__(self, forward: Callable[[ForwardBatch], torch.Tensor], max_bs: int, device: torch.device) -> None:
+        self.device = device
+        self.sizes = capture_sizes(max_bs)
+        self.max_bs = max_bs
+
+        def buffer() -> torch.Tensor:
+            return torch.zeros(max_bs, dtype=torch.int64, device=device)
+
+        self.input_ids, self.positions, self.req_rows, self.out_cache_loc = buffer(), buffer(), buffer(), buffer()
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
+        self.rows = torch.arange(max_bs, dtype=torch.int64, device=device)  # logits of every row are sampled
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._capture(forward)
+
+    def _batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch(ForwardMode.DECODE, self.device, (1,) * size, (1,) * size, self.input_ids[:size],
+                            self.positions[:size], self.req_rows[:size], self.seq_lens[:size],
+                            self.out_cache_loc[:size], self.rows[:size])
+
+    def _capture(self, forward: Callable[[ForwardBatch], torch.Tensor]) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+                batch = self._batch(size)
+                for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
+                    forward(batch)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[size] = forward(batch)
+                self.graphs[size] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.sizes,
+                    time.perf_counter() - start)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return batch.mode == ForwardMode.DECODE and 0 < batch.batch_size <= self.max_bs
+
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+        """The logits rows of the real requests: a view of the graph's output, overwritten by its next replay."""
+        bs = batch.batch_size
+        size = next(s for s in self.sizes if s >= bs)
+        for static, real, pad in ((self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0),
+                                  (self.req_rows, batch.req_rows, 0), (self.seq_lens, batch.seq_lens, 1),
+                                  (self.out_cache_loc, batch.out_cache_loc, 0)):
+            _write_rows(static, real, size, pad)
+        self.graphs[size].replay()
+        return self.outputs[size][:bs]
+
+
+def _write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
+    """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit."""
+    n = real.numel()
+    if n > size or size > static.numel():
+        raise IndexError(f"CUDA-graph input of {n} rows into a buffer of {static.numel()} (graph size {size})")
+    static[:n].copy_(real)
+    static[n:size].fill_(pad)

@@ -1,0 +1,148 @@
+"""Both attention backends against dense float32 attention on random paged K/V.
+
+The Triton kernels run under TRITON_INTERPRET=1 here (tests/conftest.py sets it without a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keel.attention.base import AttentionLayer
+from keel.attention import create_backend
+from keel.cache.kv_cache import KVCacheManager
+from keel.cache.kv_pool import KVPool
+from keel.cache.radix import PrefixMatch
+from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from tests.helpers import KERNEL_DEVICE
+
+HEAD_DIM = 16
+
+
+def reference(q, keys, values, prefix, window, scale):
+    """q: [ext, H, D] at positions prefix.., keys/values: [seq, KVH, D] -> [ext, H*D]."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1).transpose(0, 1)
+    v = values.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = (q.transpose(0, 1) @ k.transpose(1, 2)) * scale  # [H, ext, seq]
+    qpos = torch.arange(prefix, prefix + q.shape[0], device=q.device)[:, None]
+    kpos = torch.arange(keys.shape[0], device=q.device)[None, :]
+    visible = kpos <= qpos
+    if window is not None:
+        visible &= kpos > qpos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1).reshape(q.shape[0], -1)
+
+
+BACKENDS = ["torch", "triton"]
+
+
+def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode, backend_name="torch", seed=0,
+             device=None, dtype=torch.float32, head_dim=HEAD_DIM):
+    """Random paged K/V and queries through a backend, against dense float32 attention on the same values.
+    float32 must agree to 1e-5; other dtypes to a relative error (norm of the difference) under 1e-2."""
+    device = device or (KERNEL_DEVICE if backend_name == "triton" else torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    layer = AttentionLayer(0, heads, kv_heads, head_dim, head_dim ** -0.5, window)
+    context = max(p + e for p, e in zip(prefix_lens, extend_lens)) + page_size
+    kv = KVCacheManager(num_pages=sum(prefix_lens) // page_size + sum(extend_lens) + 2 * len(prefix_lens) + 8,
+                        page_size=page_size, max_requests=8, context_length=context, device=device,
+                        prefix_cache=False)
+    pool = KVPool(1, kv.pages.capacity, page_size, kv_heads, head_dim, dtype, device)
+    seqs = [p + e for p, e in zip(prefix_lens, extend_lens)]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    keys = [rand(s, kv_heads, head_dim) for s in seqs]
+    values = [rand(s, kv_heads, head_dim) for s in seqs]
+    owners = list(range(1, len(seqs) + 1))
+    for owner in owners:
+        kv.admit(owner, PrefixMatch([], None))
+    rows_t = torch.tensor([kv.row(o) for o in owners], device=device)
+    prefix_slots = kv.grow(owners, prefix_lens).to(device)  # the cached prefix, written directly
+    pool.write(0, prefix_slots, torch.cat([k[:p] for k, p in zip(keys, prefix_lens)]),
+               torch.cat([v[:p] for v, p in zip(values, prefix_lens)]))
+    new_slots = kv.grow(owners, seqs).to(device)
+    q = [rand(e, heads, head_dim) for e in extend_lens]
+    batch = ForwardBatch(
+        mode=mode, device=device, seq_lens_cpu=tuple(seqs), extend_lens_cpu=tuple(extend_lens),
+        input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64, device=device),
+        positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seqs)]).to(device),
+        req_rows=rows_t, seq_lens=torch.tensor(seqs, device=device), out_cache_loc=new_slots,
+        logits_indices=torch.zeros(0, dtype=torch.int64, device=device))
+    backend = create_backend(backend_name, kv.table, [layer])
+    out = backend.forward(layer, torch.cat(q), torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]),
+                          torch.cat([v[p:] for v, p in zip(values, prefix_lens)]), pool,
+                          backend.build_metadata(batch))
+    expected = torch.cat([reference(qi.float(), k.float(), v.float(), p, window, layer.scale)
+                          for qi, k, v, p in zip(q, keys, values, prefix_lens)])
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    else:
+        error = ((out.float() - expected).norm() / expected.norm()).item()
+        assert error < 1e-2, f"relative error {error:.2e}"
+    for owner in owners:
+        kv.release(owner)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_extend_with_prefix(page_size, heads, kv_heads, window, backend):
+    # prompt from scratch, one token, exactly a page, page + 1, and extensions after cached prefixes
+    run_case([0, 0, 0, 16, 3, 17], [1, 16, 17, 5, 40, 1], page_size, heads, kv_heads, window, ForwardMode.EXTEND,
+             backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode(page_size, heads, kv_heads, window, backend):
+    run_case([0, 1, 15, 16, 40, 300], [1, 1, 1, 1, 1, 1], page_size, heads, kv_heads, window, ForwardMode.DECODE,
+             backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_of_decode_and_extend(backend):
+    run_case([12, 0, 7], [1, 9, 1], 4, 8, 2, None, ForwardMode.MIXED, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [ForwardMode.IDLE, ForwardMode.DECODE, ForwardMode.EXTEND])
+def test_empty_batch_gives_empty_output(mode, backend):
+    device = KERNEL_DEVICE if backend == "triton" else torch.device("cpu")
+    kv = KVCacheManager(num_pages=4, page_size=1, max_requests=2, context_length=8, device=device)
+    pool = KVPool(1, 4, 1, 2, HEAD_DIM, torch.float32, device)
+    layer = AttentionLayer(0, 4, 2, HEAD_DIM, 0.25, None)
+    backend = create_backend(backend, kv.table, [layer])
+    empty = ForwardBatch.idle(device)
+    batch = ForwardBatch(mode, device, (), (), empty.input_ids, empty.positions, empty.req_rows, empty.seq_lens,
+                         empty.out_cache_loc, empty.logits_indices)
+    out = backend.forward(layer, torch.zeros(0, 4, HEAD_DIM, device=device), torch.zeros(0, 2, HEAD_DIM, device=device),
+                          torch.zeros(0, 2, HEAD_DIM, device=device), pool, backend.build_metadata(batch))
+    assert out.shape == (0, 4 * HEAD_DIM)
+    assert (pool.k_cache == 0).all()  # nothing was written
+
+
+@pytest.mark.parametrize("min_keys", [1, 8, 64])
+def test_triton_decode_with_many_splits(min_keys, monkeypatch):
+    """Small split thresholds: up to MAX_SPLITS splits per request, some of them empty."""
+    from keel.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "MIN_KEYS_PER_SPLIT", min_keys)
+    run_case([0, 2, 30, 64, 100], [1, 1, 1, 1, 1], 4, 8, 2, None, ForwardMode.DECODE, "triton")
+    run_case([0, 2, 30, 64, 100], [1, 1, 1, 1, 1], 4, 8, 2, 7, ForwardMode.DECODE, "triton")
+
+
+def test_decode_planner_is_one_decision_per_request():
+    from keel.kernels.decode_attention import MAX_SPLITS, plan_decode_splits
+
+    seq_lens = torch.tensor([1, 256, 257, 5000, 100000])
+    splits = plan_decode_splits(seq_lens, num_kv_heads=1, window=None)
+    assert splits.tolist() == [1, 1, 2, 16, 16] and splits.max() <= MAX_SPLITS
+    assert plan_decode_splits(seq_lens, 1, window=300).tolist() == [1, 1, 2, 2, 2]
+    # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it
+    assert plan_decode_splits(torch.full((256,), 100000), 8, None).max() == 1

@@ -1,0 +1,61 @@
+"""CUDA-graph decode against eager decode, and randomized scheduler workloads with Triton and CUDA graphs on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import keel
+from tests.helpers import assert_same_greedy, random_prompts
+from tests.scheduler.test_random_workloads import run_workload
+from tests.scheduler.workloads import make_workload
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def engines():
+    options = dict(dtype="bfloat16", device="cuda", kv_cache_tokens=16384, page_size=16, max_running_requests=8,
+                   attention_backend="triton")
+    graphs = keel.Engine("llama-3.2-1b", cuda_graph_max_bs=8, **options)
+    eager = keel.Engine("llama-3.2-1b", disable_cuda_graph=True, **options)
+    assert graphs.core.runner.cuda_graph is not None and eager.core.runner.cuda_graph is None
+    return graphs, eager
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 8, 3, 7])
+def test_cuda_graph_decode_gives_eager_tokens(engines, batch_size):
+    graphs, eager = engines
+    prompts = random_prompts([5 + 37 * i for i in range(batch_size)], vocab=128000, seed=batch_size)
+    params = keel.SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, top_logprobs=2)
+    ours, reference = graphs.generate(prompts, params), eager.generate(prompts, params)
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        if batch_size in graphs.core.runner.cuda_graph.sizes:  # same shapes, same kernels: identical
+            assert a.token_ids == b.token_ids, f"request {i}"
+        else:  # padded to the next captured size: GEMM shapes differ, rounding may too
+            assert_same_greedy(a, b, f"request {i}", tie=2e-2)
+    for engine in engines:
+        engine.core.check_idle()
+
+
+@pytest.fixture(scope="module")
+def solo_cuda(tiny_model):
+    directory, _ = tiny_model("llama3")
+    return keel.Engine(str(directory), device="cuda", dtype="float32", chunked_prefill_size=None,
+                       attention_backend="triton", disable_cuda_graph=True, kv_cache_tokens=4096)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_workload_with_triton_and_cuda_graphs(seed, tiny_model, solo_cuda, monkeypatch):
+    workload = make_workload(seed)
+    monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
+    directory, _ = tiny_model("llama3")
+    engine = keel.Engine(str(directory), device="cuda", dtype="float32", attention_backend="triton",
+                         cuda_graph_max_bs=workload.options["max_running_requests"], **workload.options)
+    assert engine.core.runner.cuda_graph is not None
+    outputs, aborted = run_workload(engine.core, workload)
+    for i, req in enumerate(workload.requests):
+        if i not in aborted:
+            assert_same_greedy(outputs[i], solo_cuda.generate([req.prompt], req.params)[0],
+                               f"request {i}\n{workload.describe()}")
+    engine.core.check_idle()
