@@ -125,8 +125,7 @@ class KVCacheManager:
         if tokens is not None and self.radix is not None:
             self._insert(owner, held, tokens)
         row = held.row
-        own = self._page_table[row, held.cached_pages:int(self.pages.pages_for(self._kv_lens[row]))]
-        self.pages.free(own, owner)
+        self.pages.free(self.row_pages(owner)[held.cached_pages:], owner)
         self.rows.free(torch.tensor([row]), owner)
         if held.lock is not None and self.radix is not None:
             self.radix.unlock(held.lock)

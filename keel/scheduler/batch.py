@@ -54,11 +54,15 @@ def _owed_positions(part: BatchPart) -> range:
     return range(start, max(start, min(owed.stop, part.seq_len)))
 
 
+def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatch:
     params = [r.params for r in reqs]
 
     def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return _column(values, dtype, device)
 
     greedy = [p.is_greedy for p in params]
     return SamplingBatch(
@@ -91,9 +95,9 @@ def _penalty_inputs(reqs: list[Req], vocab_size: int, device: torch.device) -> P
         seen[i, torch.tensor(req.prompt_ids, dtype=torch.int64)] = True
     p = [r.params for r in reqs]
     return PenaltyInputs(
-        repetition=torch.tensor([x.repetition_penalty for x in p], dtype=torch.float32).to(device),
-        frequency=torch.tensor([x.frequency_penalty for x in p], dtype=torch.float32).to(device),
-        presence=torch.tensor([x.presence_penalty for x in p], dtype=torch.float32).to(device),
+        repetition=_column([x.repetition_penalty for x in p], torch.float32, device),
+        frequency=_column([x.frequency_penalty for x in p], torch.float32, device),
+        presence=_column([x.presence_penalty for x in p], torch.float32, device),
         output_counts=counts.to(device),
         seen=seen.to(device),
     )

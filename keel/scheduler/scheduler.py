@@ -116,7 +116,8 @@ class Scheduler:
         ready = self._decodable()
         if self._retract_every and self._decode_steps % self._retract_every == 0 and ready:
             self._retract(self._retraction_victim(ready))
-        while ready := self._decodable():
+            ready = self._decodable()
+        while ready:
             slots = self.kv.grow([r.rid for r in ready], [r.seq_len for r in ready])
             if slots is not None:
                 break
@@ -125,7 +126,8 @@ class Scheduler:
                                      f"{ready[0].seq_len} tokens")
                 return []
             self._retract(self._retraction_victim(ready))
-        else:
+            ready = self._decodable()
+        if not ready:
             return []
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         return [BatchPart(r, self.kv.row(r.rid), 1, r.seq_len, slots[i:i + 1]) for i, r in enumerate(ready)]

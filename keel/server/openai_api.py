@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -120,22 +121,11 @@ async def collect(generations: list[Generation], request: Request) -> list[Reque
 async def watch_disconnect(events: AsyncIterator[GenerationEvent], request: Request
                            ) -> AsyncIterator[GenerationEvent]:
     """Stop (aborting the generations) as soon as the client disconnects, even between events."""
-    async with _aclosing(events):
+    async with contextlib.aclosing(events):
         async for event in events:
             if await request.is_disconnected():
                 return
             yield event
-
-
-class _aclosing:
-    def __init__(self, agen: AsyncIterator) -> None:
-        self.agen = agen
-
-    async def __aenter__(self) -> AsyncIterator:
-        return self.agen
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.agen.aclose()  # type: ignore[attr-defined]
 
 
 def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, int]:
