@@ -50,10 +50,12 @@ class EngineConfig:
     disable_radix_cache: bool = option(False, "do not share KV of common prefixes between requests")
     cuda_graph_max_bs: int = option(256, "largest decode batch replayed from a captured CUDA graph")
     disable_cuda_graph: bool = option(False, "run every decode step eagerly (CUDA graphs need the triton backend)")
+    disable_overlap: bool = option(False, "finish each step before scheduling the next (by default the host "
+                                          "schedules step N+1 while the device runs step N)")
     attention_backend: str = option(
-        "torch", "torch (the reference: scaled_dot_product_attention and plain torch ops) or triton (paged "
-        "Triton kernels and fused ops, with CUDA-graph decode on a GPU; opt-in until its bfloat16 end-to-end "
-        "check has passed on a GPU, see docs/benchmarks.md)", ("torch", "triton"))
+        "auto", "triton (paged Triton kernels and fused ops, with CUDA-graph decode on a GPU), torch (the "
+        "reference: scaled_dot_product_attention and plain torch ops), or auto: triton on a GPU when the model's "
+        "head_dim suits its kernels, else torch", ("auto", "torch", "triton"))
 
     def __post_init__(self) -> None:
         if self.chunked_prefill_size in (0, -1):

@@ -1,9 +1,10 @@
 """`keel bench latency`: prefill time, decode-step time and achieved memory bandwidth per (batch, input length).
 
-A decode step is timed two ways: the runner alone (forward + sampling, what the GPU must do; this
-is the figure the bandwidth fraction uses, as SGLang's bench_one_batch reports it), and the whole
-engine step (scheduling and bookkeeping included). Achieved bandwidth = (weight bytes + KV bytes
-read in the step) / step time, against the HBM bandwidth measured in the same run.
+A decode step is timed two ways: the whole engine step (the wall time between successive steps of
+the engine loop, scheduling and bookkeeping included, overlapped with the device as configured;
+the headline figure), and the runner alone (forward + sampling between synchronizations, as
+SGLang's bench_one_batch times it). Achieved bandwidth = (weight bytes + KV bytes read in the
+step) / step time, against the HBM bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -58,52 +59,78 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def time_case(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
-    """One prefill of `bs` prompts, then decode steps to `output_len` tokens each, timed step by step."""
-    core, runner = engine.core, engine.core.runner
-    vocab = core.model_config.vocab_size
+    """The case twice: as the engine runs it (step after step, overlap as configured), and with the runner
+    alone timed step by step (forward + sampling, synchronized; scheduling excluded)."""
+    return {**time_engine(engine, bs, input_len, output_len), **time_runner(engine, bs, input_len, output_len)}
+
+
+def add_requests(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> None:
+    core = engine.core
     rng = random.Random(bs * 1000 + input_len)
     params = keel.SamplingParams(temperature=0.0, max_new_tokens=output_len, ignore_eos=True)
     for _ in range(bs):
-        core.add_request([rng.randrange(vocab) for _ in range(input_len)], params)
-    prefill = None
-    runner_times, engine_times, kv_tokens = [], [], []
+        core.add_request([rng.randrange(core.model_config.vocab_size) for _ in range(input_len)], params)
+
+
+def time_engine(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
+    """Prefill (its step, synchronized), then the wall time between successive engine steps."""
+    core, device = engine.core, engine.core.runner.device
+    add_requests(engine, bs, input_len, output_len)
+    sync(device)
+    start = time.perf_counter()
+    core.step()
+    sync(device)
+    prefill = time.perf_counter() - start
+    intervals = []
+    last = time.perf_counter()
     while core.has_work:
-        sync(runner.device)
-        step_start = time.perf_counter()
+        core.step()
+        now = time.perf_counter()
+        intervals.append(now - last)
+        last = now
+    core.flush_cache()
+    return {"prefill_s": prefill, "engine_step_s": statistics.median(intervals)}
+
+
+def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
+    """Each decode step's forward + sampling alone, between device synchronizations."""
+    core, runner = engine.core, engine.core.runner
+    vocab = core.model_config.vocab_size
+    add_requests(engine, bs, input_len, output_len)
+    times, kv_tokens = [], []
+    prefilled = False
+    while core.scheduler.has_work:
         batch = core.scheduler.schedule()
         forward_batch = build_forward_batch(batch, runner.device)
         sampling = build_sampling_batch([p.req for p in batch.sampled], vocab, runner.device)
         sync(runner.device)
         start = time.perf_counter()
         token_ids = runner.sample(runner.forward(forward_batch), sampling).token_ids.tolist()
-        end = time.perf_counter()
-        core.scheduler.process(batch, token_ids)
-        engine_end = time.perf_counter()
-        if prefill is None:
-            prefill = engine_end - step_start
-        else:
-            runner_times.append(end - start)
-            engine_times.append(engine_end - step_start)
+        if prefilled:
+            times.append(time.perf_counter() - start)
             kv_tokens.append(sum(forward_batch.seq_lens_cpu))
+        prefilled = True
+        core.scheduler.launched(batch)
+        core.scheduler.process(batch, token_ids)
     core.flush_cache()
-    return {"prefill_s": prefill, "runner_step_s": statistics.median(runner_times),
-            "engine_step_s": statistics.median(engine_times), "kv_tokens": statistics.mean(kv_tokens),
-            "steps": len(runner_times)}
+    return {"runner_step_s": statistics.median(times), "kv_tokens": statistics.mean(kv_tokens)}
 
 
 def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, output_len: int, hbm: float) -> dict:
+    """The median run (by engine step time); bandwidth figures for the engine step and the runner alone."""
     runner, mc = engine.core.runner, engine.core.model_config
-    run = sorted(runs, key=lambda r: r["runner_step_s"])[len(runs) // 2]
+    run = sorted(runs, key=lambda r: r["engine_step_s"])[len(runs) // 2]
     kv_bytes = run["kv_tokens"] * KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, runner.dtype)
     step_bytes = weight_bytes_read_per_step(runner.model) + kv_bytes
-    bandwidth = step_bytes / run["runner_step_s"]
+    step = run["engine_step_s"]
     return {**environment(runner.device), "bench": "latency", "model": engine.config.model,
             "attention_backend": runner.attention_backend, "cuda_graph": runner.cuda_graph is not None,
-            "dtype": str(runner.dtype), "batch_size": bs, "input_len": input_len, "output_len": output_len,
-            "runs": len(runs), "prefill_s": run["prefill_s"], "decode_step_s": run["runner_step_s"],
-            "engine_step_s": run["engine_step_s"], "decode_tok_s": bs / run["runner_step_s"],
-            "bytes_per_step": step_bytes, "achieved_bw": bandwidth, "hbm_bw": hbm, "bw_fraction": bandwidth / hbm,
-            "roofline_step_s": step_bytes / hbm, "step_over_roofline": run["runner_step_s"] * hbm / step_bytes}
+            "overlap": engine.core.overlap, "dtype": str(runner.dtype), "batch_size": bs, "input_len": input_len,
+            "output_len": output_len, "runs": len(runs), "prefill_s": run["prefill_s"], "decode_step_s": step,
+            "runner_step_s": run["runner_step_s"], "decode_tok_s": bs / step, "bytes_per_step": step_bytes,
+            "achieved_bw": step_bytes / step, "hbm_bw": hbm, "bw_fraction": step_bytes / step / hbm,
+            "runner_bw_fraction": step_bytes / run["runner_step_s"] / hbm, "roofline_step_s": step_bytes / hbm,
+            "step_over_roofline": step * hbm / step_bytes}
 
 
 def time_hf(engine: keel.Engine, input_len: int, output_len: int, hbm: float, step_bytes: float) -> dict:
@@ -142,10 +169,11 @@ def time_hf(engine: keel.Engine, input_len: int, output_len: int, hbm: float, st
 
 def format_record(r: dict) -> str:
     line = (f"{r['model']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']}: prefill "
-            f"{1e3 * r['prefill_s']:.1f} ms, decode step {1e3 * r['decode_step_s']:.3f} ms (engine "
-            f"{1e3 * r['engine_step_s']:.3f} ms), {r['decode_tok_s']:.0f} tok/s, {r['achieved_bw'] / 1e12:.2f} TB/s "
-            f"= {100 * r['bw_fraction']:.1f}% of measured HBM {r['hbm_bw'] / 1e12:.2f} TB/s; "
-            f"{r['step_over_roofline']:.2f}x roofline")
+            f"{1e3 * r['prefill_s']:.1f} ms, decode step {1e3 * r['decode_step_s']:.3f} ms, "
+            f"{r['decode_tok_s']:.0f} tok/s, {r['achieved_bw'] / 1e12:.2f} TB/s = {100 * r['bw_fraction']:.1f}% of "
+            f"measured HBM {r['hbm_bw'] / 1e12:.2f} TB/s; {r['step_over_roofline']:.2f}x roofline (runner alone "
+            f"{1e3 * r['runner_step_s']:.3f} ms = {100 * r['runner_bw_fraction']:.1f}%; overlap "
+            f"{'on' if r['overlap'] else 'off'})")
     if "hf" in r:
         line += (f"\n  transformers (static cache): decode step {1e3 * r['hf']['decode_step_s']:.3f} ms = "
                  f"{100 * r['hf']['bw_fraction']:.1f}% of HBM; keel is {r['speedup_vs_hf']:.2f}x faster")

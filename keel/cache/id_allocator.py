@@ -5,17 +5,33 @@ owner. Freeing an id that is free, reserved, or owned by someone else raises, na
 owners; freeing the same id twice in one call raises too. All operations are vectorized over
 the ids (host tensors, no per-id Python loops). Id 0 is reserved: it is the harmless target of
 padded writes.
+
+Reuse fence (overlap scheduling): while a forward may still be running on the device, the host
+already frees what finished requests held. Such ids are fenced, not free: they carry the event
+recorded after the latest launched forward and go back on the free list only once it has fired,
+so no id is handed out while a forward that reads it is unfinished. They count as available
+(an allocation that needs them waits for the event).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from collections import deque
+from typing import Optional, Protocol
 
 import torch
 
 FREE = 0
 RESERVED = -1
 CACHE = -2  # the radix prefix cache, once a request hands its pages over
+FENCED = -3  # freed while a forward that may read it was in flight
+
+
+class FenceEvent(Protocol):
+    """What the fence needs of a device event (torch.cuda.Event has both)."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
 
 
 class KVAccountingError(RuntimeError):
@@ -29,6 +45,8 @@ def describe_owner(owner: int) -> str:
         return "reserved"
     if owner == CACHE:
         return "the prefix cache"
+    if owner == FENCED:
+        return "freed, waiting for a forward in flight"
     return f"owner {owner}"
 
 
@@ -43,10 +61,30 @@ class OwnedIdAllocator:
         # Free ids as a stack; low ids are handed out first.
         self._free = torch.arange(size - 1, 0, -1, dtype=torch.int64)
         self._num_free = size - 1
+        self.fence: Optional[FenceEvent] = None  # fires when the latest launched forward has finished
+        self._fenced: deque[tuple[FenceEvent, torch.Tensor]] = deque()
+        self._num_fenced = 0
 
     @property
     def num_free(self) -> int:
-        return self._num_free
+        """Ids that can be handed out: free ones, and fenced ones (after waiting for their forward)."""
+        return self._num_free + self._num_fenced
+
+    @property
+    def num_fenced(self) -> int:
+        return self._num_fenced
+
+    def reclaim(self, wait: bool = False) -> None:
+        """Return fenced ids whose forward has finished to the free list; with `wait`, all of them."""
+        while self._fenced:
+            event, ids = self._fenced[0]
+            if not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._fenced.popleft()
+            self._num_fenced -= ids.numel()
+            self._push_free(ids)
 
     @property
     def capacity(self) -> int:
@@ -55,8 +93,12 @@ class OwnedIdAllocator:
     def alloc(self, owners: torch.Tensor) -> Optional[torch.Tensor]:
         """One id per entry of `owners` (int64, each > 0); None, with nothing taken, if too few are free."""
         n = owners.numel()
-        if n > self._num_free:
+        if n > self.num_free:
             return None
+        if n > self._num_free:
+            self.reclaim()
+        if n > self._num_free:
+            self.reclaim(wait=True)  # the ids are there once the forward reading them is done
         if n and int(owners.min()) <= FREE:
             raise KVAccountingError(f"{self.what} owners must be positive ids, got {owners.min().item()}")
         ids = self._free[self._num_free - n:self._num_free].flip(0)
@@ -74,6 +116,14 @@ class OwnedIdAllocator:
         ids = self._check_owned(ids, owner, "free")
         if ids.numel() == 0:
             return
+        if self.fence is not None and not self.fence.query():
+            self._owner[ids] = FENCED
+            self._fenced.append((self.fence, ids))
+            self._num_fenced += ids.numel()
+            return
+        self._push_free(ids)
+
+    def _push_free(self, ids: torch.Tensor) -> None:
         self._owner[ids] = FREE
         self._free[self._num_free:self._num_free + ids.numel()] = ids
         self._num_free += ids.numel()
@@ -96,7 +146,7 @@ class OwnedIdAllocator:
         if bool(wrong.any()):
             index = int(wrong.nonzero()[0])
             bad, holder = int(ids[index]), int(actual[index])
-            kind = "double" if holder == FREE else "foreign"
+            kind = "double" if holder in (FREE, FENCED) else "foreign"
             raise KVAccountingError(f"{kind} {action}: {describe_owner(owner)} tried to {action} {self.what} "
                                     f"{bad}, which is {describe_owner(holder)}")
         if torch.unique(ids).numel() != ids.numel():
@@ -107,8 +157,8 @@ class OwnedIdAllocator:
         return self._owner[ids.to(torch.int64)]
 
     def owned_counts(self) -> dict[int, int]:
-        """{owner: number of ids it holds}, reserved and free ids excluded."""
-        owned = self._owner[(self._owner != FREE) & (self._owner != RESERVED)]
+        """{owner: number of ids it holds}, reserved, free and fenced ids excluded."""
+        owned = self._owner[(self._owner != FREE) & (self._owner != RESERVED) & (self._owner != FENCED)]
         values, counts = torch.unique(owned, return_counts=True)
         return dict(zip(values.tolist(), counts.tolist()))
 
@@ -120,3 +170,7 @@ class OwnedIdAllocator:
         if int((self._owner == FREE).sum()) != self._num_free:
             raise KVAccountingError(f"{self.what}: {int((self._owner == FREE).sum())} ids marked free, "
                                     f"{self._num_free} on the free list")
+        fenced = torch.cat([ids for _, ids in self._fenced]) if self._fenced else torch.zeros(0, dtype=torch.int64)
+        if (bool((self._owner[fenced] != FENCED).any()) or torch.unique(fenced).numel() != self._num_fenced
+                or int((self._owner == FENCED).sum()) != self._num_fenced):
+            raise KVAccountingError(f"{self.what}: the fenced ids disagree with the owner table")

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from keel.cache.id_allocator import KVAccountingError, OwnedIdAllocator
+from keel.cache.id_allocator import FenceEvent, KVAccountingError, OwnedIdAllocator
 from keel.cache.page_allocator import PageAllocator
 from keel.cache.radix import PrefixMatch, RadixCache, RadixNode
 from keel.cache.req_table import ReqToTokenTable
@@ -110,8 +110,8 @@ class KVCacheManager:
         return slots
 
     def cache_prefix(self, owner: int, tokens: list[int]) -> None:
-        """Put the whole pages of `owner`'s KV so far (of `tokens`) into the prefix cache; it keeps running,
-        now on the cached pages (a chunked prompt shares its finished chunks this way)."""
+        """Put the whole pages of `tokens` (the first tokens of `owner`'s KV) into the prefix cache; it keeps
+        running, now on the cached pages (a chunked prompt shares its finished chunks this way)."""
         held = self._held(owner)
         if self.radix is not None:
             self._insert(owner, held, tokens)
@@ -137,6 +137,14 @@ class KVCacheManager:
         row = self._held(owner).row
         return self._page_table[row, :int(self.pages.pages_for(self._kv_lens[row]))].clone()
 
+    def set_fence(self, event: Optional[FenceEvent]) -> None:
+        """Pages and rows freed from now on wait for `event` (recorded after the latest launched forward)
+        before reuse; None: no forward is in flight, so everything fenced is reclaimed now."""
+        for allocator in (self.pages, self.rows):
+            allocator.fence = event
+            if event is None:
+                allocator.reclaim(wait=True)
+
     def flush_cache(self) -> int:
         """Evict every unlocked cached page; returns how many were freed."""
         return self.radix.evict(self.radix.evictable_pages) if self.radix else 0
@@ -144,11 +152,12 @@ class KVCacheManager:
     def _insert(self, owner: int, held: HeldKV, tokens: list[int]) -> None:
         assert self.radix is not None
         row = held.row
-        whole_pages = int(self._kv_lens[row]) // self.page_size
+        if len(tokens) > int(self._kv_lens[row]):
+            raise ValueError(f"cache insert of {len(tokens)} tokens, but owner {owner} holds only "
+                             f"{int(self._kv_lens[row])} tokens of KV")
+        whole_pages = len(tokens) // self.page_size
         if whole_pages <= held.cached_pages:
             return
-        if len(tokens) < whole_pages * self.page_size:
-            raise ValueError(f"cache insert got {len(tokens)} tokens for {whole_pages} pages of KV")
         ours = self._page_table[row, :whole_pages].clone()
         node, tree_pages = self.radix.insert(tokens[:whole_pages * self.page_size], ours.tolist(), owner)
         tree = torch.tensor(tree_pages, dtype=torch.int64)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from keel.transfer import to_device
+
 
 class ReqToTokenTable:
     def __init__(self, num_rows: int, width: int, device: torch.device) -> None:
@@ -23,4 +25,5 @@ class ReqToTokenTable:
         if int(positions.min()) < 0 or int(positions.max()) >= self.width:
             raise IndexError(f"request-table write to positions outside [0, {self.width})")
         device = self.slots.device
-        self.slots[rows.to(device), positions.to(device)] = slots.to(device=device, dtype=torch.int32)
+        self.slots[to_device(rows, torch.int64, device), to_device(positions, torch.int64, device)] = \
+            to_device(slots, torch.int32, device)

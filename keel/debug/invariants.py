@@ -57,6 +57,9 @@ def check_idle(scheduler: Scheduler) -> None:
     radix = scheduler.kv.radix
     if radix is not None and radix.locked_pages:
         problems.append(f"{radix.locked_pages} cached pages are still locked")
+    fenced = scheduler.kv.pages.num_fenced + scheduler.kv.rows.num_fenced
+    if fenced:
+        problems.append(f"{fenced} pages and rows are still fenced, though no forward is in flight")
     if problems:
         raise InvariantViolation("idle engine is not clean:\n- " + "\n- ".join(problems))
     check_invariants(scheduler)

@@ -1,5 +1,11 @@
 """EngineCore: the scheduler and the model runner, stepped one batch at a time.
 
+Overlap scheduling (on unless disable_overlap): step() launches batch N+1 before it reads batch
+N's results, so the host's scheduling and bookkeeping run while the device computes. Tokens of N
+that N+1 needs come from the device (Req.pending); pages and rows freed meanwhile are fenced by
+the event of the latest launched forward (OwnedIdAllocator). Penalties count output tokens on
+the host, so a step with penalised requests is read before the next is scheduled.
+
 It takes token ids in and gives token ids out; text (tokenization, detokenization, stop
 strings) belongs to the front end (the offline Engine, or the API server process).
 """
@@ -10,18 +16,15 @@ import itertools
 import random
 from typing import Optional
 
-import torch
-
 from keel.config import EngineConfig
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
+from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
 from keel.models.loader import load_model_config, load_tokenizer
 from keel.models.source import resolve_model
 from keel.runner.model_runner import ModelRunner
-from keel.runner.sampler import SampleOutput
 from keel.sampling_params import SamplingParams
-from keel.scheduler.batch import build_forward_batch, build_sampling_batch, prompt_logprob_rows
 from keel.scheduler.req import FinishReason, Req
 from keel.scheduler.scheduler import ScheduledBatch, Scheduler, TokenAppended
 
@@ -39,6 +42,8 @@ class EngineCore:
         self._rids = itertools.count(1)
         self._live: set[int] = set()  # ids of requests not yet finished
         self._seeds = random.Random(config.seed)
+        self.overlap = not config.disable_overlap
+        self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
 
     @property
     def context_length(self) -> int:
@@ -69,51 +74,71 @@ class EngineCore:
         """Finish a request now, releasing its KV; False if it is unknown or already finished."""
         aborted = rid in self._live and self.scheduler.abort(rid, reason) is not None
         self._live.discard(rid)
+        if self._launched is not None and not self.scheduler.has_work:
+            # every request of the step in flight has finished: wait for it, so the engine is idle now
+            dropped = self._read_launched()
+            assert not dropped, "a finished request got a token"
+            self.kv_cache.set_fence(None)
         self._after_step()
         return aborted
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._launched is not None
 
     def step(self) -> list[CoreOutput]:
-        """Run one scheduled batch; returns what each request got from it (and requests that failed)."""
+        """Schedule and launch one batch; returns what requests got from the steps whose results were read
+        (and requests that failed). With overlap, a step's results are read after the next step is launched,
+        so the device never waits for the host between them."""
+        outputs: list[CoreOutput] = []
+        if self._launched is not None and (not self.overlap or self._launched.needs_host_tokens):
+            outputs += self._read_launched()
         batch = self.scheduler.schedule()
         outputs = [CoreOutput(r.rid, [], None, r.finish_reason, r.num_cached_tokens, r.error)
-                   for r in self.scheduler.failed]
+                   for r in self.scheduler.failed] + outputs
         self.scheduler.failed.clear()
+        previous, self._launched = self._launched, None
         if batch is not None:
-            logits = self.runner.forward(build_forward_batch(batch, self.runner.device))
-            num_sampled = len(batch.sampled)
-            token_ids, logprobs = self._sample(batch, logits[:num_sampled])
-            _score_prompts(batch, logits[num_sampled:])
-            outputs += [self._token_output(appended, token_ids, logprobs)
-                        for appended in self.scheduler.process(batch, token_ids)]
-        elif self.has_work and not outputs:
+            self._launched = self._launch(batch, previous)
+        if previous is not None:
+            outputs += self._read(previous)
+        elif batch is None and self.scheduler.has_work and not outputs:
             raise RuntimeError("the scheduler has requests but could schedule none of them")
+        if self._launched is not None and not self.overlap:
+            outputs += self._read_launched()
+        if self._launched is None:
+            self.kv_cache.set_fence(None)  # nothing in flight: fenced pages and rows are free again
         self._live.difference_update(out.rid for out in outputs if out.finish_reason is not None)
         self._after_step()
         return outputs
 
-    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[int], Optional[list[TokenLogprob]]]:
-        reqs = [p.req for p in batch.sampled]
-        if not reqs:  # only chunks of long prompts ran: nothing to sample
-            return [], None
-        sampled = self.runner.sample(logits, build_sampling_batch(reqs, self.model_config.vocab_size,
-                                                                  self.runner.device))
-        token_ids = sampled.token_ids.tolist()
-        return token_ids, _host_logprobs(sampled, token_ids)
+    def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
+        step = launch_step(self.runner, batch, self.model_config.vocab_size,
+                           previous.pending if previous is not None else None)
+        self.scheduler.launched(batch)
+        if step.done is not None:
+            self.kv_cache.set_fence(step.done)  # what is freed from now on may still be read by this forward
+        return step
+
+    def _read_launched(self) -> list[CoreOutput]:
+        assert self._launched is not None
+        step, self._launched = self._launched, None
+        return self._read(step)
+
+    def _read(self, step: LaunchedStep) -> list[CoreOutput]:
+        results = step.read()
+        return [self._token_output(appended, results) for appended in self.scheduler.process(step.batch,
+                                                                                              results.token_ids)]
 
     @staticmethod
-    def _token_output(appended: TokenAppended, token_ids: list[int],
-                      logprobs: Optional[list[TokenLogprob]]) -> CoreOutput:
+    def _token_output(appended: TokenAppended, results: StepResults) -> CoreOutput:
         req, wanted = appended.req, None
-        if logprobs is not None and req.params.wants_logprobs:
-            lp = logprobs[appended.index]
+        if results.logprobs is not None and req.params.wants_logprobs:
+            lp = results.logprobs[appended.index]
             wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])]
         first = len(req.output_ids) == 1
         prompt_logprobs = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
-        return CoreOutput(req.rid, [token_ids[appended.index]], wanted, appended.finish_reason,
+        return CoreOutput(req.rid, [results.token_ids[appended.index]], wanted, appended.finish_reason,
                           req.num_cached_tokens if first else None, prompt_logprobs=prompt_logprobs)
 
     def _after_step(self) -> None:
@@ -130,33 +155,3 @@ class EngineCore:
         """Evict the whole prefix cache (every page must be free afterwards); returns the pages freed."""
         return self.kv_cache.flush_cache()
 
-
-@torch.inference_mode()
-def _score_prompts(batch: ScheduledBatch, logits: torch.Tensor) -> None:
-    """Append the log-probs of this step's scored prompt positions to their requests."""
-    rows = prompt_logprob_rows(batch)
-    if not rows:
-        return
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = [req.prompt_ids[p + 1] for req, positions in rows for p in positions]
-    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
-    k = max(req.params.prompt_logprobs or 0 for req, _ in rows)
-    top = logprobs.topk(k, dim=-1) if k else None
-    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
-    i = 0
-    for req, positions in rows:
-        n = req.params.prompt_logprobs or 0
-        for _ in positions:
-            alternatives = tuple(zip(top_ids[i][:n], top_values[i][:n])) if top is not None else ()
-            req.prompt_logprobs.append(TokenLogprob(targets[i], chosen[i], alternatives))
-            i += 1
-
-
-def _host_logprobs(sampled: SampleOutput, token_ids: list[int]) -> Optional[list[TokenLogprob]]:
-    if sampled.logprobs is None:
-        return None
-    chosen = sampled.logprobs.tolist()
-    if sampled.top_ids is None or sampled.top_logprobs is None:
-        return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
-    top = [tuple(zip(ids, lps)) for ids, lps in zip(sampled.top_ids.tolist(), sampled.top_logprobs.tolist())]
-    return [TokenLogprob(t, lp, alts) for t, lp, alts in zip(token_ids, chosen, top)]

@@ -4,8 +4,9 @@ One program handles one request, one KV head (all the query heads that share it)
 of that request's keys. `plan_decode_splits` decides, once per forward and on the device, how
 many splits each request gets; the attention kernel and the combine kernel both read that one
 tensor, and the partial-result buffers are sized by MAX_SPLITS, the planner's cap (DESIGN rule
-"one planner"). Planning on the device needs no host copy of the sequence lengths, so the same
-code runs inside a CUDA graph.
+"one planner"). A request planned as one split is finished by the attention kernel itself and
+skipped by the combine kernel (most requests at short contexts or large batches). Planning on
+the device needs no host copy of the sequence lengths, so the same code runs inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
+from keel.kernels.online_softmax import online_softmax_step
+
 MAX_SPLITS = 16  # the partial buffers hold this many splits per (request, head)
 MIN_KEYS_PER_SPLIT = 256  # shorter contexts get fewer splits
 TARGET_PROGRAMS = 264  # enough programs to fill the GPU twice over (132 SMs on an H100/H200)
 BLOCK_N = 64
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def check_head_dim(head_dim: int) -> None:
-    if head_dim & (head_dim - 1) or head_dim < 16:
+    if not supports_head_dim(head_dim):
         raise ValueError(f"the Triton attention kernels need a power-of-two head_dim >= 16, got {head_dim}; "
                          "use --attention-backend torch")
 
@@ -41,9 +48,9 @@ def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Option
 @triton.jit
 def _decode_partial_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, num_splits_ptr,
-        part_out_ptr, part_lse_ptr,
+        part_out_ptr, part_lse_ptr, out_ptr,
         stride_qb, stride_qh, stride_ct, stride_ch, stride_rt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-        scale, window,
+        stride_ob, stride_oh, scale, window,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
         IEEE: tl.constexpr):
     b = tl.program_id(0)
@@ -74,29 +81,18 @@ def _decode_partial_kernel(
         valid = offs < hi
         slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=valid, other=0).to(tl.int64)
         kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(valid[None, :], qk * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, valid, valid[None, :],
+                                            m_i, l_i, acc, scale, IEEE)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = part_out_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :]
-    tl.store(part, out, mask=head_ok[:, None])
-    tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
+    if num_splits == 1:  # the whole answer: stored as is, and the combine kernel skips this request
+        final = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(final, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part = part_out_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :]
+        tl.store(part, out, mask=head_ok[:, None])
+        tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
 
 
 @triton.jit
@@ -106,6 +102,8 @@ def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr,
     b = tl.program_id(0)
     head = tl.program_id(1)
     num_splits = tl.load(num_splits_ptr + b)
+    if num_splits == 1:  # the partial kernel wrote the output itself
+        return
     s = tl.arange(0, MAX_SPLITS_C)
     used = s < num_splits
     lse = tl.load(part_lse_ptr + b * stride_lb + head * stride_lh + s, mask=used, other=float("-inf"))
@@ -139,10 +137,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     ieee = k_cache.dtype == torch.float32
     _decode_partial_kernel[(batch, kv_heads, MAX_SPLITS)](
-        q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse,
+        q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
-        partial_lse.stride(1), scale, window or 0,
+        partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee)
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),

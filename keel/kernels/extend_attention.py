@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from keel.kernels.decode_attention import check_head_dim
+from keel.kernels.online_softmax import online_softmax_step
+from keel.transfer import to_device
 
 BLOCK_M = 32
 BLOCK_N = 32
@@ -41,11 +43,10 @@ def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device) -> Ex
             block_start.append(start)
         offset += length
 
-    def to_device(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+    def column(values: list[int]) -> torch.Tensor:
+        return to_device(values, torch.int32, device)
 
-    return ExtendBlocks(to_device(block_req), to_device(block_start), to_device(q_starts),
-                        to_device(list(extend_lens)))
+    return ExtendBlocks(column(block_req), column(block_start), column(q_starts), column(list(extend_lens)))
 
 
 @triton.jit
@@ -85,26 +86,11 @@ def _extend_kernel(
         k_ok = offs < hi
         slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=k_ok, other=0).to(tl.int64)
         kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=k_ok[:, None], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
         visible = k_ok[None, :] & (offs[None, :] <= q_pos[:, None])
         if window > 0:
             visible = visible & (offs[None, :] > q_pos[:, None] - window)
-        qk = tl.where(visible, qk * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=k_ok[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, k_ok, visible,
+                                            m_i, l_i, acc, scale, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (first_token + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])

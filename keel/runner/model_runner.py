@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from keel.attention import create_backend
+from keel.attention import choose_backend, create_backend
 from keel.attention.base import AttentionContext
 from keel.cache.kv_cache import KVCacheManager
 from keel.cache.kv_pool import KVPool
@@ -39,7 +39,7 @@ class ModelRunner:
                              f"max_position_embeddings={model_config.max_position_embeddings}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.attention_backend = config.attention_backend
+        self.attention_backend = choose_backend(config.attention_backend, self.device, model_config.head_dim)
         start = time.perf_counter()
         self.model = load_model(source, model_config, dtype=self.dtype, device=self.device,
                                 max_positions=self.context_length, load_format=config.load_format,

@@ -2,45 +2,79 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.sampler import PenaltyInputs, SamplingBatch
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
+from keel.transfer import to_device
 
 
-def build_forward_batch(batch: ScheduledBatch, device: torch.device) -> ForwardBatch:
+@dataclass(frozen=True)
+class PendingTokens:
+    """The sampled ids of a launched step the host has not read yet: still on the device."""
+
+    token_ids: torch.Tensor  # [number of sampled parts] int64, on the device
+    rows: dict[int, int]  # request id -> its row in token_ids
+
+
+def build_forward_batch(batch: ScheduledBatch, device: torch.device,
+                        pending: Optional[PendingTokens] = None) -> ForwardBatch:
     """Logits rows: first one per sampled part (in order), then one per prompt position owed a prompt log-prob
-    (in the order of `prompt_logprob_rows`)."""
+    (in the order of `prompt_logprob_rows`). A request whose last token is still pending (overlap scheduling)
+    gets it from `pending` on the device, with no host round trip."""
     input_ids: list[int] = []
     positions: list[int] = []
     sampled_rows: list[int] = []
     prompt_rows: list[int] = []
+    fill_rows: list[int] = []  # input positions whose id comes from `pending`
+    fill_from: list[int] = []
     for part in batch.parts:
         start = part.seq_len - part.extend_len
         first_index = len(input_ids)
-        input_ids += part.req.token_ids(start, part.seq_len)
+        known_end = min(part.seq_len, part.req.known_len)
+        input_ids += part.req.token_ids(start, known_end)
+        if known_end < part.seq_len:
+            fill_rows.append(len(input_ids))
+            fill_from.append(_pending_row(part, known_end, pending))
+            input_ids.append(0)
         positions += range(start, part.seq_len)
         if part.samples:  # logits only where a token is sampled: not for a chunk mid-prompt
             sampled_rows.append(len(input_ids) - 1)
         prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
-    def to_device(values: object) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+    def column(values: object) -> torch.Tensor:
+        return to_device(values, torch.int64, device)
 
+    input_ids_t = column(input_ids)
+    if fill_rows:
+        assert pending is not None  # _pending_row checked it
+        input_ids_t[column(fill_rows)] = pending.token_ids[column(fill_from)]
     return ForwardBatch(
         mode=batch.mode,
         device=device,
         seq_lens_cpu=tuple(p.seq_len for p in batch.parts),
         extend_lens_cpu=tuple(p.extend_len for p in batch.parts),
-        input_ids=to_device(input_ids),
-        positions=to_device(positions),
-        req_rows=to_device([p.row for p in batch.parts]),
-        seq_lens=to_device([p.seq_len for p in batch.parts]),
-        out_cache_loc=to_device(torch.cat([p.slots for p in batch.parts])),
-        logits_indices=to_device(sampled_rows + prompt_rows),
+        input_ids=input_ids_t,
+        positions=column(positions),
+        req_rows=column([p.row for p in batch.parts]),
+        seq_lens=column([p.seq_len for p in batch.parts]),
+        out_cache_loc=column(torch.cat([p.slots for p in batch.parts])),
+        logits_indices=column(sampled_rows + prompt_rows),
     )
+
+
+def _pending_row(part: BatchPart, known_end: int, pending: Optional[PendingTokens]) -> int:
+    """The row in `pending` of the one token `part` needs that the host does not know yet."""
+    rid = part.req.rid
+    if known_end != part.seq_len - 1 or pending is None or rid not in pending.rows:
+        raise ValueError(f"request {rid} needs tokens [{known_end}, {part.seq_len}) that are neither known on "
+                         "the host nor pending from the step in flight")
+    return pending.rows[rid]
 
 
 def prompt_logprob_rows(batch: ScheduledBatch) -> list[tuple[Req, range]]:
@@ -54,15 +88,11 @@ def _owed_positions(part: BatchPart) -> range:
     return range(start, max(start, min(owed.stop, part.seq_len)))
 
 
-def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
 def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatch:
     params = [r.params for r in reqs]
 
     def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return _column(values, dtype, device)
+        return to_device(values, dtype, device)
 
     greedy = [p.is_greedy for p in params]
     return SamplingBatch(
@@ -72,7 +102,7 @@ def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device)
         top_ps=column([p.top_p for p in params], torch.float32),
         min_ps=column([p.min_p for p in params], torch.float32),
         seeds=column([r.seed % 2**63 for r in reqs], torch.int64),
-        steps=column([len(r.output_ids) for r in reqs], torch.int64),
+        steps=column([r.num_generated for r in reqs], torch.int64),
         penalties=_penalty_inputs(reqs, vocab_size, device) if any(p.has_penalties for p in params) else None,
         all_greedy=all(greedy),
         needs_filter=any(p.top_k is not None or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
@@ -89,15 +119,18 @@ def _penalty_inputs(reqs: list[Req], vocab_size: int, device: torch.device) -> P
     for i, req in enumerate(reqs):
         if not req.params.has_penalties:
             continue
+        if req.pending:
+            raise ValueError(f"request {req.rid} uses penalties, which need every output id on the host, "
+                             "but has a pending token")
         output = torch.tensor(req.output_ids, dtype=torch.int64)
         counts[i].index_add_(0, output, torch.ones(len(output)))
         seen[i, output] = True
         seen[i, torch.tensor(req.prompt_ids, dtype=torch.int64)] = True
     p = [r.params for r in reqs]
     return PenaltyInputs(
-        repetition=_column([x.repetition_penalty for x in p], torch.float32, device),
-        frequency=_column([x.frequency_penalty for x in p], torch.float32, device),
-        presence=_column([x.presence_penalty for x in p], torch.float32, device),
-        output_counts=counts.to(device),
-        seen=seen.to(device),
+        repetition=to_device([x.repetition_penalty for x in p], torch.float32, device),
+        frequency=to_device([x.frequency_penalty for x in p], torch.float32, device),
+        presence=to_device([x.presence_penalty for x in p], torch.float32, device),
+        output_counts=to_device(counts, torch.float32, device),
+        seen=to_device(seen, torch.bool, device),
     )

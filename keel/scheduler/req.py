@@ -29,9 +29,22 @@ class Req:
     error: Optional[str] = None  # why the engine gave up on it, when it did
     num_cached_tokens: Optional[int] = None  # prompt tokens served by the prefix cache at first admission
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.. (when asked)
+    # Tokens sampled by a forward whose results the host has not read yet (overlap scheduling): they count
+    # in seq_len, so the next step can be built around them, but their ids exist only on the device.
+    pending: int = 0
 
     @property
     def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens so far, the pending ones included."""
+        return len(self.output_ids) + self.pending
+
+    @property
+    def known_len(self) -> int:
+        """Tokens whose ids the host knows: the prompt and the output read back so far."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
@@ -43,6 +56,9 @@ class Req:
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
+        if end > self.known_len:
+            raise ValueError(f"request {self.rid}: tokens up to {end} asked for, only {self.known_len} are known "
+                             "on the host (the rest are still on the device)")
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
@@ -51,7 +67,10 @@ class Req:
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
     def append_token(self, token_id: int) -> Optional[FinishReason]:
-        """Record a sampled token; returns why the request is now finished, if it is."""
+        """Record the oldest pending token now read back; returns why the request is now finished, if it is."""
+        if self.pending < 1:
+            raise ValueError(f"request {self.rid}: a token arrived that no launched forward owed it")
+        self.pending -= 1
         self.output_ids.append(token_id)
         if token_id in self.stop_token_ids:
             return "stop"

@@ -11,6 +11,11 @@ prefix cache, requests are retracted (fewest generated tokens first) to the fron
 queue, their KV released once, and later re-prefilled from prompt + output so far, which
 continues exactly where they stopped.
 
+With overlap scheduling the next step is scheduled before the last one's tokens are read: a
+sampled request carries a pending token (counted in its length, its id still on the device), a
+request whose pending token is its last is not decoded again, and one retracted with a pending
+token is re-admitted only once that token is known.
+
 A request is always in exactly one place: `waiting`, `chunked` (mid-prefill), `running`
 (prefilled or prefilling this step, then decoding), or finished; so abort() finds it anywhere.
 """
@@ -47,11 +52,7 @@ class BatchPart:
     extend_len: int  # tokens it adds this step
     seq_len: int  # its KV length after this step
     slots: torch.Tensor  # host int64 [extend_len], where the new tokens' K/V go
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step ends the request's prefill (or decodes it), so a token is sampled for it."""
-        return self.seq_len == self.req.seq_len
+    samples: bool  # this step ends the request's prefill (or decodes it), so a token is sampled for it
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class Scheduler:
             if slots is not None:
                 break
             if len(ready) == 1 and self.chunked is None:
+                if len(self.running) > 1:
+                    return []  # the others are at their last (pending) token: their KV comes back soon
                 self._fail(ready[0], f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
                                      f"{ready[0].seq_len} tokens")
                 return []
@@ -130,11 +133,13 @@ class Scheduler:
         if not ready:
             return []
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        return [BatchPart(r, self.kv.row(r.rid), 1, r.seq_len, slots[i:i + 1]) for i, r in enumerate(ready)]
+        return [BatchPart(r, self.kv.row(r.rid), 1, r.seq_len, slots[i:i + 1], True) for i, r in enumerate(ready)]
 
     def _decodable(self) -> list[Req]:
-        """Running requests whose KV is one token behind (not still waiting for their first sampled token)."""
-        return [r for r in self.running if self.kv.kv_len(r.rid) == r.seq_len - 1]
+        """Running requests whose KV is one token behind and that still owe tokens (a request whose last token
+        is pending is not decoded again)."""
+        return [r for r in self.running
+                if self.kv.kv_len(r.rid) == r.seq_len - 1 and r.num_generated < r.params.max_new_tokens]
 
     def _prefill_parts(self) -> list[BatchPart]:
         budget = self.config.max_prefill_tokens
@@ -170,10 +175,13 @@ class Scheduler:
         return self.config.chunked_prefill_size is not None
 
     def _admission_order(self) -> list[Req]:
+        """Waiting requests to try, in policy order; one retracted while its last token was still pending
+        waits until that token is known (its prefill needs every id)."""
+        ready = [r for r in self.waiting if not r.pending]
         if self.config.schedule_policy == "lpm":  # longest cached prefix first; ties keep arrival order
-            cached = {r.rid: len(self.kv.match_prefix(self._prefix_probe(r)).pages) for r in self.waiting}
-            return sorted(self.waiting, key=lambda r: -cached[r.rid])
-        return list(self.waiting)
+            cached = {r.rid: len(self.kv.match_prefix(self._prefix_probe(r)).pages) for r in ready}
+            return sorted(ready, key=lambda r: -cached[r.rid])
+        return ready
 
     def _admit(self, req: Req, budget: int) -> Optional[BatchPart]:
         """Give `req` its row, cached prefix and the pages of this step's tokens; None (nothing held) if it
@@ -213,7 +221,7 @@ class Scheduler:
 
     def _expected_tokens(self, req: Req) -> float:
         """KV tokens `req` is still expected to add: the rest of its prefill, and a share of its output."""
-        remaining_output = req.params.max_new_tokens - len(req.output_ids)
+        remaining_output = req.params.max_new_tokens - req.num_generated
         return req.seq_len - self.kv.kv_len(req.rid) + self.new_token_ratio * remaining_output
 
     def _holding_kv(self) -> list[Req]:
@@ -230,14 +238,14 @@ class Scheduler:
         slots = self.kv.grow([req.rid], [end])
         if slots is None:
             return None
-        return BatchPart(req, self.kv.row(req.rid), end - start, end, slots)
+        return BatchPart(req, self.kv.row(req.rid), end - start, end, slots, end == req.seq_len)
 
     # ---- retraction and failure -----------------------------------------------------------------
 
     @staticmethod
     def _retraction_victim(candidates: list[Req]) -> Req:
         """Fewest generated tokens first (least work lost); of those, the longest prompt (most pages back)."""
-        return min(candidates, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
+        return min(candidates, key=lambda r: (r.num_generated, -len(r.prompt_ids)))
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
@@ -247,7 +255,7 @@ class Scheduler:
         left = self.running
         max_new = sum(r.params.max_new_tokens for r in left)
         if max_new:
-            decoded = sum(len(r.output_ids) for r in left) + RETRACT_LOOKAHEAD_STEPS * len(left)
+            decoded = sum(r.num_generated for r in left) + RETRACT_LOOKAHEAD_STEPS * len(left)
             self.new_token_ratio = min(1.0, max(self.new_token_ratio, decoded / max_new))
 
     def _fail(self, req: Req, error: str) -> None:
@@ -256,9 +264,15 @@ class Scheduler:
 
     # ---- results, abort, finish ---------------------------------------------------------------------
 
+    def launched(self, batch: ScheduledBatch) -> None:
+        """`batch`'s forward is on its way: each sampled request now has one more (pending) token, so the
+        next step can be scheduled before the host reads it (overlap scheduling)."""
+        for part in batch.sampled:
+            part.req.pending += 1
+
     def process(self, batch: ScheduledBatch, token_ids: list[int]) -> list[TokenAppended]:
-        """Apply one step's results: chunks go into the prefix cache, sampled tokens are appended, finished
-        requests release their KV. `token_ids` has one entry per sampled part."""
+        """Apply a launched step's results: chunks go into the prefix cache, sampled tokens replace the pending
+        ones, finished requests release their KV. `token_ids` has one entry per sampled part."""
         appended = []
         for part in batch.parts:
             if part.req.status == ReqStatus.FINISHED:  # aborted while its forward ran

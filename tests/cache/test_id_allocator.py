@@ -89,3 +89,58 @@ def test_page_allocator_page_math():
     pages = PageAllocator(num_pages=4, page_size=16)
     assert pages.capacity == 4
     assert pages.pages_for(torch.tensor([0, 1, 16, 17, 32])).tolist() == [0, 1, 1, 2, 2]
+
+
+class FakeEvent:
+    """A device event the test fires by hand."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.fired
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.fired = True
+
+
+def free_under_fence(alloc: OwnedIdAllocator, ids: torch.Tensor, owner: int, fired: bool = False) -> FakeEvent:
+    """Free `ids` while a forward (the returned event) may still read them."""
+    event = FakeEvent()
+    event.fired = fired
+    alloc.fence = event
+    alloc.free(ids, owner)
+    return event
+
+
+def test_ids_freed_under_a_fence_are_not_reused_until_it_fires():
+    alloc = OwnedIdAllocator(5, "page")
+    first = alloc.alloc(owners(1, 2))
+    alloc.alloc(owners(2, 2))
+    event = free_under_fence(alloc, first, 1)
+    assert alloc.num_free == 2 and alloc.num_fenced == 2  # available, but not on the free list yet
+    alloc.check_consistent()
+    with pytest.raises(KVAccountingError, match="double free.*waiting for a forward"):
+        alloc.free(first, 1)
+    event.fired = True
+    again = alloc.alloc(owners(3, 1))  # the forward finished: reclaimed without waiting
+    assert not event.waited and again.tolist()[0] in first.tolist() and alloc.num_fenced == 0
+    alloc.check_consistent()
+
+
+def test_alloc_that_needs_fenced_ids_waits_for_their_forward():
+    alloc = OwnedIdAllocator(3, "row")
+    event = free_under_fence(alloc, alloc.alloc(owners(1, 2)), 1)
+    assert alloc.alloc(owners(2, 3)) is None  # more than free + fenced: nothing taken, nothing waited for
+    assert not event.waited
+    assert sorted(alloc.alloc(owners(2, 2)).tolist()) == [1, 2]
+    assert event.waited  # the ids came back only after their forward had finished
+    alloc.check_consistent()
+
+
+def test_free_after_the_fence_fired_is_immediate():
+    alloc = OwnedIdAllocator(3, "page")
+    free_under_fence(alloc, alloc.alloc(owners(1, 1)), 1, fired=True)
+    assert alloc.num_fenced == 0 and alloc.num_free == 2

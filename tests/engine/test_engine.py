@@ -198,9 +198,12 @@ def test_max_prefill_tokens_splits_admission(tiny_model, make_engine):
     prompts = random_prompts([10, 10, 10], seed=9)
     params = keel.SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
     engine = make_engine(directory, max_prefill_tokens=15)
+    batches = []
+    forward = engine.core.runner.forward
+    engine.core.runner.forward = lambda batch: (batches.append(batch), forward(batch))[1]
     for p in prompts:
         engine.core.add_request(p, params)
-    first = engine.core.step()
-    assert len(first) == 1  # 10 + 10 > 15: the second prompt waits for the next step
+    engine.core.step()
+    assert batches[0].extend_lens_cpu == (10, 5)  # 10 + 10 > 15: the second prompt's first 5 tokens, a chunk
     while engine.core.has_work:
         engine.core.step()

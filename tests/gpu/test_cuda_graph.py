@@ -46,13 +46,14 @@ def solo_cuda(tiny_model):
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_random_workload_with_triton_and_cuda_graphs(seed, tiny_model, solo_cuda, monkeypatch):
+def test_random_workload_with_triton_cuda_graphs_and_overlap(seed, tiny_model, solo_cuda, monkeypatch):
     workload = make_workload(seed)
     monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
     directory, _ = tiny_model("llama3")
+    options = {**workload.options, "disable_overlap": False}
     engine = keel.Engine(str(directory), device="cuda", dtype="float32", attention_backend="triton",
-                         cuda_graph_max_bs=workload.options["max_running_requests"], **workload.options)
-    assert engine.core.runner.cuda_graph is not None
+                         cuda_graph_max_bs=options["max_running_requests"], **options)
+    assert engine.core.runner.cuda_graph is not None and engine.core.overlap
     outputs, aborted = run_workload(engine.core, workload)
     for i, req in enumerate(workload.requests):
         if i not in aborted:

@@ -6,7 +6,7 @@ import pytest
 
 import keel
 from keel.runner.forward_batch import ForwardMode
-from keel.scheduler.req import ReqStatus
+from keel.scheduler.req import Req, ReqStatus
 from tests.helpers import assert_same_greedy, random_prompts
 
 GREEDY = keel.SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, top_logprobs=2)
@@ -91,10 +91,10 @@ def test_mixed_chunk_batches_decode_and_prefill_together(tiny_model, make_engine
     core = make_engine(directory, page_size=4, chunked_prefill_size=8, enable_mixed_chunk=True).core
     batches = record_batches(core)
     rids = [core.add_request(prompts[0], params)]
-    first = core.step()
+    first = core.step()  # with overlap, its token is read by a later step
     rids += [core.add_request(p, params) for p in prompts[1:]]
     tokens = run_to_end(core)
-    tokens[rids[0]] = first[0].token_ids + tokens[rids[0]]
+    tokens[rids[0]] = [t for out in first for t in out.token_ids] + tokens[rids[0]]
     assert [tokens[r] for r in rids] == [o.token_ids for o in plain]
     assert any(b.mode == ForwardMode.MIXED for b in batches)
 
@@ -264,3 +264,14 @@ def test_abort_of_a_retracted_request(tiny_model, make_engine, monkeypatch):
     collect(core, outputs)
     (other,) = set(rids) - {victim}
     assert victim not in outputs and outputs[other].finish_reason == "length"
+
+
+def test_pending_tokens_count_in_length_but_are_not_readable():
+    req = Req(1, [5, 6, 7], GREEDY, seed=0, stop_token_ids=frozenset([9]))
+    req.pending = 1
+    assert req.seq_len == 4 and req.known_len == 3 and req.num_generated == 1
+    with pytest.raises(ValueError, match="still on the device"):
+        req.token_ids(0, 4)
+    assert req.append_token(9) == "stop" and req.pending == 0 and req.output_ids == [9]
+    with pytest.raises(ValueError, match="no launched forward owed it"):
+        req.append_token(3)

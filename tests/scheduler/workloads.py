@@ -63,5 +63,6 @@ def make_workload(seed: int) -> Workload:
         enable_mixed_chunk=rng.random() < 0.3 and chunk is not None,
         schedule_policy=rng.choice(["fcfs", "lpm"]),
         disable_radix_cache=rng.random() < 0.2,
+        disable_overlap=rng.random() < 0.25,
     )
     return Workload(seed, options, rng.choice([0, 0, 2, 3, 5]), requests)

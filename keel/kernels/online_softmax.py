@@ -1,0 +1,40 @@
+"""One step of the online (streaming) softmax that both Triton attention kernels run per key block.
+
+Decode and extend attention differ only in which (query, key) pairs are visible and in how they find
+their keys; the update of the running max, running sum and accumulator is this one function.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_step(q, k_ptrs, v_ptrs, key_ok, visible, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """Fold one block of keys into the running state and return the new (m_i, l_i, acc), all float32.
+
+    q: [rows, head_dim]; k_ptrs / v_ptrs: [keys, head_dim] addresses of the block's K and V; key_ok: [keys],
+    which keys exist (the others load as zeros); visible: [rows, keys], which scores count (the others are
+    -inf). m_i / l_i: [rows] running max and sum of exp; acc: [rows, head_dim] running sum of p @ v. A row that
+    has seen no visible key keeps m_i == -inf, l_i == 0 and acc == 0 (its exponentials are taken against 0).
+    IEEE: float32 caches, dot products in full float32 precision rather than TF32.
+    """
+    k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = tl.where(visible, qk * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    # the loop-carried state stays float32 whatever the cache dtype (a no-op cast where it already is)
+    return m_new.to(tl.float32), l_i.to(tl.float32), acc.to(tl.float32)
