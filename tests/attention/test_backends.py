@@ -138,11 +138,12 @@ def test_triton_decode_with_many_splits(min_keys, monkeypatch):
 
 
 def test_decode_planner_is_one_decision_per_request():
-    from keel.kernels.decode_attention import MAX_SPLITS, plan_decode_splits
+    from keel.kernels.decode_attention import MAX_SPLITS, MIN_KEYS_PER_SPLIT, plan_decode_splits
 
-    seq_lens = torch.tensor([1, 256, 257, 5000, 100000])
+    m = MIN_KEYS_PER_SPLIT
+    seq_lens = torch.tensor([1, m, m + 1, MAX_SPLITS * m + 1, 100000])
     splits = plan_decode_splits(seq_lens, num_kv_heads=1, window=None)
-    assert splits.tolist() == [1, 1, 2, 16, 16] and splits.max() <= MAX_SPLITS
-    assert plan_decode_splits(seq_lens, 1, window=300).tolist() == [1, 1, 2, 2, 2]
+    assert splits.tolist() == [1, 1, 2, MAX_SPLITS, MAX_SPLITS] and splits.max() <= MAX_SPLITS
+    assert plan_decode_splits(seq_lens, 1, window=3 * m + 1).tolist() == [1, 1, 2, 4, 4]
     # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it
     assert plan_decode_splits(torch.full((256,), 100000), 8, None).max() == 1
