@@ -60,6 +60,19 @@ def weight_bytes_read_per_step(model: nn.Module) -> int:
     return total
 
 
+def hf_model_like(engine) -> nn.Module:
+    """A transformers model of the engine's architecture, dtype and device, with random weights: the
+    `--compare hf` baseline on the same work."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from keel.models.source import resolve_model
+
+    runner = engine.core.runner
+    config = AutoConfig.from_pretrained(resolve_model(engine.config.model).path)
+    with torch.device(runner.device):
+        return AutoModelForCausalLM.from_config(config, dtype=runner.dtype).eval()
+
+
 def append_result(path: str, record: dict) -> None:
     with Path(path).open("a") as f:
         f.write(json.dumps(record) + "\n")

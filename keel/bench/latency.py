@@ -17,8 +17,8 @@ import time
 import torch
 
 import keel
-from keel.bench.common import (append_result, environment, measure_hbm_bandwidth, sync,
-                               weight_bytes_read_per_step)
+from keel.bench.common import (append_result, environment, hf_model_like, measure_hbm_bandwidth, median_time,
+                               sync, weight_bytes_read_per_step)
 from keel.cache.kv_pool import KVPool
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.scheduler.batch import build_forward_batch, build_sampling_batch
@@ -135,29 +135,16 @@ def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, ou
 
 def time_hf(engine: keel.Engine, input_len: int, output_len: int, hbm: float, step_bytes: float) -> dict:
     """transformers' generate with a static cache, batch 1, on a model of the same shape (random weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from keel.models.source import resolve_model
-
-    device, dtype = engine.core.runner.device, engine.core.runner.dtype
-    config = AutoConfig.from_pretrained(resolve_model(engine.config.model).path)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    ids = torch.randint(0, config.vocab_size, (1, input_len), device=device)
+    device = engine.core.runner.device
+    model = hf_model_like(engine)
+    ids = torch.randint(0, model.config.vocab_size, (1, input_len), device=device)
 
     def generate(new_tokens: int) -> None:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
 
     def timed(new_tokens: int) -> float:
-        times = []
-        for _ in range(3):
-            sync(device)
-            start = time.perf_counter()
-            generate(new_tokens)
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_time(lambda: generate(new_tokens), device, repeats=3, warmup=0)
 
     generate(4)  # warm up
     prefill = timed(1)

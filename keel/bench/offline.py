@@ -6,10 +6,8 @@ import argparse
 import random
 import time
 
-import torch
-
 import keel
-from keel.bench.common import append_result, environment, sync
+from keel.bench.common import append_result, environment, hf_model_like, sync
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
 
 
@@ -63,14 +61,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def time_hf(engine: keel.Engine, prompts: list[list[int]], output_len: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from keel.models.source import resolve_model
+    from transformers import GenerationConfig
 
     runner = engine.core.runner
-    config = AutoConfig.from_pretrained(resolve_model(engine.config.model).path)
-    with torch.device(runner.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=runner.dtype).eval()
+    model = hf_model_like(engine)
     generation = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate_batch(prompts[:4], generation_config=generation)  # warm up
     sync(runner.device)
