@@ -9,12 +9,15 @@ so an idle or empty forward cannot see the previous forward's metadata.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import torch
 
 from keel.cache.kv_pool import KVPool
 from keel.runner.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from keel.models.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -29,15 +32,25 @@ class AttentionLayer:
     sliding_window: Optional[int]  # None: full causal attention
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """The rotary embedding this forward's q and k still need. The backend applies it, fused with
+    its KV store where it can (Triton: one kernel rotates q and k and stores k and v)."""
+
+    rotary: RotaryEmbedding
+    positions: torch.Tensor
+
+
 class AttentionBackend(Protocol):
     def build_metadata(self, batch: ForwardBatch) -> Any:
         """Everything the kernels need for this batch; computed once, read by every layer."""
         ...
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_pool: KVPool, metadata: Any) -> torch.Tensor:
-        """Store this forward's k/v in the pool, then attend. q: [tokens, heads, head_dim],
-        k/v: [tokens, kv_heads, head_dim]; returns [tokens, heads * head_dim]."""
+                kv_pool: KVPool, metadata: Any, rotation: Optional[Rotation]) -> torch.Tensor:
+        """Rotate q and k (when `rotation` is given), store this forward's k/v in the pool, then
+        attend. q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim]; returns
+        [tokens, heads * head_dim]. q and k may be changed in place."""
         ...
 
 
@@ -49,5 +62,6 @@ class AttentionContext:
     metadata: Any
     kv_pool: KVPool
 
-    def attend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.backend.forward(layer, q, k, v, self.kv_pool, self.metadata)
+    def attend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rotation: Optional[Rotation] = None) -> torch.Tensor:
+        return self.backend.forward(layer, q, k, v, self.kv_pool, self.metadata, rotation)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from keel.attention.base import AttentionLayer
+from keel.attention.base import AttentionLayer, Rotation
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
 from keel.runner.forward_batch import ForwardBatch, HostInts
@@ -50,7 +50,9 @@ class TorchNativeBackend:
                                    batch.extend_lens_cpu, masks)
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_pool: KVPool, metadata: TorchNativeMetadata) -> torch.Tensor:
+                kv_pool: KVPool, metadata: TorchNativeMetadata, rotation: Optional[Rotation]) -> torch.Tensor:
+        if rotation is not None:
+            q, k = rotation.rotary(rotation.positions, q, k)
         kv_pool.write(layer.layer_id, metadata.out_cache_loc, k, v)
         out = q.new_empty(q.shape[0], layer.num_heads * layer.head_dim)
         k_cache, v_cache = kv_pool.layer(layer.layer_id)

@@ -12,12 +12,13 @@ from typing import Optional, Union
 
 import torch
 
-from keel.attention.base import AttentionLayer
+from keel.attention.base import AttentionLayer, Rotation
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
 from keel.kernels.decode_attention import MAX_SPLITS, decode_attention, plan_decode_splits
 from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
 from keel.kernels.kv_store import store_kv
+from keel.kernels.rotary import rotate_and_store
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
 
 Window = Optional[int]
@@ -64,9 +65,13 @@ class TritonBackend:
                                     plan_extend_blocks(batch.extend_lens_cpu, batch.device))
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_pool: KVPool, metadata: TritonMetadata) -> torch.Tensor:
+                kv_pool: KVPool, metadata: TritonMetadata, rotation: Optional[Rotation]) -> torch.Tensor:
         k_cache, v_cache = kv_pool.layer(layer.layer_id)
-        store_kv(k_cache, v_cache, metadata.out_cache_loc, k, v)
+        if rotation is None:
+            store_kv(k_cache, v_cache, metadata.out_cache_loc, k, v)
+        else:
+            rotate_and_store(q, k, v, rotation.positions, rotation.rotary.cos, rotation.rotary.sin, k_cache, v_cache,
+                             metadata.out_cache_loc)
         table = self.req_table.slots
         if isinstance(metadata, TritonDecodeMetadata):
             out = decode_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,

@@ -1,4 +1,8 @@
-"""Rotary embedding of q and k in place (rotate-half layout), one token per program, in float32."""
+"""Rotary embedding (rotate-half layout) fused with the KV store: one token per program, in float32.
+
+q is rotated in place; k is rotated on its way into the KV cache and v copied there, so a layer
+spends one launch on what was a rotary launch and a store launch (~1 us each at batch 1).
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,48 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(base, stride_h, heads, cos, sin, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
+def _rotate_heads(src, src_stride_h, dst, dst_stride_h, heads, cos, sin, HALF: tl.constexpr,
+                  HEADS_PAD: tl.constexpr):
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HALF)[None, :]
     mask = h < heads
-    first = base + h * stride_h + d
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+    x1 = tl.load(src + h * src_stride_h + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + h * src_stride_h + d + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + h * dst_stride_h + d, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + h * dst_stride_h + d + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_c, num_q_heads, num_k_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
+def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, loc_ptr, positions_ptr, cos_ptr, sin_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
+                         stride_c, num_q_heads, num_kv_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
+    slot = tl.load(loc_ptr + token).to(tl.int64)
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_c + d)[None, :]
     sin = tl.load(sin_ptr + pos * stride_c + d)[None, :]
-    _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, HALF, HEADS_PAD)
-    _rotate_heads(k_ptr + token * stride_kt, stride_kh, num_k_heads, cos, sin, HALF, HEADS_PAD)
+    q = q_ptr + token * stride_qt
+    _rotate_heads(q, stride_qh, q, stride_qh, num_q_heads, cos, sin, HALF, HEADS_PAD)
+    _rotate_heads(k_ptr + token * stride_kt, stride_kh, k_cache_ptr + slot * stride_ct, stride_ch, num_kv_heads,
+                  cos, sin, HALF, HEADS_PAD)
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    dv = tl.arange(0, 2 * HALF)[None, :]
+    v = tl.load(v_ptr + token * stride_vt + h * stride_vh + dv, mask=h < num_kv_heads)
+    tl.store(v_cache_ptr + slot * stride_ct + h * stride_ch + dv, v.to(v_cache_ptr.dtype.element_ty),
+             mask=h < num_kv_heads)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> None:
-    """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place; cos/sin: [positions, dim] float32."""
+def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor) -> None:
+    """Rotate q [tokens, heads, dim] in place; write rotated k and v ([tokens, kv_heads, dim]) into
+    the caches ([slots, kv_heads, dim]) at slots `loc`. cos/sin: [positions, dim] float32."""
     tokens, heads, dim = q.shape
-    if tokens:
-        _rotary_kernel[(tokens,)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                  cos.stride(0), heads, k.shape[1], HALF=dim // 2,
-                                  HEADS_PAD=triton.next_power_of_2(max(heads, k.shape[1])))
+    kv_heads = k.shape[1]
+    if tokens == 0:
+        return
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+    _rotary_store_kernel[(tokens,)](q, k, v, k_cache, v_cache, loc, positions, cos, sin, q.stride(0), q.stride(1),
+                                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
+                                    k_cache.stride(1), cos.stride(0), heads, kv_heads, HALF=dim // 2,
+                                    HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)))

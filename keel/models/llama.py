@@ -12,11 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from keel.attention.base import AttentionContext, AttentionLayer
+from keel.attention.base import AttentionContext, AttentionLayer, Rotation
 from keel.models.config import ModelConfig
-from keel.models.layers.activation import SiluAndMul
 from keel.models.layers.embedding import LMHead, VocabEmbedding
-from keel.models.layers.linear import FusedLinear, Linear
+from keel.models.layers.linear import FusedLinear, GateUpLinear, Linear
 from keel.models.layers.norm import RMSNorm
 from keel.models.layers.rotary import RotaryEmbedding
 
@@ -29,34 +28,36 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, head_dim ** -0.5,
                                     config.sliding_windows[layer_id])
-        self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias,
+                                    fused=fused)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False, fused=fused)
         # Qwen3 normalises each head of q and k before the rotation.
         self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: RMSNorm,
+                ctx: AttentionContext) -> torch.Tensor:
+        """hidden += attention(norm(hidden)), in place."""
+        q, k, v = self.qkv_proj(hidden, norm=norm).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         spec = self.layer
         q = q.reshape(-1, spec.num_heads, spec.head_dim)
         k = k.reshape(-1, spec.num_kv_heads, spec.head_dim)
         v = v.reshape(-1, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(ctx.attend(spec, q, k, v))
+        return self.o_proj(ctx.attend(spec, q, k, v, Rotation(self.rotary, positions)), add_to=hidden)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
-        self.gate_up_proj = FusedLinear(config.hidden_size, (config.intermediate_size,) * 2)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-        self.act = SiluAndMul(fused)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, fused=fused)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, fused=fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """hidden += mlp(norm(hidden)), in place."""
+        return self.down_proj(self.gate_up_proj(hidden, norm=norm), add_to=hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -68,33 +69,28 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.mlp = LlamaMLP(config, fused)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
-                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Updates the residual stream `hidden` in place and returns it. Each norm is applied by the
+        projection that follows it and each residual add by the projection that precedes it, so a
+        one-row step needs no norm or add kernels."""
+        hidden = self.self_attn(positions, hidden, self.input_layernorm, ctx)
+        return self.mlp(hidden, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int, qkv_bias: bool, qk_norm: bool, fused: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions, fused)
+        rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary, qkv_bias, qk_norm, fused) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual: Optional[torch.Tensor] = None
+        hidden = self.embed_tokens(input_ids)  # a new tensor: the layers may update it in place
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, ctx)
-        return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
+            hidden = layer(positions, hidden, ctx)
+        return self.norm(hidden)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -110,12 +106,13 @@ class LlamaForCausalLM(nn.Module):
     qk_norm = False
 
     def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
-        """`fused`: run norms, rotary and the activation as Triton kernels (with the Triton attention backend)."""
+        """`fused`: run norms, the activation and one-row projections as Triton kernels (with the
+        Triton attention backend, which also rotates q and k in its own kernel)."""
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_positions, self.qkv_bias or config.attention_bias, self.qk_norm, fused)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied, fused=fused)
 
     @property
     def attention_layers(self) -> list[AttentionLayer]:

@@ -11,7 +11,7 @@ from keel.runner.forward_batch import ForwardBatch
 from keel.runner.sampler import PenaltyInputs, SamplingBatch
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
-from keel.transfer import to_device
+from keel.transfer import columns_to_device, to_device
 
 
 @dataclass(frozen=True)
@@ -47,24 +47,25 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device,
             sampled_rows.append(len(input_ids) - 1)
         prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
-    def column(values: object) -> torch.Tensor:
-        return to_device(values, torch.int64, device)
-
-    input_ids_t = column(input_ids)
+    slots = torch.cat([p.slots for p in batch.parts])
+    input_ids_t, positions_t, rows_t, seq_lens_t, slots_t, logits_t, fill_rows_t, fill_from_t = columns_to_device(
+        [(values, torch.int64) for values in (input_ids, positions, [p.row for p in batch.parts],
+                                              [p.seq_len for p in batch.parts], slots, sampled_rows + prompt_rows,
+                                              fill_rows, fill_from)], device)
     if fill_rows:
         assert pending is not None  # _pending_row checked it
-        input_ids_t[column(fill_rows)] = pending.token_ids[column(fill_from)]
+        input_ids_t[fill_rows_t] = pending.token_ids[fill_from_t]
     return ForwardBatch(
         mode=batch.mode,
         device=device,
         seq_lens_cpu=tuple(p.seq_len for p in batch.parts),
         extend_lens_cpu=tuple(p.extend_len for p in batch.parts),
         input_ids=input_ids_t,
-        positions=column(positions),
-        req_rows=column([p.row for p in batch.parts]),
-        seq_lens=column([p.seq_len for p in batch.parts]),
-        out_cache_loc=column(torch.cat([p.slots for p in batch.parts])),
-        logits_indices=column(sampled_rows + prompt_rows),
+        positions=positions_t,
+        req_rows=rows_t,
+        seq_lens=seq_lens_t,
+        out_cache_loc=slots_t,
+        logits_indices=logits_t,
     )
 
 
@@ -91,18 +92,18 @@ def _owed_positions(part: BatchPart) -> range:
 def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatch:
     params = [r.params for r in reqs]
 
-    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(values, dtype, device)
-
     greedy = [p.is_greedy for p in params]
+    greedy_t, temperatures, top_ks, top_ps, min_ps, seeds, steps = columns_to_device([
+        (greedy, torch.bool),
+        ([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
+        ([p.top_k or vocab_size for p in params], torch.int64),
+        ([p.top_p for p in params], torch.float32),
+        ([p.min_p for p in params], torch.float32),
+        ([r.seed % 2**63 for r in reqs], torch.int64),
+        ([r.num_generated for r in reqs], torch.int64)], device)
     return SamplingBatch(
-        greedy=column(greedy, torch.bool),
-        temperatures=column([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
-        top_ks=column([p.top_k or vocab_size for p in params], torch.int64),
-        top_ps=column([p.top_p for p in params], torch.float32),
-        min_ps=column([p.min_p for p in params], torch.float32),
-        seeds=column([r.seed % 2**63 for r in reqs], torch.int64),
-        steps=column([r.num_generated for r in reqs], torch.int64),
+        greedy=greedy_t, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps, min_ps=min_ps, seeds=seeds,
+        steps=steps,
         penalties=_penalty_inputs(reqs, vocab_size, device) if any(p.has_penalties for p in params) else None,
         all_greedy=all(greedy),
         needs_filter=any(p.top_k is not None or p.top_p < 1.0 or p.min_p > 0.0 for p in params),

@@ -8,11 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keel.attention.base import AttentionLayer
+from keel.attention.base import AttentionLayer, Rotation
 from keel.attention import create_backend
 from keel.cache.kv_cache import KVCacheManager
 from keel.cache.kv_pool import KVPool
 from keel.cache.radix import PrefixMatch
+from keel.models.config import RopeConfig
+from keel.models.layers.rotary import RotaryEmbedding
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
 from tests.helpers import KERNEL_DEVICE
 
@@ -38,9 +40,11 @@ BACKENDS = ["torch", "triton"]
 
 
 def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode, backend_name="torch", seed=0,
-             device=None, dtype=torch.float32, head_dim=HEAD_DIM):
+             device=None, dtype=torch.float32, head_dim=HEAD_DIM, rotate=False):
     """Random paged K/V and queries through a backend, against dense float32 attention on the same values.
-    float32 must agree to 1e-5; other dtypes to a relative error (norm of the difference) under 1e-2."""
+    float32 must agree to 1e-5; other dtypes to a relative error (norm of the difference) under 1e-2.
+    With `rotate`, the backend also applies a rotary embedding to q and the new keys (the reference
+    rotates them in float32 first)."""
     device = device or (KERNEL_DEVICE if backend_name == "triton" else torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     layer = AttentionLayer(0, heads, kv_heads, head_dim, head_dim ** -0.5, window)
@@ -72,9 +76,17 @@ def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode,
         req_rows=rows_t, seq_lens=torch.tensor(seqs, device=device), out_cache_loc=new_slots,
         logits_indices=torch.zeros(0, dtype=torch.int64, device=device))
     backend = create_backend(backend_name, kv.table, [layer])
-    out = backend.forward(layer, torch.cat(q), torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]),
+    queries, new_keys = torch.cat(q), torch.cat([k[p:] for k, p in zip(keys, prefix_lens)])
+    rotation = None
+    if rotate:
+        rotary = RotaryEmbedding(head_dim, RopeConfig(theta=10000.0), context).to(device)
+        rotation = Rotation(rotary, batch.positions)
+        rotated_q, rotated_keys = rotary(batch.positions, queries.float(), new_keys.float())
+        q = list(rotated_q.to(dtype).split(extend_lens))
+        keys = [torch.cat([k[:p], new.to(dtype)]) for k, p, new in zip(keys, prefix_lens, rotated_keys.split(extend_lens))]
+    out = backend.forward(layer, queries.clone(), new_keys.clone(),
                           torch.cat([v[p:] for v, p in zip(values, prefix_lens)]), pool,
-                          backend.build_metadata(batch))
+                          backend.build_metadata(batch), rotation)
     expected = torch.cat([reference(qi.float(), k.float(), v.float(), p, window, layer.scale)
                           for qi, k, v, p in zip(q, keys, values, prefix_lens)])
     if dtype == torch.float32:
@@ -106,8 +118,14 @@ def test_decode(page_size, heads, kv_heads, window, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_of_decode_and_extend(backend):
-    run_case([12, 0, 7], [1, 9, 1], 4, 8, 2, None, ForwardMode.MIXED, backend)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_mixed_batch_of_decode_and_extend(backend, rotate):
+    run_case([12, 0, 7], [1, 9, 1], 4, 8, 2, None, ForwardMode.MIXED, backend, rotate=rotate)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_with_rotation(backend):
+    run_case([0, 5, 40], [1, 1, 1], 4, 8, 2, None, ForwardMode.DECODE, backend, rotate=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,7 +140,7 @@ def test_empty_batch_gives_empty_output(mode, backend):
     batch = ForwardBatch(mode, device, (), (), empty.input_ids, empty.positions, empty.req_rows, empty.seq_lens,
                          empty.out_cache_loc, empty.logits_indices)
     out = backend.forward(layer, torch.zeros(0, 4, HEAD_DIM, device=device), torch.zeros(0, 2, HEAD_DIM, device=device),
-                          torch.zeros(0, 2, HEAD_DIM, device=device), pool, backend.build_metadata(batch))
+                          torch.zeros(0, 2, HEAD_DIM, device=device), pool, backend.build_metadata(batch), None)
     assert out.shape == (0, 4 * HEAD_DIM)
     assert (pool.k_cache == 0).all()  # nothing was written
 

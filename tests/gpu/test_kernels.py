@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from keel.kernels.gemv import gemv
 from keel.runner.forward_batch import ForwardMode
 from tests.attention.test_backends import run_case
 
@@ -40,3 +41,26 @@ def test_extend_kernel(page_size, group):
 def test_sliding_window(mode):
     prefixes, extends = ([4095, 32767, 99], [1, 1, 1]) if mode == ForwardMode.DECODE else ([0, 30000, 99], [700, 500, 3])
     run_case(prefixes, extends, 16, HEADS, 8, 4096, mode, "triton", device=CUDA, dtype=torch.bfloat16, head_dim=128)
+
+
+# llama-3.1-8b's one-row projections: qkv after the input norm, o_proj added into the residual, gate/up
+# after the post-attention norm with silu, down added into the residual, and the LM head writing float32.
+GEMV_CASES = {"qkv": (6144, 4096, dict(norm=True)), "o_proj": (4096, 4096, dict(residual=True)),
+              "gate_up": (14336, 4096, dict(norm=True, gate_up=True)), "down": (4096, 14336, dict(residual=True)),
+              "lm_head": (128256, 4096, dict(out_dtype=torch.float32))}
+
+
+@pytest.mark.parametrize("case", GEMV_CASES)
+def test_gemv_kernel_at_llama_8b_sizes(case):
+    from tests.kernels.test_gemv import reference
+    n, k, parts = GEMV_CASES[case]
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    x = torch.randn(1, k, device=CUDA, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(2 * n if parts.get("gate_up") else n, k, device=CUDA, generator=g) / k ** 0.5).to(torch.bfloat16)
+    norm_weight = (torch.rand(k, device=CUDA, generator=g) + 0.5).to(torch.bfloat16) if parts.get("norm") else None
+    residual = torch.randn(1, n, device=CUDA, generator=g).to(torch.bfloat16) if parts.get("residual") else None
+    add_to = residual.clone() if residual is not None else None
+    got = gemv(x, weight, None, norm_weight, 1e-5, add_to, parts.get("gate_up", False), parts.get("out_dtype"))
+    want = reference(x, weight, None, norm_weight, residual, parts.get("gate_up", False), eps=1e-5)
+    error = ((got.double() - want).norm() / want.norm()).item()
+    assert error < 1e-2 if got.dtype == torch.bfloat16 else error < 1e-5, error

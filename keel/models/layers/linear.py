@@ -1,22 +1,47 @@
-"""Linear layers. Weights are created empty; the loader fills them."""
+"""Linear layers. Weights are created empty; the loader fills them.
+
+A projection also takes the RMSNorm before it (`norm=`) and can add its result into the residual
+stream in place (`add_to=`). With `fused` and a single row (batch-1 decode) one GEMV kernel does
+all of it (keel.kernels.gemv); otherwise, with `fused`, cuBLAS runs the product and accumulates into the
+stream in its epilogue (an in-place addmm: out of place, torch would first copy the stream, one
+more kernel). Unfused, the product is rounded before the add, exactly as transformers does.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keel.kernels.gemv import gemv, gemv_applies
+from keel.models.layers.activation import SiluAndMul
+from keel.models.layers.norm import RMSNorm
+
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, fused: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.fused = fused
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, norm: Optional[RMSNorm] = None,
+                add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """norm(x) @ weight.T + bias; with `add_to`, added into that tensor in place and returned."""
+        if self.fused and gemv_applies(x, self.weight):
+            return gemv(x, self.weight, self.bias, *_norm_args(norm), add_to=add_to)
+        if norm is not None:
+            x = norm(x)
+        if add_to is None:
+            return F.linear(x, self.weight, self.bias)
+        if not self.fused:  # the reference path: round the product, then add, as transformers does
+            return add_to.add_(F.linear(x, self.weight, self.bias))
+        add_to.addmm_(x, self.weight.t())
+        return add_to if self.bias is None else add_to.add_(self.bias)
 
 
 class FusedLinear(Linear):
@@ -26,8 +51,25 @@ class FusedLinear(Linear):
     can copy part i into rows [sum(sizes[:i]), sum(sizes[:i+1])).
     """
 
-    def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes), bias)
+    def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool = False, fused: bool = False) -> None:
+        super().__init__(in_features, sum(out_sizes), bias, fused)
         self.out_sizes = out_sizes
         for param in self.parameters():
             param.shard_sizes = out_sizes
+
+
+class GateUpLinear(FusedLinear):
+    """The [gate; up] projection of a gated MLP, returning silu(gate) * up."""
+
+    def __init__(self, in_features: int, intermediate_size: int, fused: bool = False) -> None:
+        super().__init__(in_features, (intermediate_size, intermediate_size), fused=fused)
+        self.act = SiluAndMul(fused)
+
+    def forward(self, x: torch.Tensor, norm: Optional[RMSNorm] = None) -> torch.Tensor:  # type: ignore[override]
+        if self.fused and gemv_applies(x, self.weight):
+            return gemv(x, self.weight, None, *_norm_args(norm), gate_up=True)
+        return self.act(super().forward(x, norm))
+
+
+def _norm_args(norm: Optional[RMSNorm]) -> tuple[Optional[torch.Tensor], float]:
+    return (norm.weight, norm.eps) if norm is not None else (None, 0.0)

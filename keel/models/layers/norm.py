@@ -1,7 +1,8 @@
-"""RMSNorm, computed in float32 as Hugging Face does, with an optional fused residual add.
+"""RMSNorm, computed in float32 as Hugging Face does.
 
 `fused=True` runs it as one Triton kernel (keel.kernels.norm); otherwise plain torch, rounding
-exactly where transformers does.
+exactly where transformers does. Before a projection of one row, the projection's kernel applies
+the norm itself (keel.models.layers.linear), so this module only holds the weight there.
 """
 
 from __future__ import annotations
@@ -21,17 +22,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].reshape(x.shape)
+            return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).reshape(x.shape)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): the residual stream's sum stays in the model dtype."""
-        if self.fused:
-            normed, summed = rms_norm(x, self.weight, self.eps, residual)
-            assert summed is not None
-            return normed, summed
-        summed = x + residual
-        return self.forward(summed), summed

@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from keel.kernels.rotary import apply_rotary
-
 from keel.models.config import RopeConfig
 
 
@@ -38,9 +36,11 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int, fused: bool = False) -> None:
+    """cos/sin tables per position, and the reference rotation. Attention backends apply it
+    (keel.attention.base.Rotation); the Triton one with its own kernel, fused with the KV store."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int) -> None:
         super().__init__()
-        self.fused = fused
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inverse_frequencies(head_dim, rope).to(positions.device))
         angles = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim], each pair's angle twice
@@ -52,12 +52,8 @@ class RotaryEmbedding(nn.Module):
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim].
 
         Like transformers, cos/sin are rounded to the activation dtype and the rotation runs in
-        it, so keel's bfloat16 activations track the reference implementation's. The fused
-        kernel instead rotates in float32 in place, one launch for q and k.
+        it, so keel's bfloat16 activations track the reference implementation's.
         """
-        if self.fused:
-            apply_rotary(q, k, positions, self.cos, self.sin)
-            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

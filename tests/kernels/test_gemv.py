@@ -1,0 +1,100 @@
+"""The GEMV kernel and the one-row projection path against float64 torch (interpreted on a CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keel.kernels.gemv import gemv, gemv_applies
+from keel.models.layers.embedding import LMHead
+from keel.models.layers.linear import GateUpLinear, Linear
+from keel.models.layers.norm import RMSNorm
+from tests.helpers import KERNEL_DEVICE
+
+EPS = 1e-6
+
+
+def reference(x, weight, bias=None, norm_weight=None, residual=None, gate_up=False, eps=EPS):
+    """The fused product in float64."""
+    x, weight = x.double(), weight.double()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    out = F.linear(x, weight, None if bias is None else bias.double())
+    if gate_up:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out if residual is None else out + residual.double()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n", [40, 42])  # 42: the last column block is partial
+@pytest.mark.parametrize("parts", ["plain", "bias", "norm", "residual", "gate_up", "all"])
+def test_gemv_matches_float64(rows, n, parts):
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    k = 96  # three K blocks of 32 when the config asks for 32
+    gate_up = parts in ("gate_up", "all")
+    x = torch.randn(rows, k, generator=g).to(KERNEL_DEVICE)
+    weight = torch.randn(2 * n if gate_up else n, k, generator=g).to(KERNEL_DEVICE) / 8
+    bias = torch.randn(n, generator=g).to(KERNEL_DEVICE) if parts in ("bias", "all") else None
+    norm_weight = torch.rand(k, generator=g).add(0.5).to(KERNEL_DEVICE) if parts in ("norm", "all") else None
+    residual = torch.randn(rows, n, generator=g).to(KERNEL_DEVICE) if parts in ("residual", "all") else None
+    if gate_up and bias is not None:
+        bias = None  # gate/up projections have no bias in any supported model
+    add_to = residual.clone() if residual is not None else None
+    got = gemv(x, weight, bias, norm_weight, EPS, add_to, gate_up)
+    assert got.shape == (rows, n) and got.dtype == x.dtype
+    assert add_to is None or got is add_to  # added in place
+    torch.testing.assert_close(got.double(), reference(x, weight, bias, norm_weight, residual, gate_up),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_writes_the_requested_dtype_and_rejects_bad_shapes():
+    x = torch.randn(1, 64).to(KERNEL_DEVICE)
+    weight = torch.randn(24, 64).to(KERNEL_DEVICE)
+    assert gemv(x, weight, out_dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="weight"):
+        gemv(x, torch.randn(24, 32).to(KERNEL_DEVICE))
+    with pytest.raises(ValueError, match="add_to"):
+        gemv(x, weight, add_to=torch.randn(2, 24).to(KERNEL_DEVICE))
+    assert gemv(x[:0], weight).shape == (0, 24)
+
+
+def test_gemv_applies_to_one_row_only():
+    weight = torch.empty(8, 64)
+    assert gemv_applies(torch.empty(1, 64), weight)
+    assert not gemv_applies(torch.empty(2, 64), weight)
+    assert not gemv_applies(torch.empty(1, 72)[:, :40], torch.empty(8, 40))  # K not in blocks of 16
+    assert not gemv_applies(torch.empty(1, 64), torch.empty(64, 8).t())  # weight not contiguous
+
+
+def _layer_pair(cls, *args, **kwargs):
+    plain, fused = cls(*args, **kwargs), cls(*args, **kwargs, fused=True)
+    g = torch.Generator().manual_seed(5)
+    for p_plain, p_fused in zip(plain.parameters(), fused.parameters()):
+        p_plain.data = torch.randn(p_plain.shape, generator=g) / 8
+        p_fused.data = p_plain.data.clone()
+    return plain.to(KERNEL_DEVICE), fused.to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # one row takes the GEMV kernel, five take cuBLAS (or torch on a CPU)
+def test_projection_layers_fuse_norm_residual_and_activation(rows):
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(64, EPS).to(KERNEL_DEVICE)
+    norm.weight.data = torch.rand(64, generator=g).add(0.5).to(KERNEL_DEVICE)
+    x = torch.randn(rows, 64, generator=g).to(KERNEL_DEVICE)
+    residual = torch.randn(rows, 48, generator=g).to(KERNEL_DEVICE)
+    plain, fused = _layer_pair(Linear, 64, 48, bias=True)
+    want = F.linear(norm(x), plain.weight, plain.bias) + residual
+    for layer in (plain, fused):
+        stream = residual.clone()
+        assert layer(x, norm=norm, add_to=stream) is stream
+        torch.testing.assert_close(stream, want, atol=1e-5, rtol=1e-5)
+    plain_gu, fused_gu = _layer_pair(GateUpLinear, 64, 40)
+    gate, up = F.linear(norm(x), plain_gu.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(fused_gu(x, norm=norm), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain_gu(x, norm=norm), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    plain_head, fused_head = _layer_pair(LMHead, 100, 64)
+    logits = fused_head(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, plain_head(x), atol=1e-5, rtol=1e-5)
