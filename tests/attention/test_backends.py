@@ -130,7 +130,8 @@ def test_decode_with_rotation(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", [ForwardMode.IDLE, ForwardMode.DECODE, ForwardMode.EXTEND])
-def test_empty_batch_gives_empty_output(mode, backend):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_empty_batch_gives_empty_output(mode, backend, rotate):
     device = KERNEL_DEVICE if backend == "triton" else torch.device("cpu")
     kv = KVCacheManager(num_pages=4, page_size=1, max_requests=2, context_length=8, device=device)
     pool = KVPool(1, 4, 1, 2, HEAD_DIM, torch.float32, device)
@@ -140,7 +141,9 @@ def test_empty_batch_gives_empty_output(mode, backend):
     batch = ForwardBatch(mode, device, (), (), empty.input_ids, empty.positions, empty.req_rows, empty.seq_lens,
                          empty.out_cache_loc, empty.logits_indices)
     out = backend.forward(layer, torch.zeros(0, 4, HEAD_DIM, device=device), torch.zeros(0, 2, HEAD_DIM, device=device),
-                          torch.zeros(0, 2, HEAD_DIM, device=device), pool, backend.build_metadata(batch), None)
+                          torch.zeros(0, 2, HEAD_DIM, device=device), pool, backend.build_metadata(batch),
+                          Rotation(RotaryEmbedding(HEAD_DIM, RopeConfig(theta=10000.0), 8).to(device), empty.positions)
+                          if rotate else None)
     assert out.shape == (0, 4 * HEAD_DIM)
     assert (pool.k_cache == 0).all()  # nothing was written
 
