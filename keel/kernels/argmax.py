@@ -11,11 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from keel.kernels.pdl import pdl_launch_args, pdl_wait
+
 CHUNK = 2048
 
 
 @triton.jit
-def _chunk_argmax_kernel(x_ptr, best_ptr, best_at_ptr, n, stride_x, num_chunks, CHUNK_C: tl.constexpr):
+def _chunk_argmax_kernel(x_ptr, best_ptr, best_at_ptr, n, stride_x, num_chunks, CHUNK_C: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK_C + tl.arange(0, CHUNK_C)
@@ -26,7 +30,8 @@ def _chunk_argmax_kernel(x_ptr, best_ptr, best_at_ptr, n, stride_x, num_chunks, 
 
 
 @triton.jit
-def _pick_chunk_kernel(best_ptr, best_at_ptr, out_ptr, num_chunks, CHUNKS_PAD: tl.constexpr):
+def _pick_chunk_kernel(best_ptr, best_at_ptr, out_ptr, num_chunks, CHUNKS_PAD: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNKS_PAD)
     used = c < num_chunks
@@ -49,6 +54,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     num_chunks = triton.cdiv(n, chunk)
     best = torch.empty(rows, num_chunks, dtype=torch.float32, device=x.device)
     best_at = torch.empty(rows, num_chunks, dtype=torch.int32, device=x.device)
-    _chunk_argmax_kernel[(rows, num_chunks)](x, best, best_at, n, x.stride(0), num_chunks, CHUNK_C=chunk, num_warps=4)
-    _pick_chunk_kernel[(rows,)](best, best_at, out, num_chunks, CHUNKS_PAD=triton.next_power_of_2(num_chunks))
+    pdl = pdl_launch_args(x.device)
+    _chunk_argmax_kernel[(rows, num_chunks)](x, best, best_at, n, x.stride(0), num_chunks, CHUNK_C=chunk, num_warps=4,
+                                             **pdl)
+    _pick_chunk_kernel[(rows,)](best, best_at, out, num_chunks, CHUNKS_PAD=triton.next_power_of_2(num_chunks), **pdl)
     return out

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from keel.kernels.online_softmax import online_softmax_step
+from keel.kernels.pdl import pdl_launch_args, pdl_wait
 
 MAX_SPLITS = 16  # the partial buffers hold this many splits per (request, head)
 # Shorter contexts get fewer splits. Small, because a lone request's decode is latency-bound: on an H200,
@@ -54,7 +55,8 @@ def _decode_partial_kernel(
         stride_qb, stride_qh, stride_ct, stride_ch, stride_rt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
         stride_ob, stride_oh, scale, window,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-        IEEE: tl.constexpr):
+        IEEE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before the early exit: every program must wait
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,7 +102,8 @@ def _decode_partial_kernel(
 @triton.jit
 def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr,
                            stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                           HEAD_DIM: tl.constexpr, MAX_SPLITS_C: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, MAX_SPLITS_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     num_splits = tl.load(num_splits_ptr + b)
@@ -138,14 +141,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if batch == 0:
         return out
     ieee = k_cache.dtype == torch.float32
+    pdl = pdl_launch_args(q.device)
     _decode_partial_kernel[(batch, kv_heads, MAX_SPLITS)](
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee)
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee,
+        **pdl)
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS)
+        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS, **pdl)
     return out

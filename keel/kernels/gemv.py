@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from keel.kernels.pdl import pdl_launch_args, pdl_wait
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -30,9 +32,10 @@ class GemvConfig:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, ROWS, N, K, stride_x, stride_o,
                  eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATE_UP: tl.constexpr, ADD: tl.constexpr,
-                 EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # One row per program; the programs of one column block are adjacent, so a second row mostly
     # finds the weight tile in L2 (still slower than cuBLAS from two rows on: see gemv_applies).
+    pdl_wait(PDL)
     row = tl.program_id(0) % ROWS
     cols = tl.program_id(0) // ROWS * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -112,5 +115,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
             out, rows, n, k, x.stride(0), out.stride(0), eps,
             HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATE_UP=gate_up, ADD=add_to is not None,
             EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

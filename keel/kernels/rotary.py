@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from keel.kernels.pdl import pdl_launch_args, pdl_wait
+
 
 @triton.jit
 def _rotate_heads(src, src_stride_h, dst, dst_stride_h, heads, cos, sin, HALF: tl.constexpr,
@@ -26,7 +28,9 @@ def _rotate_heads(src, src_stride_h, dst, dst_stride_h, heads, cos, sin, HALF: t
 @triton.jit
 def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, loc_ptr, positions_ptr, cos_ptr, sin_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
-                         stride_c, num_q_heads, num_kv_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
+                         stride_c, num_q_heads, num_kv_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(loc_ptr + token).to(tl.int64)
@@ -56,4 +60,5 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     _rotary_store_kernel[(tokens,)](q, k, v, k_cache, v_cache, loc, positions, cos, sin, q.stride(0), q.stride(1),
                                     k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
                                     k_cache.stride(1), cos.stride(0), heads, kv_heads, HALF=dim // 2,
-                                    HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)))
+                                    HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)),
+                                    **pdl_launch_args(q.device))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from keel.kernels.argmax import argmax_rows
 from keel.kernels.gemv import gemv
+from keel.kernels.norm import rms_norm
 from keel.runner.forward_batch import ForwardMode
 from tests.attention.test_backends import run_case
 
@@ -64,3 +66,31 @@ def test_gemv_kernel_at_llama_8b_sizes(case):
     want = reference(x, weight, None, norm_weight, residual, parts.get("gate_up", False), eps=1e-5)
     error = ((got.double() - want).norm() / want.norm()).item()
     assert error < 1e-2 if got.dtype == torch.bfloat16 else error < 1e-5, error
+
+
+def test_dependent_kernels_in_a_cuda_graph_match_eager():
+    """On Hopper the decode kernels launch with PDL, each starting before the previous one ends. A
+    chain where every kernel reads the one before it (a residual stream updated in place, as a
+    decoder layer does), replayed from a CUDA graph, must equal the same chain run eagerly."""
+    k, layers = 4096, 16
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    weights = [(torch.randn(k, k, device=CUDA, generator=g) / k ** 0.5).to(torch.bfloat16) for _ in range(2 * layers)]
+    norm_weight = (torch.rand(k, device=CUDA, generator=g) + 0.5).to(torch.bfloat16)
+
+    def chain(hidden: torch.Tensor) -> torch.Tensor:
+        for up, down in zip(weights[::2], weights[1::2]):
+            gemv(gemv(hidden, up, None, norm_weight, 1e-5), down, add_to=hidden)
+        return argmax_rows(gemv(rms_norm(hidden, norm_weight, 1e-5), weights[0], out_dtype=torch.float32))
+
+    start = torch.randn(1, k, device=CUDA, generator=g).to(torch.bfloat16)
+    eager_hidden = start.clone()
+    eager_token = chain(eager_hidden)
+    hidden = start.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        token = chain(hidden)
+    for _ in range(3):
+        hidden.copy_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(hidden, eager_hidden) and torch.equal(token, eager_token)
