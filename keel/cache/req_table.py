@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from keel.transfer import to_device
+from keel.transfer import columns_to_device
 
 
 class ReqToTokenTable:
@@ -24,6 +24,6 @@ class ReqToTokenTable:
             raise IndexError(f"request-table write to rows outside [1, {self.slots.shape[0]})")
         if int(positions.min()) < 0 or int(positions.max()) >= self.width:
             raise IndexError(f"request-table write to positions outside [0, {self.width})")
-        device = self.slots.device
-        self.slots[to_device(rows, torch.int64, device), to_device(positions, torch.int64, device)] = \
-            to_device(slots, torch.int32, device)
+        rows_d, positions_d, slots_d = columns_to_device(
+            [(rows, torch.int64), (positions, torch.int64), (slots, torch.int32)], self.slots.device)
+        self.slots[rows_d, positions_d] = slots_d

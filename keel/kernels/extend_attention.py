@@ -17,7 +17,7 @@ import triton.language as tl
 
 from keel.kernels.decode_attention import check_head_dim
 from keel.kernels.online_softmax import online_softmax_step
-from keel.transfer import to_device
+from keel.transfer import columns_to_device
 
 BLOCK_M = 32
 BLOCK_N = 32
@@ -42,11 +42,8 @@ def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device) -> Ex
             block_req.append(i)
             block_start.append(start)
         offset += length
-
-    def column(values: list[int]) -> torch.Tensor:
-        return to_device(values, torch.int32, device)
-
-    return ExtendBlocks(column(block_req), column(block_start), column(q_starts), column(list(extend_lens)))
+    return ExtendBlocks(*columns_to_device(
+        [(values, torch.int32) for values in (block_req, block_start, q_starts, list(extend_lens))], device))
 
 
 @triton.jit

@@ -128,10 +128,13 @@ def _penalty_inputs(reqs: list[Req], vocab_size: int, device: torch.device) -> P
         seen[i, output] = True
         seen[i, torch.tensor(req.prompt_ids, dtype=torch.int64)] = True
     p = [r.params for r in reqs]
+    repetition, frequency, presence = columns_to_device(
+        [([x.repetition_penalty for x in p], torch.float32), ([x.frequency_penalty for x in p], torch.float32),
+         ([x.presence_penalty for x in p], torch.float32)], device)
     return PenaltyInputs(
-        repetition=to_device([x.repetition_penalty for x in p], torch.float32, device),
-        frequency=to_device([x.frequency_penalty for x in p], torch.float32, device),
-        presence=to_device([x.presence_penalty for x in p], torch.float32, device),
+        repetition=repetition,
+        frequency=frequency,
+        presence=presence,
         output_counts=to_device(counts, torch.float32, device),
         seen=to_device(seen, torch.bool, device),
     )
