@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keel.sampling_params import SamplingParams
+from keel.sampling_params import InvalidParameter, SamplingParams
 
 
 class ContextLengthError(ValueError):
@@ -27,8 +27,13 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, limits: Requ
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
         bad = next(t for t in prompt_ids if not 0 <= t < vocab)
         raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    if params.top_k is not None and params.top_k > vocab:
+        raise InvalidParameter("top_k", f"top_k={params.top_k} exceeds the vocabulary size {vocab}")
+    for name in ("top_logprobs", "prompt_logprobs"):
+        if (getattr(params, name) or 0) > vocab:
+            raise InvalidParameter(name, f"{name}={getattr(params, name)} exceeds the vocabulary size {vocab}")
     if any(t >= vocab for t in params.stop_token_ids):
-        raise ValueError(f"stop_token_ids {params.stop_token_ids} reach outside the vocabulary [0, {vocab})")
+        raise InvalidParameter("stop_token_ids", f"stop_token_ids reach outside the vocabulary [0, {vocab})")
     total = len(prompt_ids) + params.max_new_tokens
     if total > limits.context_length:
         raise ContextLengthError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens={params.max_new_tokens} "

@@ -14,17 +14,18 @@ from transformers import PreTrainedTokenizerBase
 
 from keel.engine.detokenizer import IncrementalDetokenizer
 from keel.engine.outputs import CoreOutput, RequestOutput
-from keel.engine.stop_strings import StopStrings
+from keel.engine.stop_strings import StopAutomaton, StopMatcher
 from keel.sampling_params import SamplingParams
 
 
 class RequestState:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: PreTrainedTokenizerBase) -> None:
+                 tokenizer: PreTrainedTokenizerBase, stop_automaton: Optional[StopAutomaton] = None) -> None:
+        """`stop_automaton`: params.stop's automaton, built once and shared when a request has several choices."""
         self.output = RequestOutput(request_id, prompt, list(prompt_ids),
                                     logprobs=[] if params.wants_logprobs else None)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = StopStrings(params.stop)
+        self.stops = StopMatcher(stop_automaton or StopAutomaton(params.stop))
         self.streamed = 0  # characters of output.text already handed out by take_delta
 
     def update(self, out: CoreOutput) -> bool:
@@ -41,9 +42,8 @@ class RequestState:
         text = self.detokenizer.push(out.token_ids)
         if out.finish_reason is not None:
             text += self.detokenizer.flush()
-        searched_from = len(result.text)
         result.text += text
-        hit = self.stops.find(result.text, searched_from) if self.stops.stops else None
+        hit = self.stops.feed(text)  # an index into all text fed, which is result.text before any cut
         if hit is not None:
             result.text = result.text[:hit]
             result.finish_reason = "stop"
@@ -54,7 +54,7 @@ class RequestState:
     def take_delta(self) -> str:
         """New text that is safe to show: all of it once finished, else all but a possible stop-string start."""
         text = self.output.text
-        end = len(text) if self.output.finished else len(text) - self.stops.holdback(text)
+        end = len(text) if self.output.finished else len(text) - self.stops.holdback
         delta = text[self.streamed:end]
         self.streamed = max(self.streamed, end)
         return delta

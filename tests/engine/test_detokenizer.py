@@ -1,7 +1,6 @@
 import pytest
 
 from keel.engine.detokenizer import IncrementalDetokenizer
-from keel.engine.stop_strings import StopStrings
 from keel.models.byte_tokenizer import EOS_ID, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
@@ -27,14 +26,3 @@ def test_incomplete_character_is_held_then_flushed_at_the_end():
 def test_special_tokens_are_not_text():
     detok = IncrementalDetokenizer(TOKENIZER, [])
     assert detok.push([ord("a"), EOS_ID]) == "a"
-
-
-def test_stop_strings_find_and_holdback():
-    stops = StopStrings(["###", "END"])
-    assert stops.find("abc###def", 0) == 3
-    assert stops.find("abc#", 0) is None
-    assert stops.find("xEN", 2) is None and stops.find("xEND", 3) == 1  # a match that the new text completes
-    assert stops.holdback("text ##") == 2
-    assert stops.holdback("text E") == 1
-    assert stops.holdback("text") == 0
-    assert StopStrings([]).holdback("anything") == 0
