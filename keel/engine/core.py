@@ -13,8 +13,11 @@ strings) belongs to the front end (the offline Engine, or the API server process
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from typing import Optional
+
+import torch
 
 from keel.config import EngineConfig
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
@@ -25,8 +28,11 @@ from keel.models.loader import load_model_config, load_tokenizer
 from keel.models.source import resolve_model
 from keel.runner.model_runner import ModelRunner
 from keel.sampling_params import SamplingParams
+from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
 from keel.scheduler.scheduler import ScheduledBatch, Scheduler, TokenAppended
+
+logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -66,14 +72,30 @@ class EngineCore:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         eos = () if params.ignore_eos else self.model_config.eos_token_ids
         stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
-        self.scheduler.add(Req(rid, list(prompt_ids), params, seed, stop_ids))
+        req = Req(rid, list(prompt_ids), params, seed, stop_ids)
+        self._probe(req)
+        self.scheduler.add(req)
         self._live.add(rid)
         return rid
 
+    def _probe(self, req: Req) -> None:
+        """Build `req`'s own sampling inputs on the host, as a batch would: a value the batch cannot hold fails
+        here, for this request alone (raises RequestFault), instead of in a step shared with others."""
+        try:
+            build_sampling_batch([req], self.model_config.vocab_size, torch.device("cpu"))
+        except Exception as e:
+            raise RequestFault(f"request {req.rid} cannot be batched: {type(e).__name__}: {e}") from e
+
     def abort(self, rid: int, reason: FinishReason = "abort") -> bool:
         """Finish a request now, releasing its KV; False if it is unknown or already finished."""
-        aborted = rid in self._live and self.scheduler.abort(rid, reason) is not None
-        self._live.discard(rid)
+        return bool(self.abort_many([rid], reason))
+
+    def abort_many(self, rids: list[int], reason: FinishReason = "abort") -> list[int]:
+        """Finish these requests now, releasing their KV, in one pass over the queues; returns those that were
+        live (unknown or finished ones are ignored)."""
+        live = [rid for rid in rids if rid in self._live]
+        aborted = [req.rid for req in self.scheduler.abort_many(set(live), reason)]
+        self._live.difference_update(live)
         if self._launched is not None and not self.scheduler.has_work:
             # every request of the step in flight has finished: wait for it, so the engine is idle now
             dropped = self._read_launched()
@@ -94,12 +116,13 @@ class EngineCore:
         if self._launched is not None and (not self.overlap or self._launched.needs_host_tokens):
             outputs += self._read_launched()
         batch = self.scheduler.schedule()
-        outputs = [CoreOutput(r.rid, [], None, r.finish_reason, r.num_cached_tokens, r.error)
-                   for r in self.scheduler.failed] + outputs
-        self.scheduler.failed.clear()
+        outputs = self._take_failed() + outputs
         previous, self._launched = self._launched, None
         if batch is not None:
-            self._launched = self._launch(batch, previous)
+            try:
+                self._launched = self._launch(batch, previous)
+            except Exception as e:
+                outputs += self._contain(batch, e)
         if previous is not None:
             outputs += self._read(previous)
         elif batch is None and self.scheduler.has_work and not outputs:
@@ -119,6 +142,36 @@ class EngineCore:
         if step.done is not None:
             self.kv_cache.set_fence(step.done)  # what is freed from now on may still be read by this forward
         return step
+
+    def _contain(self, batch: ScheduledBatch, error: Exception) -> list[CoreOutput]:
+        """A step failed to launch. Each of its requests whose own inputs cannot be built (the probe fails) ends
+        with that error; the others are retracted, to be re-prefilled as if nothing happened. An error no
+        request accounts for, or a device error (the device state is unknown), is re-raised: the engine ends."""
+        if _is_device_error(error):
+            raise error
+        culprits = []
+        for req in {id(p.req): p.req for p in batch.parts}.values():
+            try:
+                self._probe(req)
+            except RequestFault as fault:
+                culprits.append((req, str(fault)))
+        if not culprits:
+            raise error
+        failed = {req.rid for req, _ in culprits}
+        for req, why in culprits:
+            logger.error("%s; it alone fails", why)
+            self.scheduler.fail(req, why)
+        for part in reversed(batch.parts):  # each goes to the front of the queue: keep their order
+            if part.req.rid not in failed:
+                self.scheduler.requeue(part.req)
+        return self._take_failed()
+
+    def _take_failed(self) -> list[CoreOutput]:
+        """The last outputs of requests the scheduler failed (with their errors)."""
+        outputs = [CoreOutput(r.rid, [], None, r.finish_reason, r.num_cached_tokens, r.error)
+                   for r in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        return outputs
 
     def _read_launched(self) -> list[CoreOutput]:
         assert self._launched is not None
@@ -154,4 +207,14 @@ class EngineCore:
     def flush_cache(self) -> int:
         """Evict the whole prefix cache (every page must be free afterwards); returns the pages freed."""
         return self.kv_cache.flush_cache()
+
+
+class RequestFault(ValueError):
+    """One request's inputs cannot be prepared: that request fails, the engine goes on."""
+
+
+def _is_device_error(error: Exception) -> bool:
+    """An error of the device itself (illegal address, device-side assert): no later step can be trusted."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or "CUDA error" in str(error)
 

@@ -125,8 +125,8 @@ class Scheduler:
             if len(ready) == 1 and self.chunked is None:
                 if len(self.running) > 1:
                     return []  # the others are at their last (pending) token: their KV comes back soon
-                self._fail(ready[0], f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
-                                     f"{ready[0].seq_len} tokens")
+                self.fail(ready[0], f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
+                                    f"{ready[0].seq_len} tokens")
                 return []
             self._retract(self._retraction_victim(ready))
             ready = self._decodable()
@@ -198,8 +198,8 @@ class Scheduler:
         if part is None:
             self.kv.release(req.rid)
             if idle:
-                self._fail(req, f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
-                                f"{req.seq_len} tokens")
+                self.fail(req, f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
+                               f"{req.seq_len} tokens")
             return None
         self.waiting.remove(req)
         req.status = ReqStatus.RUNNING
@@ -248,17 +248,25 @@ class Scheduler:
         return min(candidates, key=lambda r: (r.num_generated, -len(r.prompt_ids)))
 
     def _retract(self, req: Req) -> None:
-        self.running.remove(req)
-        self.kv.release(req.rid)
-        req.status = ReqStatus.WAITING
-        self.waiting.appendleft(req)
+        self.requeue(req)
         left = self.running
         max_new = sum(r.params.max_new_tokens for r in left)
         if max_new:
             decoded = sum(r.num_generated for r in left) + RETRACT_LOOKAHEAD_STEPS * len(left)
             self.new_token_ratio = min(1.0, max(self.new_token_ratio, decoded / max_new))
 
-    def _fail(self, req: Req, error: str) -> None:
+    def requeue(self, req: Req) -> None:
+        """Release a running (or mid-prefill) request's KV and put it first in the queue; it is re-prefilled from
+        prompt + output so far when admitted again."""
+        if req is self.chunked:
+            self.chunked = None
+        else:
+            self.running.remove(req)
+        self.kv.release(req.rid)
+        req.status = ReqStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def fail(self, req: Req, error: str) -> None:
         self._finish(req, "abort", error=error)
         self.failed.append(req)
 
@@ -275,7 +283,7 @@ class Scheduler:
         ones, finished requests release their KV. `token_ids` has one entry per sampled part."""
         appended = []
         for part in batch.parts:
-            if part.req.status == ReqStatus.FINISHED:  # aborted while its forward ran
+            if part.req.status != ReqStatus.RUNNING:  # aborted or requeued while its forward ran: KV released
                 continue
             if not part.samples:
                 self.kv.cache_prefix(part.req.rid, part.req.token_ids(0, part.seq_len))
@@ -289,15 +297,17 @@ class Scheduler:
             appended.append(TokenAppended(index, req, reason))
         return appended
 
-    def abort(self, rid: int, reason: FinishReason = "abort") -> Optional[Req]:
-        """Finish a request wherever it is; returns it, or None if it is unknown or already finished."""
-        for req in (*self.waiting, *self._holding_kv()):
-            if req.rid == rid:
-                self._finish(req, reason)
-                return req
-        return None
+    def abort_many(self, rids: set[int], reason: FinishReason = "abort") -> list[Req]:
+        """Finish these requests wherever they are, in one pass over the queues; returns those found unfinished."""
+        found = [req for req in (*self.waiting, *self._holding_kv()) if req.rid in rids]
+        for req in found:
+            self._finish(req, reason, remove_from_queue=False)
+        if found:
+            self.waiting = deque(r for r in self.waiting if r.status != ReqStatus.FINISHED)
+        return found
 
-    def _finish(self, req: Req, reason: FinishReason, error: Optional[str] = None) -> None:
+    def _finish(self, req: Req, reason: FinishReason, error: Optional[str] = None,
+                remove_from_queue: bool = True) -> None:
         if req.rid in self.kv.held:
             # Only a request that finished normally has all of its KV written; only that goes to the cache.
             normal = reason in ("stop", "length") and error is None
@@ -306,6 +316,6 @@ class Scheduler:
             self.running.remove(req)
         if req is self.chunked:
             self.chunked = None
-        if req in self.waiting:
+        if remove_from_queue and req in self.waiting:  # abort_many filters the queue once instead
             self.waiting.remove(req)
         req.status, req.finish_reason, req.error = ReqStatus.FINISHED, reason, error

@@ -275,3 +275,85 @@ def test_pending_tokens_count_in_length_but_are_not_readable():
     assert req.append_token(9) == "stop" and req.pending == 0 and req.output_ids == [9]
     with pytest.raises(ValueError, match="no launched forward owed it"):
         req.append_token(3)
+
+
+# ---- requeue and abort_many, called on the scheduler directly
+
+from keel.debug.invariants import check_invariants  # noqa: E402  (this section was appended)
+
+
+def tokens_so_far(outputs: list) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    for out in outputs:
+        tokens.setdefault(out.rid, []).extend(out.token_ids)
+    return tokens
+
+
+def solo_greedy(engine: keel.Engine, prompts: list[list[int]]) -> list[list[int]]:
+    return [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no_overlap"])
+def test_requeue_of_a_running_request_releases_kv_and_puts_it_first(tiny_model, make_engine, overlap):
+    directory, _ = tiny_model("llama3")
+    prompts = random_prompts([6, 5], seed=35)
+    solo = solo_greedy(make_engine(directory, page_size=4), prompts)
+    core = make_engine(directory, page_size=4, max_running_requests=1, disable_overlap=not overlap).core
+    running, queued = [core.add_request(p, GREEDY) for p in prompts]
+    first = core.step() + core.step()  # prefilled, and decoding
+    (req,) = core.scheduler.running
+    assert req.rid == running and req.output_ids
+    core.scheduler.requeue(req)
+    assert running not in core.kv_cache.held and req.status == ReqStatus.WAITING
+    assert [r.rid for r in core.scheduler.waiting] == [running, queued] and not core.scheduler.running
+    check_invariants(core.scheduler)
+    tokens = tokens_so_far(first)
+    for rid, more in run_to_end(core).items():
+        tokens.setdefault(rid, []).extend(more)
+    assert [tokens[running], tokens[queued]] == solo  # re-prefilled from prompt + output, it goes on exactly
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no_overlap"])
+def test_requeue_of_the_chunked_request_releases_kv_and_puts_it_first(tiny_model, make_engine, overlap):
+    directory, _ = tiny_model("llama3")
+    prompts = random_prompts([40, 5], seed=36)
+    solo = solo_greedy(make_engine(directory, page_size=4), prompts)
+    core = make_engine(directory, page_size=4, chunked_prefill_size=8, max_prefill_tokens=8,
+                       disable_overlap=not overlap).core
+    long_rid, queued = [core.add_request(p, GREEDY) for p in prompts]
+    core.step()
+    core.step()  # two chunks of the long prompt in, with overlap the second still in flight
+    chunked = core.scheduler.chunked
+    assert chunked is not None and chunked.rid == long_rid and core.kv_cache.kv_len(long_rid) == 16
+    core.scheduler.requeue(chunked)
+    assert core.scheduler.chunked is None and long_rid not in core.kv_cache.held
+    assert [r.rid for r in core.scheduler.waiting] == [long_rid, queued]
+    check_invariants(core.scheduler)
+    tokens = run_to_end(core)
+    assert [tokens[long_rid], tokens[queued]] == solo
+
+
+@pytest.mark.parametrize("reason", ["abort", "stop"])
+def test_scheduler_abort_many_finishes_the_named_requests_wherever_they_are(tiny_model, make_engine, reason):
+    directory, _ = tiny_model("llama3")
+    prompts = random_prompts([4, 6, 8, 5], seed=37)
+    solo = solo_greedy(make_engine(directory, page_size=1), prompts)
+    core = make_engine(directory, page_size=1, max_running_requests=2, disable_overlap=True).core
+    rids = [core.add_request(p, GREEDY) for p in prompts]
+    first = core.step() + core.step()
+    running_a, running_b, waiting_c, waiting_d = rids
+    found = core.scheduler.abort_many({running_a, waiting_c, 999}, reason)
+    assert sorted(r.rid for r in found) == [running_a, waiting_c]  # 999 is unknown
+    assert all(r.status == ReqStatus.FINISHED and r.finish_reason == reason for r in found)
+    assert [r.rid for r in core.scheduler.running] == [running_b]
+    assert [r.rid for r in core.scheduler.waiting] == [waiting_d]
+    assert running_a not in core.kv_cache.held
+    check_invariants(core.scheduler)
+    # Only a "stop" (a stop string found by the front end) hands the written KV to the prefix cache.
+    cached = len(core.kv_cache.match_prefix(prompts[0]).pages)
+    assert cached > 0 if reason == "stop" else cached == 0
+    assert core.scheduler.abort_many({running_a, waiting_c}) == []  # already finished
+    tokens = tokens_so_far(first)
+    for rid, more in run_to_end(core).items():
+        tokens.setdefault(rid, []).extend(more)
+    assert tokens[running_b] == solo[1] and tokens[waiting_d] == solo[3]
