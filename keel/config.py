@@ -112,8 +112,29 @@ class ServerConfig:
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
     served_model_name: Optional[str] = option(None, "model name clients must use (default: --model as given)")
-    health_timeout: float = option(20.0, "/health fails if the engine has not answered for this many seconds")
+    health_timeout: float = option(1.5, "/health fails once the engine process has sent no heartbeat for this "
+                                        "many seconds (it sends one every 0.25 s, even during a long step)")
     shutdown_timeout: float = option(30.0, "on Ctrl-C / SIGTERM, seconds in-flight requests get to finish")
+    api_key: Optional[str] = option(None, "require 'Authorization: Bearer KEY' on every route but /health")
+    max_request_body_mb: float = option(16.0, "largest request body accepted, in MiB (read as a stream; a larger "
+                                              "one is refused with 413 before it is parsed)")
+    max_fanout: int = option(256, "most engine requests one HTTP request may start: prompts x n")
+    max_queued_requests: int = option(
+        1024, "requests accepted beyond --max-running-requests; when that many wait, new ones get 503 with "
+        "Retry-After")
+    timeout_keep_alive: int = option(5, "seconds an idle keep-alive connection stays open")
+    timeout_header_read: float = option(10.0, "seconds a connection may take to send a request's headers")
+
+    def __post_init__(self) -> None:
+        for name in ("health_timeout", "shutdown_timeout", "max_request_body_mb", "max_fanout",
+                     "timeout_keep_alive", "timeout_header_read"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        _require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
+        _require(self.api_key is None or bool(self.api_key), "api_key", "must not be empty")
+
+    @property
+    def max_request_body_bytes(self) -> int:
+        return int(self.max_request_body_mb * 2**20)
 
 
 def _require(ok: bool, name: str, why: str) -> None:

@@ -1,8 +1,10 @@
 """EngineClient: the API process's handle on the engine process.
 
 It starts the engine process, sends it requests and aborts, and routes the outputs coming back
-to one asyncio queue per request. It also remembers when the engine last answered, for
-/health. If the engine process dies, every pending request gets an error output.
+to one asyncio queue per request. A thread of its own receives the engine's heartbeats, so /health
+reflects the engine and not how busy the event loop is. If the engine process dies or reports a
+failure, every pending request gets an error output and `on_fatal` is called once (the server then
+exits non-zero, for a supervisor to restart it).
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
+import secrets
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from typing import Optional
 
 import zmq
@@ -24,8 +30,9 @@ from keel.engine.limits import RequestLimits
 from keel.engine.outputs import CoreOutput, FinishReason
 from keel.sampling_params import SamplingParams
 from keel.server.engine_process import run_engine_process
-from keel.server.messages import (AbortRequest, AddRequest, EngineFailed, EngineOutputs, EngineReady, EngineStats,
-                                  Shutdown)
+from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
+                                  EngineStats, MessageError, Shutdown, ToEngine, from_engine_decoder, heartbeat_decoder,
+                                  pack)
 
 logger = logging.getLogger(__name__)
 
@@ -40,34 +47,52 @@ class EngineClient:
         self.limits: Optional[RequestLimits] = None
         self.page_size: Optional[int] = None
         self.stats: Optional[EngineStats] = None
-        self.last_heard = 0.0  # time.monotonic() of the engine's last message
+        self.last_heard = 0.0  # time.monotonic() of the engine's last heartbeat (set from the heartbeat thread)
         self.failure: Optional[str] = None
+        self.on_fatal: Callable[[str], None] = lambda error: None  # called once when the engine is lost
         self._queues: dict[int, asyncio.Queue[CoreOutput]] = {}
         self._request_ids: dict[int, str] = {}  # engine request -> the response id a client can abort by
+        self._aborts: dict[FinishReason, list[int]] = {}  # sent together at the end of this loop iteration
         self._rids = itertools.count(1)
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._dispatcher: Optional[asyncio.Task] = None
         self._context = zmq.asyncio.Context()
-        self._ipc_dir = tempfile.mkdtemp(prefix="keel-ipc-")
+        self._ipc_dir = tempfile.mkdtemp(prefix="keel-ipc-")  # mode 0700: no other user reaches the sockets
+        os.chmod(self._ipc_dir, 0o700)
+        self._addresses = {name: f"ipc://{self._ipc_dir}/{name}" for name in ("requests", "outputs", "heartbeat")}
+        # Every message carries this secret as its first frame: it reaches the engine through the spawn pipe,
+        # not the command line, so a process that can open the sockets still cannot speak for the engine.
+        self._secret = secrets.token_bytes(16)
+        self._decoder = from_engine_decoder(self._secret)
         self._requests = self._context.socket(zmq.PUSH)
         self._outputs = self._context.socket(zmq.PULL)
+        self._stop_heartbeats = threading.Event()
+        self._heartbeats: Optional[threading.Thread] = None
+
+    @property
+    def ipc_dir(self) -> str:
+        return self._ipc_dir
 
     async def start(self, timeout_s: float = 1800.0) -> None:
         """Start the engine process and wait until it has loaded the model and answered."""
-        requests_address, outputs_address = f"ipc://{self._ipc_dir}/requests", f"ipc://{self._ipc_dir}/outputs"
-        self._requests.bind(requests_address)
-        self._outputs.bind(outputs_address)
+        self._requests.bind(self._addresses["requests"])
+        self._outputs.bind(self._addresses["outputs"])
+        ready = threading.Event()
+        self._heartbeats = threading.Thread(target=self._receive_heartbeats, args=(ready,), daemon=True,
+                                            name="keel-heartbeats")
+        self._heartbeats.start()
+        ready.wait()
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(target=run_engine_process, name="keel-engine", daemon=True,
-                                      args=(self.config, requests_address, outputs_address))
+                                      args=(self.config, self._addresses, self._secret))
         self._process.start()
         deadline = time.monotonic() + timeout_s
         while True:
             if not self._process.is_alive():
                 raise EngineError(f"the engine process exited (code {self._process.exitcode}) while starting")
             if await self._outputs.poll(500):
-                message = await self._outputs.recv_pyobj()
+                message = self._receive(await self._outputs.recv_multipart(), self._decoder)
                 if isinstance(message, EngineFailed):
                     raise EngineError(f"the engine failed to start:\n{message.error}")
                 if isinstance(message, EngineReady):
@@ -77,10 +102,41 @@ class EngineClient:
                 raise EngineError(f"the engine did not start within {timeout_s:.0f} s")
         self.last_heard = time.monotonic()
         self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._process.sentinel, self._engine_exited)
         self._dispatcher = asyncio.create_task(self._dispatch())
+
+    def _receive_heartbeats(self, ready: threading.Event) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.PULL)
+        socket.bind(self._addresses["heartbeat"])
+        ready.set()
+        decoder = heartbeat_decoder(self._secret)
+        try:
+            while not self._stop_heartbeats.is_set():
+                if socket.poll(100) and self._receive(socket.recv_multipart(), decoder) is not None:
+                    self.last_heard = time.monotonic()
+        finally:
+            socket.close(linger=0)
+            context.term()
+
+    @staticmethod
+    def _receive(frames: list[bytes], decoder: Decoder) -> object:
+        """The message in `frames`, or None (logged) if it lacks the secret or does not decode."""
+        try:
+            return decoder.unpack(frames)
+        except MessageError as e:
+            logger.warning("%s", e)
+            return None
+
+    def _send(self, message: ToEngine) -> None:
+        self._requests.send_multipart(pack(self._secret, message))
 
     def next_rid(self) -> int:
         return next(self._rids)
+
+    def has_room(self, count: int, max_pending: int) -> bool:
+        """Whether `count` more engine requests fit under the cap on pending ones."""
+        return len(self._queues) + count <= max_pending
 
     def submit(self, rid: int, prompt_ids: list[int], params: SamplingParams,
                request_id: str) -> asyncio.Queue[CoreOutput]:
@@ -91,19 +147,28 @@ class EngineClient:
             return queue
         self._queues[rid] = queue
         self._request_ids[rid] = request_id
-        self._requests.send_pyobj(AddRequest(rid, prompt_ids, params))
+        self._send((AddRequest(rid, prompt_ids, params)))
         return queue
 
     def abort(self, rid: int, reason: FinishReason = "abort") -> None:
         """Finish a request in the engine (its KV is released there). Whoever waits on its queue gets a last
-        output with this finish reason."""
+        output with this finish reason. Aborts made in one turn of the event loop (every choice of a response
+        whose client left) reach the engine as one message."""
         queue = self._queues.pop(rid, None)
         self._request_ids.pop(rid, None)
         if queue is None:
             return
         queue.put_nowait(CoreOutput(rid, [], None, reason))
         if self.failure is None:
-            self._requests.send_pyobj(AbortRequest(rid, reason))
+            if not self._aborts:
+                asyncio.get_running_loop().call_soon(self._send_aborts)
+            self._aborts.setdefault(reason, []).append(rid)
+
+    def _send_aborts(self) -> None:
+        aborts, self._aborts = self._aborts, {}
+        if self.failure is None:
+            for reason, rids in aborts.items():
+                self._send((AbortRequests(rids, reason)))
 
     def abort_request(self, request_id: str) -> bool:
         """Abort every engine request of a response id (all its choices); False if none is running."""
@@ -130,21 +195,14 @@ class EngineClient:
         return len(self._queues)
 
     async def _dispatch(self) -> None:
-        assert self._process is not None
         while True:
-            if not await self._outputs.poll(1000):
-                if not self._process.is_alive():
-                    self._fail_all(f"the engine process exited with code {self._process.exitcode}")
-                    return
-                continue
-            message = await self._outputs.recv_pyobj()
-            self.last_heard = time.monotonic()
+            message = self._receive(await self._outputs.recv_multipart(), self._decoder)
             if isinstance(message, EngineFailed):
-                logger.error("engine failed:\n%s", message.error)
-                self._fail_all(message.error.strip().splitlines()[-1])
+                self._lose_engine(f"the engine failed: {message.error.strip().splitlines()[-1]}", message.error)
                 return
             if isinstance(message, EngineOutputs):
-                self.stats = message.stats
+                if message.stats is not None:
+                    self.stats = message.stats
                 for out in message.outputs:
                     queue = self._queues.get(out.rid)
                     if queue is not None:
@@ -153,6 +211,22 @@ class EngineClient:
                             del self._queues[out.rid]
                             self._request_ids.pop(out.rid, None)
 
+    def _engine_exited(self) -> None:
+        assert self._loop is not None and self._process is not None
+        self._loop.remove_reader(self._process.sentinel)
+        self._process.join(1)
+        self._lose_engine(f"the engine process exited with code {self._process.exitcode}")
+
+    def _lose_engine(self, error: str, details: Optional[str] = None) -> None:
+        """The engine is gone or going: fail every pending request and tell the server, once."""
+        if self.failure is not None:
+            return
+        if details is not None:
+            logger.error("%s", details.rstrip())  # the engine's own traceback: a real server fault
+        logger.error("%s; failing %d pending requests and stopping the server", error, len(self._queues))
+        self._fail_all(error)
+        self.on_fatal(error)
+
     def fail_pending_after(self, delay_s: float, error: str) -> None:
         """From any thread (a signal handler): in `delay_s`, end every pending request with `error` and abort it
         in the engine, so its client gets an error instead of a torn connection."""
@@ -160,13 +234,12 @@ class EngineClient:
             self._loop.call_soon_threadsafe(self._loop.call_later, delay_s, self._abort_all, error)
 
     def _abort_all(self, error: str) -> None:
-        self.failure = error  # and no new requests
-        for rid in list(self._queues):
-            self._requests.send_pyobj(AbortRequest(rid))
+        if self.failure is None and self._queues:
+            self._send((AbortRequests(list(self._queues))))
         self._fail_all(error)
 
     def _fail_all(self, error: str) -> None:
-        self.failure = error
+        self.failure = error  # and no new requests
         for rid, queue in self._queues.items():
             queue.put_nowait(_failed(rid, error))
         self._queues.clear()
@@ -174,16 +247,25 @@ class EngineClient:
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the engine process (pending requests get an error), and clean up."""
+        if self._loop is not None and self._process is not None:
+            self._loop.remove_reader(self._process.sentinel)
         if self._process is not None and self._process.is_alive():
-            self._requests.send_pyobj(Shutdown())
+            self._send((Shutdown()))
             await asyncio.get_running_loop().run_in_executor(None, self._process.join, timeout_s)
             if self._process.is_alive():
                 logger.warning("engine process did not stop in %.0f s; terminating it", timeout_s)
-                self._process.terminate()
+                self._process.kill()  # also ends a stopped (SIGSTOP) process
                 self._process.join(5)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-        self._fail_all("the server is shutting down")
+        self._fail_all(self.failure or "the server is shutting down")
+        self.close()
+
+    def close(self) -> None:
+        """Release the sockets and remove the IPC folder (also when start() failed)."""
+        self._stop_heartbeats.set()
+        if self._heartbeats is not None:
+            self._heartbeats.join(2)
         self._requests.close(linger=0)
         self._outputs.close(linger=0)
         self._context.term()

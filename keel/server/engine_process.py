@@ -1,65 +1,103 @@
-"""The engine process: EngineCore behind two ZMQ sockets.
+"""The engine process: EngineCore behind ZMQ sockets.
 
 It loads the model, reports EngineReady, then loops: take every pending message without
-blocking while there is work (waiting up to a heartbeat interval when idle), run one step, send
-its outputs with the engine's stats. It never touches HTTP, ignores Ctrl-C (the API process
-orchestrates shutdown), and exits when the API process is gone.
+blocking while there is work (waiting up to STATS_INTERVAL_S when idle), run one step, send its
+outputs with the engine's stats. A thread of its own sends a heartbeat every HEARTBEAT_S on a
+separate channel, so the API process sees a stopped or dead engine within a second or two even
+while one step runs long. A request that cannot be prepared fails alone (EngineCore contains it);
+an error the core cannot attribute ends the process after an EngineFailed message. It never
+touches HTTP, ignores Ctrl-C (the API process orchestrates shutdown), and exits when the API
+process is gone.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import signal
+import threading
 import time
 import traceback
+from collections.abc import Callable
 
 import zmq
 
 from keel.config import EngineConfig
 from keel.engine.core import EngineCore
 from keel.engine.outputs import CoreOutput
-from keel.server.messages import (AbortRequest, AddRequest, EngineFailed, EngineOutputs, EngineReady, EngineStats,
-                                  Shutdown)
+from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
+                                  EngineStats, FromEngine, Heartbeat, MessageError, Shutdown, pack, to_engine_decoder)
 
-HEARTBEAT_S = 0.5
+STATS_INTERVAL_S = 0.5
+HEARTBEAT_S = 0.25
+
+logger = logging.getLogger(__name__)
 
 
-def run_engine_process(config: EngineConfig, requests_address: str, outputs_address: str) -> None:
+def run_engine_process(config: EngineConfig, addresses: dict[str, str], secret: bytes) -> None:
+    """`secret` is the first frame of every message, both ways (see EngineClient)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     context = zmq.Context()
     requests = context.socket(zmq.PULL)
-    requests.connect(requests_address)
+    requests.connect(addresses["requests"])
     outputs = context.socket(zmq.PUSH)
-    outputs.connect(outputs_address)
+    outputs.connect(addresses["outputs"])
+    stop_heartbeat = threading.Event()
+    threading.Thread(target=_heartbeat, args=(context, addresses["heartbeat"], secret, stop_heartbeat), daemon=True,
+                     name="keel-heartbeat").start()
+    send = functools.partial(_send, outputs, secret)
     try:
         core = EngineCore(config)
-        outputs.send_pyobj(EngineReady(core.limits, core.kv_cache.page_size))
-        EngineLoop(core, requests, outputs).run()
+        send(EngineReady(core.limits, core.kv_cache.page_size))
+        EngineLoop(core, requests, send, to_engine_decoder(secret)).run()
     except Exception:
-        outputs.send_pyobj(EngineFailed(traceback.format_exc()))
+        send(EngineFailed(traceback.format_exc()))
         raise
     finally:
+        stop_heartbeat.set()
         outputs.close(linger=1000)
         requests.close(linger=0)
         context.term()
 
 
+def _send(socket: zmq.Socket, secret: bytes, message: FromEngine) -> None:
+    socket.send_multipart(pack(secret, message))
+
+
+def _heartbeat(context: zmq.Context, address: str, secret: bytes, stop: threading.Event) -> None:
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.SNDHWM, 4)  # nobody reading: drop beats rather than queue them
+    socket.connect(address)
+    beat = pack(secret, Heartbeat(os.getpid()))
+    try:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                socket.send_multipart(beat, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+    finally:
+        socket.close(linger=0)
+
+
 class EngineLoop:
-    def __init__(self, core: EngineCore, requests: zmq.Socket, outputs: zmq.Socket) -> None:
+    def __init__(self, core: EngineCore, requests: zmq.Socket, send: Callable[[FromEngine], None],
+                 decoder: Decoder) -> None:
         self.core = core
         self.requests = requests
-        self.outputs = outputs
+        self.send = send
+        self.decoder = decoder
         self.parent = os.getppid()
 
     def run(self) -> None:
         last_sent = 0.0
         while True:
-            timeout_ms = 0 if self.core.has_work else int(HEARTBEAT_S * 1000)
+            timeout_ms = 0 if self.core.has_work else int(STATS_INTERVAL_S * 1000)
             if self.requests.poll(timeout_ms) and not self._handle_messages():
                 return
             step_outputs = self.core.step() if self.core.has_work else []
-            if step_outputs or time.monotonic() - last_sent >= HEARTBEAT_S:
-                self.outputs.send_pyobj(EngineOutputs(step_outputs, self.stats()))
+            if step_outputs or time.monotonic() - last_sent >= STATS_INTERVAL_S:
+                self.send(EngineOutputs(step_outputs, self.stats()))
                 last_sent = time.monotonic()
             if os.getppid() != self.parent:  # the API process died: nobody is left to serve
                 return
@@ -69,21 +107,36 @@ class EngineLoop:
         rejected = []
         while True:
             try:
-                message = self.requests.recv_pyobj(zmq.NOBLOCK)
+                frames = self.requests.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            try:
+                message = self.decoder.unpack(frames)
+            except MessageError as e:
+                logger.warning("%s", e)
+                continue
             if isinstance(message, AddRequest):
-                try:
-                    self.core.add_request(message.prompt_ids, message.params, rid=message.rid)
-                except ValueError as e:  # the API process validates first; this is the last line of defence
-                    rejected.append(CoreOutput(message.rid, [], None, "abort", error=str(e)))
-            elif isinstance(message, AbortRequest):
-                self.core.abort(message.rid, message.reason)
+                error = self._add(message)
+                if error is not None:
+                    rejected.append(CoreOutput(message.rid, [], None, "abort", error=error))
+            elif isinstance(message, AbortRequests):
+                self.core.abort_many(message.rids, message.reason)
             elif isinstance(message, Shutdown):
                 return False
         if rejected:
-            self.outputs.send_pyobj(EngineOutputs(rejected, self.stats()))
+            self.send(EngineOutputs(rejected, self.stats()))
         return True
+
+    def _add(self, message: AddRequest) -> str | None:
+        """Queue a request; the error that rejects it alone, if any."""
+        try:
+            self.core.add_request(message.prompt_ids, message.params, rid=message.rid)
+        except ValueError as e:  # the API process validates first; this is the last line of defence
+            return str(e)
+        except Exception as e:  # a fault of the engine's, but one this request alone triggered
+            logger.exception("request %d could not be added", message.rid)
+            return f"internal error: {type(e).__name__}: {e}"
+        return None
 
     def stats(self) -> EngineStats:
         scheduler, kv = self.core.scheduler, self.core.kv_cache

@@ -16,8 +16,9 @@ from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from keel.engine.outputs import RequestOutput, TokenLogprob
+from keel.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from keel.engine.request_state import RequestState
+from keel.engine.stop_strings import StopAutomaton
 from keel.sampling_params import SamplingParams
 from keel.server.engine_client import EngineClient
 from keel.server.metrics import ServerMetrics
@@ -29,13 +30,22 @@ class GenerationEvent:
     text: str  # new text, safe to show (stop strings held back)
     token_ids: list[int]  # the tokens that arrived with this event
     logprobs: list[TokenLogprob]  # theirs, when asked for
-    output: RequestOutput  # the whole result so far (finish_reason set on the last event)
+    finish_reason: Optional[FinishReason]  # set on the last event only
+    error: Optional[str]  # why the engine gave up on the request, on the last event
+    num_tokens: int  # output tokens so far
+    # The whole result, shared and still growing: a consumer that lags behind its generation sees later state
+    # here, so per-event decisions use the fields above, taken when the event was made.
+    output: RequestOutput
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class Generation:
     def __init__(self, request_id: str, index: int, client: EngineClient, metrics: ServerMetrics,
                  tokenizer: PreTrainedTokenizerBase, prompt: Optional[str], prompt_ids: list[int],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, stops: StopAutomaton) -> None:
         self.request_id = request_id  # the response id: POST /abort/{request_id} stops it
         self.index = index
         self.client = client
@@ -43,7 +53,7 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.params = params
         self.rid = client.next_rid()
-        self.state = RequestState(str(self.rid), prompt, prompt_ids, params, tokenizer)
+        self.state = RequestState(str(self.rid), prompt, prompt_ids, params, tokenizer, stops)
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
         queue = self.client.submit(self.rid, self.prompt_ids, self.params, self.request_id)
@@ -64,7 +74,8 @@ class Generation:
                     self.metrics.prompt_tokens.inc(len(self.prompt_ids))
                     self.metrics.cache_hit_tokens.inc(out.num_cached_tokens)
                 yield GenerationEvent(self.index, self.state.take_delta(), list(out.token_ids),
-                                      list(out.logprobs or []), output)
+                                      list(out.logprobs or []), output.finish_reason, output.error,
+                                      len(output.token_ids), output)
             self.metrics.e2e.observe(time.monotonic() - arrival)
             self.metrics.requests.labels(output.finish_reason).inc()
         finally:

@@ -1,8 +1,19 @@
-"""The messages between the API process and the engine process (pickled over ZMQ)."""
+"""The messages between the API process and the engine process, and their wire format.
+
+Messages are msgpack with a schema (msgspec): a receiver decodes only the message types it expects,
+field by field, into these classes (SamplingParams re-validates itself on decode). Unlike pickle, a
+payload from anyone else who reaches a socket can at worst be rejected; it never runs code. Each
+message travels as two frames, the server's secret and the payload, so a process that can open the
+sockets but does not know the secret (it is handed to the engine through the spawn pipe, never on a
+command line) cannot speak for either side.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hmac
+from typing import Optional, Union
+
+import msgspec
 
 from keel.engine.limits import RequestLimits
 from keel.engine.outputs import CoreOutput, FinishReason
@@ -11,35 +22,32 @@ from keel.sampling_params import SamplingParams
 # ---- API process -> engine process
 
 
-@dataclass(frozen=True)
-class AddRequest:
+class AddRequest(msgspec.Struct, tag=True, frozen=True):
     rid: int
     prompt_ids: list[int]
     params: SamplingParams
 
 
-@dataclass(frozen=True)
-class AbortRequest:
-    rid: int
+class AbortRequests(msgspec.Struct, tag=True, frozen=True):
+    """Finish these requests now (all the choices of a response go in one message)."""
+
+    rids: list[int]
     reason: FinishReason = "abort"  # "stop": the API process found a stop string; the KV may be cached
 
 
-@dataclass(frozen=True)
-class Shutdown:
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
 # ---- engine process -> API process
 
 
-@dataclass(frozen=True)
-class EngineReady:
+class EngineReady(msgspec.Struct, tag=True, frozen=True):
     limits: RequestLimits
     page_size: int
 
 
-@dataclass(frozen=True)
-class EngineStats:
+class EngineStats(msgspec.Struct, tag=True, frozen=True):
     running: int
     waiting: int
     pages_total: int
@@ -49,14 +57,61 @@ class EngineStats:
     pages_held: int  # held by requests themselves
 
 
-@dataclass(frozen=True)
-class EngineOutputs:
-    """One engine step's outputs; also sent empty, as a heartbeat, at least every HEARTBEAT_S while idle."""
+class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
+    """One engine step's outputs; also sent empty, with fresh stats, at least every STATS_INTERVAL_S."""
 
     outputs: list[CoreOutput]
-    stats: EngineStats
+    stats: Optional[EngineStats]
 
 
-@dataclass(frozen=True)
-class EngineFailed:
+class EngineFailed(msgspec.Struct, tag=True, frozen=True):
     error: str  # the engine process is going down: why
+
+
+class Heartbeat(msgspec.Struct, tag=True, frozen=True):
+    """Sent by the engine process's heartbeat thread on a channel of its own: the process is running."""
+
+    pid: int
+
+
+ToEngine = Union[AddRequest, AbortRequests, Shutdown]
+FromEngine = Union[EngineReady, EngineOutputs, EngineFailed]
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def pack(secret: bytes, message: Union[ToEngine, FromEngine, Heartbeat]) -> list[bytes]:
+    """The frames that carry `message`."""
+    return [secret, _encoder.encode(message)]
+
+
+class MessageError(ValueError):
+    """Frames that are not one of the expected messages, or lack the secret."""
+
+
+class Decoder:
+    """Decodes one direction's messages; anything else raises MessageError."""
+
+    def __init__(self, kind: object, secret: bytes) -> None:
+        self._decoder = msgspec.msgpack.Decoder(kind)
+        self._secret = secret
+
+    def unpack(self, frames: list[bytes]):  # -> the union given at construction
+        if len(frames) != 2 or not hmac.compare_digest(frames[0], self._secret):
+            raise MessageError(f"dropped a message without the server's secret ({len(frames)} frames)")
+        try:
+            return self._decoder.decode(frames[1])
+        except (msgspec.DecodeError, ValueError, TypeError) as e:
+            raise MessageError(f"dropped a malformed message ({len(frames[1])} bytes): {e}") from e
+
+
+def to_engine_decoder(secret: bytes) -> Decoder:
+    return Decoder(ToEngine, secret)
+
+
+def from_engine_decoder(secret: bytes) -> Decoder:
+    return Decoder(FromEngine, secret)
+
+
+def heartbeat_decoder(secret: bytes) -> Decoder:
+    return Decoder(Heartbeat, secret)

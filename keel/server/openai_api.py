@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
+import logging
+import reprlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,17 +13,22 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
+from keel.config import ServerConfig
 from keel.engine.limits import ContextLengthError, validate_request
 from keel.engine.outputs import RequestOutput, TokenLogprob
+from keel.engine.stop_strings import StopAutomaton
 from keel.sampling_params import InvalidParameter, SamplingParams
 from keel.server.engine_client import EngineClient
 from keel.server.errors import APIError
-from keel.server.generation import Generation, GenerationEvent, merged_events
+from keel.server.generation import Generation, merged_events
 from keel.server.metrics import ServerMetrics
-from keel.server.protocol import ChatCompletionRequest, CompletionRequest
+from keel.server.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedContent
+from keel.server.tokenization import Tokenization, TooLongForContext
+
+logger = logging.getLogger(__name__)
 
 MAX_N = 128
 MAX_COMPLETION_LOGPROBS = 5
@@ -30,12 +37,22 @@ _COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"
 _CHAT_FIELDS = {"max_new_tokens": "max_completion_tokens"}
 
 
+RETRY_AFTER_S = 1  # told to clients refused because the queue is full
+
+
 @dataclass(frozen=True)
 class ServerContext:
     client: EngineClient
     tokenizer: PreTrainedTokenizerBase
+    tokenization: Tokenization
     metrics: ServerMetrics
     model_name: str
+    config: ServerConfig
+
+    @property
+    def max_pending(self) -> int:
+        """Most engine requests in flight: a full batch plus the allowed queue."""
+        return self.client.config.max_running_requests + self.config.max_queued_requests
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,7 @@ class Prompt:
 
 def check_model(ctx: ServerContext, model: str) -> None:
     if model != ctx.model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{ctx.model_name}`.",
+        raise APIError(404, f"The model {reprlib.repr(model)} does not exist; this server serves `{ctx.model_name}`.",
                        param="model", code="model_not_found")
 
 
@@ -67,8 +84,31 @@ def check_request(ctx: ServerContext, prompt: Prompt, params: SamplingParams, pa
         validate_request(prompt.ids, params, ctx.client.limits)
     except ContextLengthError as e:
         raise APIError(400, str(e), param=param, code="context_length_exceeded") from e
+    except InvalidParameter as e:
+        raise APIError(400, str(e), param=e.param) from e
     except ValueError as e:
         raise APIError(400, str(e), param=param) from e
+
+
+async def encode_prompt(ctx: ServerContext, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a prompt text; one that cannot fit the context is refused before it is tokenized."""
+    assert ctx.client.limits is not None
+    try:
+        ctx.tokenization.check_fits(text, ctx.client.limits.context_length)
+    except TooLongForContext as e:
+        raise APIError(400, str(e), param=param, code="context_length_exceeded") from e
+    return await ctx.tokenization.encode(text, add_special_tokens)
+
+
+def check_capacity(ctx: ServerContext, num_prompts: int, n: int) -> None:
+    """Bound the work one request can start (prompts x n), and refuse with 503 while the queue is full."""
+    fanout = num_prompts * n
+    if fanout > ctx.config.max_fanout:
+        raise APIError(400, f"{num_prompts} prompts x n={n} = {fanout} generations, more than the "
+                            f"{ctx.config.max_fanout} one request may start (--max-fanout)", param="n")
+    if not ctx.client.has_room(fanout, ctx.max_pending):
+        raise APIError(503, f"the server is at capacity ({ctx.max_pending} requests in flight); retry shortly",
+                       type="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def common_fields(body: Union[CompletionRequest, ChatCompletionRequest]) -> dict[str, Any]:
@@ -87,16 +127,18 @@ def common_fields(body: Union[CompletionRequest, ChatCompletionRequest]) -> dict
     )
 
 
-def make_generations(ctx: ServerContext, request_id: str, prompts: list[Prompt],
-                     prompt_params: list[SamplingParams], n: int) -> list[Generation]:
+async def make_generations(ctx: ServerContext, request_id: str, prompts: list[Prompt],
+                           prompt_params: list[SamplingParams], n: int) -> list[Generation]:
     """n choices per prompt, numbered prompt by prompt; with a seed, choice j draws from seed + j, so the
-    choices differ but repeat."""
+    choices differ but repeat. Every choice shares one stop-string automaton (the stops are the request's)."""
+    stop = prompt_params[0].stop
+    stops = await ctx.tokenization.run(sum(map(len, stop)), lambda: StopAutomaton(stop))
     generations = []
     for p, (prompt, params) in enumerate(zip(prompts, prompt_params)):
         for j in range(n):
-            choice_params = params if params.seed is None or j == 0 else _with_seed(params, params.seed + j)
+            choice_params = params if params.seed is None or j == 0 else _with_seed(params, (params.seed + j) % 2**64)
             generations.append(Generation(request_id, p * n + j, ctx.client, ctx.metrics, ctx.tokenizer,
-                                          prompt.text, prompt.ids, choice_params))
+                                          prompt.text, prompt.ids, choice_params, stops))
     return generations
 
 
@@ -104,28 +146,44 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return SamplingParams(**{**params.__dict__, "seed": seed})
 
 
-async def collect(generations: list[Generation], request: Request) -> list[RequestOutput]:
-    """Run every generation to the end; if the client disconnects first, they are all aborted. (Streams need
-    no such watch: Starlette cancels a stream whose client is gone, which aborts its generations.)"""
-    results: dict[int, RequestOutput] = {}
-    async for event in watch_disconnect(merged_events(generations), request):
-        if event.output.finished:
-            results[event.index] = event.output
-    outputs = [results[g.index] for g in generations]
+async def collect(generations: list[Generation], request: Request) -> Optional[list[RequestOutput]]:
+    """Run every generation to the end, or, the moment the client disconnects (even while its requests still
+    wait in the queue), abort them all at once and return None. (Streams need no such watch: Starlette
+    cancels a stream whose client is gone, which aborts its generations.)"""
+    run = asyncio.ensure_future(_run_to_end(generations))
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not run.done():
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        logger.info("client of %s disconnected: its %d requests are aborted", generations[0].request_id,
+                    len(generations))
+        return None
+    outputs = run.result()
     for out in outputs:
         if out.error is not None:
             raise APIError(500, f"the engine could not serve the request: {out.error}", type="internal_error")
     return outputs
 
 
-async def watch_disconnect(events: AsyncIterator[GenerationEvent], request: Request
-                           ) -> AsyncIterator[GenerationEvent]:
-    """Stop (aborting the generations) as soon as the client disconnects, even between events."""
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if await request.is_disconnected():
-                return
-            yield event
+async def _run_to_end(generations: list[Generation]) -> list[RequestOutput]:
+    results: dict[int, RequestOutput] = {}
+    async for event in merged_events(generations):
+        if event.finished:
+            results[event.index] = event.output
+    return [results[g.index] for g in generations]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else arrives before that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def client_gone() -> Response:
+    """The response to a client that has disconnected: nobody will read it."""
+    return Response(status_code=499)
 
 
 def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, int]:
@@ -139,9 +197,19 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def sse_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+def sse_stream(events: AsyncIterator[str], response_id: str) -> StreamingResponse:
+    return StreamingResponse(_note_disconnect(events, response_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _note_disconnect(events: AsyncIterator[str], response_id: str) -> AsyncIterator[str]:
+    """Log one line when a stream is cut off before its last event (its client went away)."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        logger.info("client of %s disconnected: its requests are aborted", response_id)
+        raise
 
 
 def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
@@ -153,7 +221,8 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
 
 async def create_completion(ctx: ServerContext, body: CompletionRequest, request: Request):
     check_model(ctx, body.model)
-    prompts = completion_prompts(ctx, body.prompt)
+    check_capacity(ctx, 1 if isinstance(body.prompt, str) or _is_ids(body.prompt) else len(body.prompt), body.n)
+    prompts = await completion_prompts(ctx, body.prompt)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}", param="logprobs")
     fields = common_fields(body)
@@ -167,52 +236,59 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         check_request(ctx, prompt, params, "prompt")
         checked.append(params)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    generations = make_generations(ctx, response_id, prompts, checked, body.n)
+    echoes = [await prompt_text(ctx, p) for p in prompts] if body.echo else None
+    generations = await make_generations(ctx, response_id, prompts, checked, body.n)
     if body.stream:
-        return sse_stream(stream_completion(ctx, body, prompts, generations, response_id, created))
+        return sse_stream(stream_completion(ctx, body, prompts, echoes, generations, response_id, created),
+                          response_id)
     outputs = await collect(generations, request)
-    choices = [completion_choice(ctx, body, prompts[i // body.n], i, out) for i, out in enumerate(outputs)]
+    if outputs is None:
+        return client_gone()
+    size = sum(len(p.ids) for p in prompts) if body.echo else sum(len(o.token_ids) for o in outputs)
+    choices = await ctx.tokenization.run(size, lambda: [
+        completion_choice(ctx, body, prompts[i // body.n], echoes[i // body.n] if echoes else None, i, out)
+        for i, out in enumerate(outputs)])
     return JSONResponse({"id": response_id, "object": "text_completion", "created": created,
                          "model": ctx.model_name, "choices": choices, "usage": usage(prompts, outputs)})
 
 
-def completion_prompts(ctx: ServerContext, prompt: Union[str, list[str], list[int], list[list[int]]]
-                       ) -> list[Prompt]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif prompt and isinstance(prompt[0], int):
+def _is_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+
+
+async def completion_prompts(ctx: ServerContext, prompt: Union[str, list[str], list[int], list[list[int]]]
+                             ) -> list[Prompt]:
+    if isinstance(prompt, str) or _is_ids(prompt):
         prompt = [prompt]  # type: ignore[list-item]
     if not prompt:
         raise APIError(400, "prompt is empty", param="prompt")
     result = []
     for item in prompt:
         if isinstance(item, str):
-            result.append(Prompt(item, ctx.tokenizer(item).input_ids))
+            result.append(Prompt(item, await encode_prompt(ctx, item, "prompt")))
         else:
             result.append(Prompt(None, list(item)))
     return result
 
 
-def completion_choice(ctx: ServerContext, body: CompletionRequest, prompt: Prompt, index: int,
+async def prompt_text(ctx: ServerContext, prompt: Prompt) -> str:
+    return prompt.text if prompt.text is not None else await ctx.tokenization.decode(prompt.ids)
+
+
+def completion_choice(ctx: ServerContext, body: CompletionRequest, prompt: Prompt, echo: Optional[str], index: int,
                       out: RequestOutput) -> dict[str, Any]:
-    text = out.text
-    if body.echo:
-        text = _prompt_text(ctx, prompt) + text
+    text = out.text if echo is None else echo + out.text
     logprobs = None
     if body.logprobs is not None:
         entries = out.logprobs or []
-        if body.echo:
+        if echo is not None:
             echoed = [None, *(out.prompt_logprobs or [])]
             logprobs = completion_logprobs(ctx, prompt.ids, echoed, 0)
-            tail = completion_logprobs(ctx, out.token_ids, entries, len(_prompt_text(ctx, prompt)))
+            tail = completion_logprobs(ctx, out.token_ids, entries, len(echo))
             logprobs = {key: logprobs[key] + tail[key] for key in logprobs}
         else:
             logprobs = completion_logprobs(ctx, out.token_ids, entries, 0)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-
-
-def _prompt_text(ctx: ServerContext, prompt: Prompt) -> str:
-    return prompt.text if prompt.text is not None else ctx.tokenizer.decode(prompt.ids)
 
 
 def completion_logprobs(ctx: ServerContext, token_ids: list[int], entries: list[Optional[TokenLogprob]],
@@ -230,32 +306,30 @@ def completion_logprobs(ctx: ServerContext, token_ids: list[int], entries: list[
 
 
 async def stream_completion(ctx: ServerContext, body: CompletionRequest, prompts: list[Prompt],
-                            generations: list[Generation], response_id: str, created: int) -> AsyncIterator[str]:
+                            echoes: Optional[list[str]], generations: list[Generation], response_id: str,
+                            created: int) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     header = {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name}
     started: set[int] = set()
     offsets: dict[int, int] = {}
     finished: dict[int, RequestOutput] = {}
     async for event in merged_events(generations):
-        prompt = prompts[event.index // body.n]
         text = event.text
-        if body.echo and event.index not in started:
-            text = _prompt_text(ctx, prompt) + text
+        if echoes is not None and event.index not in started:
+            text = echoes[event.index // body.n] + text
         started.add(event.index)
-        out = event.output
-        if out.error is not None:
-            yield sse({"error": APIError(500, out.error, type="internal_error").body()["error"]})
+        if event.error is not None:
+            yield sse({"error": APIError(500, event.error, type="internal_error").body()["error"]})
             continue
         logprobs = None
         if body.logprobs is not None:
             logprobs = completion_logprobs(ctx, event.token_ids, event.logprobs, offsets.get(event.index, 0))
             offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in logprobs["tokens"])
-        finish = out.finish_reason if out.finished else None
-        if text or finish or logprobs:
-            choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if text or event.finished or logprobs:
+            choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": event.finish_reason}
             yield sse({**header, "choices": [choice], **({"usage": None} if include_usage else {})})
-        if out.finished:
-            finished[event.index] = out
+        if event.finished:
+            finished[event.index] = event.output
     if include_usage:
         yield sse({**header, "choices": [], "usage": usage(prompts, list(finished.values()))})
     yield "data: [DONE]\n\n"
@@ -270,7 +344,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         raise APIError(400, "tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    prompt = chat_prompt(ctx, body)
+    check_capacity(ctx, 1, body.n)
+    prompt = await chat_prompt(ctx, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = max(ctx.client.limits.context_length - len(prompt.ids), 1)
@@ -280,10 +355,12 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     params = sampling_params(fields, names)
     check_request(ctx, prompt, params, "messages")
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    generations = make_generations(ctx, response_id, [prompt], [params], body.n)
+    generations = await make_generations(ctx, response_id, [prompt], [params], body.n)
     if body.stream:
-        return sse_stream(stream_chat(ctx, body, prompt, generations, response_id, created))
+        return sse_stream(stream_chat(ctx, body, prompt, generations, response_id, created), response_id)
     outputs = await collect(generations, request)
+    if outputs is None:
+        return client_gone()
     choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
                 "logprobs": chat_logprobs(ctx, out.token_ids, out.logprobs) if body.logprobs else None,
                 "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]
@@ -291,15 +368,22 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                          "model": ctx.model_name, "choices": choices, "usage": usage([prompt], outputs)})
 
 
-def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> Prompt:
+async def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> Prompt:
     if not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    except UnsupportedContent as e:
+        raise APIError(400, str(e), param="messages") from e
+    assert ctx.client.limits is not None
+    try:  # the rendered prompt is at least as long as the contents
+        ctx.tokenization.check_fits("".join(m["content"] for m in messages), ctx.client.limits.context_length)
+        text = await ctx.tokenization.render_chat(messages)
+    except TooLongForContext as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from e
     except Exception as e:  # templates raise on roles or orders they do not accept
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
-    return Prompt(text, ctx.tokenizer(text, add_special_tokens=False).input_ids)
+    return Prompt(text, await encode_prompt(ctx, text, "messages", add_special_tokens=False))
 
 
 def chat_logprobs(ctx: ServerContext, token_ids: list[int], entries: Optional[list[TokenLogprob]]
@@ -323,18 +407,17 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, prompt: P
                                           "finish_reason": None}], **extra})
     finished: list[RequestOutput] = []
     async for event in merged_events(generations):
-        out = event.output
-        if out.error is not None:
-            yield sse({"error": APIError(500, out.error, type="internal_error").body()["error"]})
+        if event.error is not None:
+            yield sse({"error": APIError(500, event.error, type="internal_error").body()["error"]})
             continue
         logprobs = chat_logprobs(ctx, event.token_ids, event.logprobs) if body.logprobs and event.logprobs else None
         if event.text or logprobs:
             choice = {"index": event.index, "delta": {"content": event.text}, "logprobs": logprobs,
                       "finish_reason": None}
             yield sse({**header, "choices": [choice], **extra})
-        if out.finished:
-            finished.append(out)
-            choice = {"index": event.index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
+        if event.finished:
+            finished.append(event.output)
+            choice = {"index": event.index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}
             yield sse({**header, "choices": [choice], **extra})
     if include_usage:
         yield sse({**header, "choices": [], "usage": usage([prompt], finished)})

@@ -1,19 +1,26 @@
 """Request bodies of the HTTP API (OpenAI's schema, plus keel's native /generate).
 
-Types are checked here; values (ranges, combinations) by SamplingParams and the request limits,
-so the engine and the server can never disagree on what is valid. Unknown fields are ignored,
-as OpenAI-compatible servers usually do.
+Types are checked here, strictly: no string or bool stands in for a number, no number is
+infinite, every string is valid Unicode (the JSON parser rejects lone surrogates and bad UTF-8).
+Values (ranges, combinations) are checked by SamplingParams and the request limits, so the engine
+and the server can never disagree on what is valid. Unknown fields are ignored, as
+OpenAI-compatible servers usually do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import reprlib
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class UnsupportedContent(ValueError):
+    """A chat content part keel cannot take (an image, audio, ...)."""
 
 
 class StreamOptions(_Body):
@@ -47,20 +54,24 @@ class CompletionRequest(_SamplingFields):
     logprobs: Optional[int] = None
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Body):
+    type: str
+    text: Optional[str] = None
 
 
 class ChatMessage(_Body):
     role: str
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise UnsupportedContent(f"content parts of type {reprlib.repr(part.type)} are not supported: this "
+                                         "server takes text only (parts of type 'text' with a 'text' string)")
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -8,13 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-HEALTH_TIMEOUT_S = 3
 
 
 @dataclass
@@ -22,6 +21,7 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    headers: dict[str, str] = field(default_factory=dict)  # the API key, when the server requires one
 
     def children(self) -> list[int]:
         """Processes whose parent is the server (the engine process)."""
@@ -36,7 +36,7 @@ class Server:
         return found
 
     def info(self) -> dict:
-        return httpx.get(f"{self.url}/server_info").json()
+        return httpx.get(f"{self.url}/server_info", headers=self.headers).json()
 
 
 def free_port() -> int:
@@ -50,9 +50,11 @@ def start_server(log: Path, *args: str) -> Server:
     env = {**os.environ, "KEEL_STRICT_CHECKS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "keel.cli", "serve", "--model", "keel-demo", "--port", str(port),
-         "--health-timeout", str(HEALTH_TIMEOUT_S), "--kv-cache-tokens", "4096", "--page-size", "4", *args],
+         "--kv-cache-tokens", "4096", "--page-size", "4", *args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", process, log)
+    if "--api-key" in args:
+        server.headers["Authorization"] = f"Bearer {args[args.index('--api-key') + 1]}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:

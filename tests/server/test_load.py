@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import time
 
 import httpx
-import pytest
 
 import keel
-from tests.server.conftest import HEALTH_TIMEOUT_S
 
 CLIENTS = 64
 DISCONNECTING = CLIENTS // 4
@@ -42,8 +38,8 @@ def wait_until_idle(server, timeout_s: float = 30) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info = server.info()
-        engine = info["engine"]
-        if info["pending_requests"] == 0 and engine["running"] == 0 and engine["waiting"] == 0:
+        engine = info["engine"]  # None until the engine's first stats arrive
+        if info["pending_requests"] == 0 and engine and engine["running"] == 0 and engine["waiting"] == 0:
             return info
         time.sleep(0.1)
     raise AssertionError(f"server never went idle: {server.info()}")
@@ -78,21 +74,6 @@ def test_abort_route_stops_a_running_request(server):
         rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert rest[-1]["choices"][0]["finish_reason"] == "abort"
     assert wait_until_idle(server)["engine"]["pages_held"] == 0
-
-
-def test_health_fails_while_the_engine_hangs(server):
-    engine_pid = server.info()["engine_pid"]
-    assert engine_pid in server.children()
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    os.kill(engine_pid, signal.SIGSTOP)
-    try:
-        time.sleep(HEALTH_TIMEOUT_S + 1)
-        response = httpx.get(f"{server.url}/health")
-        assert response.status_code == 503 and "has not answered" in response.json()["error"]["message"]
-    finally:
-        os.kill(engine_pid, signal.SIGCONT)
-    time.sleep(1)
-    assert httpx.get(f"{server.url}/health").status_code == 200
 
 
 def metric(text: str, name: str) -> float:
