@@ -46,9 +46,11 @@ class ModelRunner:
                                 seed=config.seed, fused=self.attention_backend == "triton")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # dummy weights are drawn asynchronously: time all of it
-        logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.1f s", source.name, model_config.architecture,
-                    sum(p.numel() for p in self.model.parameters()) / 1e6, self.dtype, self.device,
-                    time.perf_counter() - start)
+        parameters = list(self.model.parameters())
+        logger.info("Loaded %s (%s, %.1fM parameters, %.2f GiB of weights, attention %s, %s on %s) in %.1f s",
+                    source.name, model_config.architecture, sum(p.numel() for p in parameters) / 1e6,
+                    sum(p.numel() * p.element_size() for p in parameters) / 2**30, self.attention_backend,
+                    self.dtype, self.device, time.perf_counter() - start)
         num_pages = self._plan_kv_pages(config)
         mc = model_config
         self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
@@ -56,8 +58,8 @@ class ModelRunner:
         self.kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests,
                                        self.context_length, self.device, prefix_cache=not config.disable_radix_cache)
         self.attn_backend = create_backend(self.attention_backend, self.kv_cache.table, self.model.attention_layers)
-        logger.info("KV pool: %d pages of %d tokens (%.2f GiB)", num_pages, config.page_size,
-                    2 * self.kv_pool.k_cache.nbytes / 2**30)
+        logger.info("KV pool: %d tokens in %d pages of %d (%.2f GiB); context length %d", num_pages * config.page_size,
+                    num_pages, config.page_size, 2 * self.kv_pool.k_cache.nbytes / 2**30, self.context_length)
         self.cuda_graph: Optional[CudaGraphRunner] = None
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
             max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)

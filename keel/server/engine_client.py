@@ -32,7 +32,7 @@ from keel.sampling_params import SamplingParams
 from keel.server.engine_process import run_engine_process
 from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
                                   EngineStats, MessageError, Shutdown, ToEngine, from_engine_decoder, heartbeat_decoder,
-                                  pack)
+                                  ipc_addresses, pack)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class EngineClient:
         self._context = zmq.asyncio.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="keel-ipc-")  # mode 0700: no other user reaches the sockets
         os.chmod(self._ipc_dir, 0o700)
-        self._addresses = {name: f"ipc://{self._ipc_dir}/{name}" for name in ("requests", "outputs", "heartbeat")}
+        self._addresses = ipc_addresses(self._ipc_dir)
         # Every message carries this secret as its first frame: it reaches the engine through the spawn pipe,
         # not the command line, so a process that can open the sockets still cannot speak for the engine.
         self._secret = secrets.token_bytes(16)
@@ -85,7 +85,7 @@ class EngineClient:
         ready.wait()
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(target=run_engine_process, name="keel-engine", daemon=True,
-                                      args=(self.config, self._addresses, self._secret))
+                                      args=(self.config, self._ipc_dir, self._secret))
         self._process.start()
         deadline = time.monotonic() + timeout_s
         while True:

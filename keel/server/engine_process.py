@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -27,7 +28,8 @@ from keel.config import EngineConfig
 from keel.engine.core import EngineCore
 from keel.engine.outputs import CoreOutput
 from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
-                                  EngineStats, FromEngine, Heartbeat, MessageError, Shutdown, pack, to_engine_decoder)
+                                  EngineStats, FromEngine, Heartbeat, MessageError, Shutdown, ipc_addresses, pack,
+                                  to_engine_decoder)
 
 STATS_INTERVAL_S = 0.5
 HEARTBEAT_S = 0.25
@@ -35,9 +37,14 @@ HEARTBEAT_S = 0.25
 logger = logging.getLogger(__name__)
 
 
-def run_engine_process(config: EngineConfig, addresses: dict[str, str], secret: bytes) -> None:
-    """`secret` is the first frame of every message, both ways (see EngineClient)."""
+def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> None:
+    """Serve the sockets in `ipc_dir`; `secret` is the first frame of every message, both ways (see
+    EngineClient). If the API process dies (even by SIGKILL), this process removes the folder and exits."""
+    parent = os.getppid()
+    addresses = ipc_addresses(ipc_dir)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("keel").setLevel(logging.INFO)  # the start-up log: model, weights, KV pool, CUDA graphs
     context = zmq.Context()
     requests = context.socket(zmq.PULL)
     requests.connect(addresses["requests"])
@@ -59,6 +66,8 @@ def run_engine_process(config: EngineConfig, addresses: dict[str, str], secret: 
         outputs.close(linger=1000)
         requests.close(linger=0)
         context.term()
+        if os.getppid() != parent:  # orphaned: nobody else is left to clean up
+            shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 def _send(socket: zmq.Socket, secret: bytes, message: FromEngine) -> None:

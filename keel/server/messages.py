@@ -80,6 +80,11 @@ FromEngine = Union[EngineReady, EngineOutputs, EngineFailed]
 _encoder = msgspec.msgpack.Encoder()
 
 
+def ipc_addresses(ipc_dir: str) -> dict[str, str]:
+    """The three channels in the server's private folder: requests and aborts, outputs, heartbeats."""
+    return {name: f"ipc://{ipc_dir}/{name}" for name in ("requests", "outputs", "heartbeat")}
+
+
 def pack(secret: bytes, message: Union[ToEngine, FromEngine, Heartbeat]) -> list[bytes]:
     """The frames that carry `message`."""
     return [secret, _encoder.encode(message)]

@@ -8,6 +8,7 @@ the ones the probe used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -18,6 +19,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -227,11 +229,43 @@ def test_the_worst_allowed_stop_list_does_not_slow_other_clients(server):
 # ---- row 5: engine killed ------------------------------------------------------------------------
 
 
-def test_after_kill_9_of_the_engine_the_server_exits_non_zero_and_leaves_nothing(tmp_path, keel_cache_dir):
+@contextlib.contextmanager
+def own_server(log: Path) -> Iterator[tuple[Server, str]]:
+    """A server of the test's own and its IPC folder; killed at the end if the test left it running."""
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "keel-ipc-*")))
-    server = start_server(tmp_path / "serve.log")
-    ipc_dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), "keel-ipc-*"))) - before
-    assert len(ipc_dirs) == 1
+    server = start_server(log)
+    (ipc_dir,) = set(glob.glob(os.path.join(tempfile.gettempdir(), "keel-ipc-*"))) - before
+    children = server.children()
+    try:
+        yield server, ipc_dir
+    finally:
+        for pid in (server.process.pid, *children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+def test_after_kill_9_of_the_api_process_the_engine_removes_the_ipc_folder_and_exits(tmp_path, keel_cache_dir):
+    with own_server(tmp_path / "serve.log") as (server, ipc_dir):
+        engine_pid = server.info()["engine_pid"]
+        server.process.kill()
+        deadline = time.monotonic() + 5
+        while (_alive(engine_pid) or os.path.exists(ipc_dir)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(engine_pid) and not os.path.exists(ipc_dir)
+
+
+def test_after_kill_9_of_the_engine_the_server_exits_non_zero_and_leaves_nothing(tmp_path, keel_cache_dir):
+    with own_server(tmp_path / "serve.log") as (server, ipc_dir):
+        _kill_the_engine_under_20_streams(server, ipc_dir)
+
+
+def _kill_the_engine_under_20_streams(server: Server, ipc_dir: str) -> None:
     children = server.children()
     engine_pid = server.info()["engine_pid"]
     results: list[list[str]] = []
@@ -259,10 +293,9 @@ def test_after_kill_9_of_the_engine_the_server_exits_non_zero_and_leaves_nothing
     for lines in results:  # every in-flight client got an error, then a proper end of stream
         assert lines[-1] == "data: [DONE]"
         assert "engine process exited" in json.loads(lines[-2][6:])["error"]["message"]
-    assert not [d for d in ipc_dirs if os.path.exists(d)]
+    assert not os.path.exists(ipc_dir)
     time.sleep(0.5)
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and
-                "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert not [pid for pid in children if _alive(pid)]
     log = server.log.read_text()
     assert log.count("failing") == 1 and "Traceback" not in log, log
 
@@ -311,9 +344,11 @@ class _Marker:
 
 
 def test_injected_messages_on_the_ipc_socket_are_dropped(tmp_path, keel_cache_dir):
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "keel-ipc-*")))
-    server = start_server(tmp_path / "serve.log")
-    (ipc_dir,) = set(glob.glob(os.path.join(tempfile.gettempdir(), "keel-ipc-*"))) - before
+    with own_server(tmp_path / "serve.log") as (server, ipc_dir):
+        _inject(server, ipc_dir, tmp_path)
+
+
+def _inject(server: Server, ipc_dir: str, tmp_path: Path) -> None:
     assert os.stat(ipc_dir).st_mode & 0o777 == 0o700
     marker = tmp_path / "pwned"
     context = zmq.Context()
