@@ -40,12 +40,20 @@ class ModelConfig:
     sliding_windows: tuple[Optional[int], ...]
     eos_token_ids: tuple[int, ...]
     checkpoint_dtype: torch.dtype
+    # The RoPE of the sliding-window layers where the config gives one per layer type (Gemma 3);
+    # None: every layer uses `rope`.
+    sliding_rope: Optional[RopeConfig] = None
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma); None: head_dim ** -0.5.
+    query_pre_attn_scalar: Optional[float] = None
+    hidden_act: str = "silu"
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig, eos_token_ids: Optional[tuple[int, ...]] = None) -> "ModelConfig":
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:
             raise ValueError("config.json has no 'architectures' entry; cannot choose a model class")
+        _check_supported(hf)
+        rope, sliding_rope = _rope_configs(hf)
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         return cls(
@@ -59,20 +67,44 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
             max_position_embeddings=hf.max_position_embeddings,
-            rope=_rope_config(hf),
+            rope=rope,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf, "attention_bias", False)),
             sliding_windows=_sliding_windows(hf),
             eos_token_ids=eos_token_ids if eos_token_ids is not None else _as_ids(hf.eos_token_id),
             checkpoint_dtype=_checkpoint_dtype(hf),
+            sliding_rope=sliding_rope,
+            query_pre_attn_scalar=_optional_float(getattr(hf, "query_pre_attn_scalar", None)),
+            hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu",
         )
 
 
-def _rope_config(hf: PretrainedConfig) -> RopeConfig:
+def _check_supported(hf: PretrainedConfig) -> None:
+    """Refuse configs whose features keel does not implement, rather than silently ignoring them."""
+    if getattr(hf, "text_config", None) is not None:
+        raise ValueError(f"{type(hf).__name__} (model_type {hf.model_type!r}) is a multimodal config; keel runs "
+                         "text-only checkpoints (for Gemma 3: Gemma3ForCausalLM with model_type 'gemma3_text')")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(hf, name, None) is not None:
+            raise ValueError(f"{name}={getattr(hf, name)} is not supported (keel applies no logit soft-capping)")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention=True is not supported; keel attends causally")
+
+
+def _rope_configs(hf: PretrainedConfig) -> tuple[RopeConfig, Optional[RopeConfig]]:
+    """(RoPE of the full-attention layers, RoPE of the sliding ones or None). transformers gives
+    Gemma 3 `rope_parameters` per layer type, other families one set for all layers."""
     params: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        sliding = params.get("sliding_attention")
+        return _rope_config(hf, params["full_attention"]), _rope_config(hf, sliding) if sliding else None
     legacy = getattr(hf, "rope_scaling", None)  # transformers 4.x layout
     if legacy and not params.get("rope_type"):
         params.update(legacy)
+    return _rope_config(hf, params), None
+
+
+def _rope_config(hf: PretrainedConfig, params: dict[str, Any]) -> RopeConfig:
     theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in SUPPORTED_ROPE_TYPES:
@@ -100,6 +132,10 @@ def _sliding_windows(hf: PretrainedConfig) -> tuple[Optional[int], ...]:
     if layer_types is not None:
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     return (window,) * hf.num_hidden_layers
+
+
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

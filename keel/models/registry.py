@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from keel.models.gemma3 import Gemma3ForCausalLM
 from keel.models.llama import LlamaForCausalLM
 from keel.models.mistral import MistralForCausalLM
 from keel.models.qwen2 import Qwen2ForCausalLM
 from keel.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

@@ -1,0 +1,129 @@
+"""Gemma 3, text only (`Gemma3ForCausalLM`, model_type "gemma3_text").
+
+Against the Llama decoder: Gemma's RMSNorm (scale 1 + weight, applied in float32) everywhere, also
+on each head of q and k before the rotation; "sandwich" norms, so the attention and MLP outputs
+are normalised before their residual adds; a GELU-tanh gated MLP; embeddings scaled by
+sqrt(hidden_size); attention scale query_pre_attn_scalar ** -0.5; tied embeddings; and per layer
+type (`layer_types`) a sliding window or full attention, each with its own RoPE.
+
+Keel's fused paths (llama.py) apply a norm inside the projection after it and the residual add
+inside the projection before it. Here a norm sits between a projection and its residual add, and
+Gemma's norm rounds differently from the fused norm kernel, so norms, activation and adds run in
+plain torch even when `fused`; the projections still take `fused` (their one-row GEMV) and
+attention goes through the selected backend, so the Triton kernels and CUDA graphs apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from keel.attention.base import AttentionContext, AttentionLayer, Rotation
+from keel.models.config import ModelConfig
+from keel.models.layers.activation import GeluTanhAndMul
+from keel.models.layers.embedding import LMHead, VocabEmbedding
+from keel.models.layers.linear import FusedLinear, Linear
+from keel.models.layers.norm import GemmaRMSNorm
+from keel.models.layers.rotary import RotaryEmbedding
+from keel.models.llama import LlamaForCausalLM
+
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool) -> None:
+        super().__init__()
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
+        scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
+        self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, scale, config.sliding_windows[layer_id])
+        self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size),
+                                    bias=config.attention_bias, fused=fused)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias, fused=fused)
+        self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        spec = self.layer
+        q = self.q_norm(q.reshape(-1, spec.num_heads, spec.head_dim))
+        k = self.k_norm(k.reshape(-1, spec.num_kv_heads, spec.head_dim))
+        v = v.reshape(-1, spec.num_kv_heads, spec.head_dim)
+        return self.o_proj(ctx.attend(spec, q, k, v, Rotation(self.rotary, positions)))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: ModelConfig, fused: bool) -> None:
+        super().__init__()
+        if config.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"unsupported Gemma 3 activation {config.hidden_act!r}; keel supports "
+                             f"{SUPPORTED_ACTIVATIONS}")
+        size = config.intermediate_size
+        self.gate_up_proj = FusedLinear(config.hidden_size, (size, size), fused=fused)
+        self.act = GeluTanhAndMul()
+        self.down_proj = Linear(size, config.hidden_size, fused=fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool) -> None:
+        super().__init__()
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps)
+        self.self_attn = Gemma3Attention(config, layer_id, rotary, fused)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
+        self.mlp = Gemma3MLP(config, fused)
+        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        attn = self.self_attn(positions, self.input_layernorm(hidden), ctx)
+        hidden = hidden + self.post_attention_layernorm(attn)
+        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int, fused: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # In the weights' dtype, as transformers has it: sqrt(3072) is 55.5 in bfloat16, not 55.43.
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5,
+                                                         dtype=self.embed_tokens.weight.dtype), persistent=False)
+        full = RotaryEmbedding(config.head_dim, config.rope, max_positions)
+        local = RotaryEmbedding(config.head_dim, config.sliding_rope, max_positions) if config.sliding_rope else full
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, i, full if window is None else local, fused)
+            for i, window in enumerate(config.sliding_windows))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) * self.embed_scale
+        for layer in self.layers:
+            hidden = layer(positions, hidden, ctx)
+        return self.norm(hidden)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    FUSED_WEIGHTS = LlamaForCausalLM.FUSED_WEIGHTS  # the same q/k/v and gate/up checkpoint names
+
+    def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Gemma3Model(config, max_positions, fused)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied, fused=fused)
+
+    @property
+    def attention_layers(self) -> list[AttentionLayer]:
+        return [layer.self_attn.layer for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Final hidden states, [tokens, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits for the given hidden states only (the sampled positions)."""
+        return self.lm_head(hidden)
