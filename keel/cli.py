@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from keel.config import EngineConfig, ServerConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # imported lazily at run time: `keel --help` stays fast
+    from keel.engine.engine import Engine
 
 # The engine's --seed already seeds every request of a CLI run, so there is no per-request --seed.
 _ENGINE_SEEDED = ("seed",)
@@ -35,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_opts = gen.add_argument_group("sampling options")
     add_dataclass_arguments(sampling_opts, SamplingParams, skip=_ENGINE_SEEDED)
     gen.add_argument("--no-stream", action="store_true", help="print each completion when it is done")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a user message through the model's chat template; print the answer")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from keel.bench import latency, offline, serve as bench_serve
 
@@ -59,15 +64,27 @@ def generate(args: argparse.Namespace) -> None:
     params = SamplingParams(**dataclass_kwargs(args, SamplingParams, skip=_ENGINE_SEEDED))  # fail before loading
     options = dataclass_kwargs(args, EngineConfig)
     engine = Engine(options.pop("model"), **options)
+    inputs = [chat_ids(engine, p) for p in args.prompts] if args.chat else args.prompts
+    echoed = [""] * len(args.prompts) if args.chat else args.prompts  # a chat answer is printed alone
     if len(args.prompts) == 1 and not args.no_stream:
-        sys.stdout.write(args.prompts[0])
-        for delta in engine.stream(args.prompts[0], params):
+        sys.stdout.write(echoed[0])
+        for delta in engine.stream(inputs[0], params):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    for prompt, out in zip(args.prompts, engine.generate(args.prompts, params)):
+    for prompt, out in zip(echoed, engine.generate(inputs, params)):
         print(f"--- [{out.finish_reason}, {len(out.token_ids)} tokens]\n{prompt}{out.text}")
+
+
+def chat_ids(engine: Engine, prompt: str) -> list[int]:
+    """`prompt` as one user message through the model's chat template (which adds any BOS itself)."""
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat: model {engine.config.model!r} has no chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def main(argv: Optional[list[str]] = None) -> None:

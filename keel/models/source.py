@@ -1,7 +1,8 @@
-"""Where a model comes from: a local Hugging Face directory, a preset, or the built-in keel-demo.
+"""Where a model comes from: a local Hugging Face directory, a GGUF file (or a directory holding one), a
+real model installed as a Python package, a preset, or the built-in keel-demo.
 
-Presets and keel-demo are materialised as ordinary HF-format directories in the cache folder
-($KEEL_CACHE_DIR, default ~/.cache/keel) and then load through the normal path. Nothing is
+GGUF files, presets and keel-demo are materialised as ordinary HF-format directories in the cache
+folder ($KEEL_CACHE_DIR, default ~/.cache/keel) and then load through the normal path. Nothing is
 downloaded: hub names are not accepted.
 """
 
@@ -17,6 +18,8 @@ from typing import Callable
 
 from keel.models.byte_tokenizer import save_byte_tokenizer
 from keel.models.demo import DEMO_NAME, write_demo_model
+from keel.models.gguf import convert_gguf, file_digest
+from keel.models.packaged import PACKAGED_MODELS, packaged_gguf
 from keel.models.presets import PRESETS
 
 
@@ -37,13 +40,30 @@ def resolve_model(name: str) -> ModelSource:
     if name in PRESETS:
         return ModelSource(name, _materialise(cache_dir() / "presets" / name, lambda d: _write_preset(name, d)),
                            False)
+    if name in PACKAGED_MODELS:
+        return _from_gguf(name, packaged_gguf(name, cache_dir()))
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return ModelSource(name, path, True)
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(name, path)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) == 1:
+        return _from_gguf(name, ggufs[0])
+    if ggufs:
+        raise ValueError(f"model directory {path} holds several GGUF files; name one: "
+                         f"{', '.join(p.name for p in ggufs)}")
     if path.exists():
-        raise ValueError(f"model directory {path} has no config.json")
-    raise ValueError(f"model {name!r} is not a local directory, a preset ({', '.join(sorted(PRESETS))}) "
-                     f"or {DEMO_NAME!r}; keel loads local Hugging Face directories and does not download")
+        raise ValueError(f"model path {path} is neither a directory with config.json nor a .gguf file")
+    raise ValueError(f"model {name!r} is not a local directory or GGUF file, a packaged model "
+                     f"({', '.join(sorted(PACKAGED_MODELS))}), a preset ({', '.join(sorted(PRESETS))}) "
+                     f"or {DEMO_NAME!r}; keel loads local checkpoints and does not download")
+
+
+def _from_gguf(name: str, path: Path) -> ModelSource:
+    """The Hugging Face directory converted from a GGUF file, cached by the file's SHA-256."""
+    directory = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)[:16]}"
+    return ModelSource(name, _materialise(directory, lambda d: convert_gguf(path, d)), True)
 
 
 def _write_preset(name: str, directory: Path) -> None:

@@ -1,0 +1,84 @@
+"""GGUF checkpoints, converted once into a Hugging Face directory that keel then loads like any other.
+
+transformers knows each architecture's GGUF conventions (llama.cpp permutes the rows of the Q and
+K projections of Llama models; Gemma stores its norm weights as 1 + w): it turns the metadata into a
+config, the vocabulary into a tokenizer with its chat template, and dequantizes every tensor with
+ggml's own `gguf` package (vectorised numpy, block by block). keel checks the file first, so a file
+that is not GGUF, is cut short, or holds a tensor type keel does not take fails with one line naming
+the problem, then saves the float32 weights as safetensors; the caller caches that directory by the
+file's SHA-256, so only the first start pays for the conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# Tensor types keel converts: plain floats and ggml's classic and k-quant blocks (the i-quants and
+# the ternary / fp4 formats are refused by name).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file: the conversion's cache key."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ValueError, in one line, unless `path` is a complete GGUF file of tensor types keel converts."""
+    from gguf import GGUFReader
+
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r}")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf raises whatever numpy does on a short read
+        raise ValueError(f"{path} is not a readable GGUF file (cut short or corrupt): "
+                         f"{type(e).__name__}: {e}") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise ValueError(f"tensor {tensor.name!r} of {path.name} has type {kind}, which keel cannot "
+                             f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ValueError(f"{path} is cut short: tensor {tensor.name!r} ends at byte "
+                             f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")
+
+
+def convert_gguf(path: Path, directory: Path) -> None:
+    """Write `path` as a Hugging Face directory (config, tokenizer, float32 safetensors) into `directory`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(path)
+    logger.info("converting %s into a Hugging Face checkpoint (once; later starts read it from %s)",
+                   path.name, directory.parent)
+    folder, name = path.parent, path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = model.config
+    config.architectures = [type(model).__name__]
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    weights = {key: tensor.contiguous() for key, tensor in model.state_dict().items()
+               if not (tied and key == "lm_head.weight")}  # a tied head is the embedding, stored once
+    save_file(weights, str(directory / "model.safetensors"))
