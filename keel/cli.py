@@ -53,9 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from keel.server.launch import serve as run_server
+    from keel.models.source import resolve_model
+    from keel.server.engine_client import EngineClient
 
-    run_server(EngineConfig(**dataclass_kwargs(args, EngineConfig)), ServerConfig(**dataclass_kwargs(args, ServerConfig)))
+    engine_config = EngineConfig(**dataclass_kwargs(args, EngineConfig))
+    server_config = ServerConfig(**dataclass_kwargs(args, ServerConfig))
+    source = resolve_model(engine_config.model)  # converts a GGUF file or builds a preset once, before the engine
+    client = EngineClient(engine_config)
+    client.spawn()  # the engine loads the model while this process imports the web stack and the tokenizer
+    try:
+        from keel.server.launch import serve as run_server
+
+        run_server(source, client, server_config)
+    finally:
+        client.stop_if_unstarted()
 
 
 def generate(args: argparse.Namespace) -> None:

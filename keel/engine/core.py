@@ -24,7 +24,7 @@ from keel.debug.invariants import check_idle, check_invariants, strict_checks_en
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
-from keel.models.loader import load_model_config, load_tokenizer
+from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
 from keel.runner.model_runner import ModelRunner
 from keel.sampling_params import SamplingParams
@@ -38,10 +38,9 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        source = resolve_model(config.model)
-        self.model_config = load_model_config(source)
-        self.tokenizer = load_tokenizer(source)
-        self.runner = ModelRunner(config, source, self.model_config)
+        self.source = resolve_model(config.model)
+        self.model_config = load_model_config(self.source)
+        self.runner = ModelRunner(config, self.source, self.model_config)
         self.kv_cache = self.runner.kv_cache
         self.scheduler = Scheduler(self.kv_cache, config)
         self.strict_checks = strict_checks_enabled()

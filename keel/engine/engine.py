@@ -19,6 +19,7 @@ from keel.config import EngineConfig
 from keel.engine.core import EngineCore
 from keel.engine.outputs import RequestOutput
 from keel.engine.request_state import RequestState
+from keel.models.loader import load_tokenizer
 from keel.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -28,7 +29,7 @@ class Engine:
     def __init__(self, model: str = "keel-demo", **options: object) -> None:
         self.config = EngineConfig.from_options(model, **options)
         self.core = EngineCore(self.config)
-        self.tokenizer = self.core.tokenizer
+        self.tokenizer = load_tokenizer(self.core.source)  # text is the front end's: the core sees token ids
         self._states: dict[int, RequestState] = {}
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],

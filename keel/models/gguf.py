@@ -60,6 +60,17 @@ def check_gguf(path: Path) -> None:
                              f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")
 
 
+def _check_tokenizer(tokenizer: object, path: Path) -> None:
+    """Some transformers releases build a one-token-per-character tokenizer from some GGUF vocabularies (5.17
+    does for Gemma 3): a model fed that reads garbage, so refuse it rather than serve nonsense."""
+    import transformers
+
+    sample = "The capital of France is Paris, and the river that runs through it is the Seine."
+    if len(tokenizer(sample, add_special_tokens=False).input_ids) > len(sample) // 2:
+        raise ValueError(f"transformers {transformers.__version__} built a character-level tokenizer from "
+                         f"{path.name}; a newer transformers reads its vocabulary correctly")
+
+
 def convert_gguf(path: Path, directory: Path) -> None:
     """Write `path` as a Hugging Face directory (config, tokenizer, float32 safetensors) into `directory`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +80,7 @@ def convert_gguf(path: Path, directory: Path) -> None:
                    path.name, directory.parent)
     folder, name = path.parent, path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _check_tokenizer(tokenizer, path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = model.config
     config.architectures = [type(model).__name__]

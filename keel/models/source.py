@@ -8,6 +8,7 @@ downloaded: hub names are not accepted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,8 +63,24 @@ def resolve_model(name: str) -> ModelSource:
 
 def _from_gguf(name: str, path: Path) -> ModelSource:
     """The Hugging Face directory converted from a GGUF file, cached by the file's SHA-256."""
-    directory = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)[:16]}"
+    directory = cache_dir() / "gguf" / f"{path.stem}-{_digest(path)[:16]}"
     return ModelSource(name, _materialise(directory, lambda d: convert_gguf(path, d)), True)
+
+
+def _digest(path: Path) -> str:
+    """The file's SHA-256, remembered per (path, size, modification time): hashing a large file on every start
+    (twice: API and engine process) would cost a second or more."""
+    stat = path.resolve().stat()
+    memo = cache_dir() / "gguf" / "digests" / hashlib.sha256(
+        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = file_digest(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)  # atomic: a concurrent reader sees all of it or nothing
+    return digest
 
 
 def _write_preset(name: str, directory: Path) -> None:

@@ -74,8 +74,8 @@ class EngineClient:
     def ipc_dir(self) -> str:
         return self._ipc_dir
 
-    async def start(self, timeout_s: float = 1800.0) -> None:
-        """Start the engine process and wait until it has loaded the model and answered."""
+    def spawn(self) -> None:
+        """Start the engine process (it loads the model while this process does its own start-up)."""
         self._requests.bind(self._addresses["requests"])
         self._outputs.bind(self._addresses["outputs"])
         ready = threading.Event()
@@ -87,6 +87,12 @@ class EngineClient:
         self._process = spawn.Process(target=run_engine_process, name="keel-engine", daemon=True,
                                       args=(self.config, self._ipc_dir, self._secret))
         self._process.start()
+
+    async def start(self, timeout_s: float = 1800.0) -> None:
+        """Wait until the engine process (spawned now unless it was already) has loaded the model and answered."""
+        if self._process is None:
+            self.spawn()
+        assert self._process is not None
         deadline = time.monotonic() + timeout_s
         while True:
             if not self._process.is_alive():
@@ -261,8 +267,18 @@ class EngineClient:
         self._fail_all(self.failure or "the server is shutting down")
         self.close()
 
+    def stop_if_unstarted(self) -> None:
+        """After a failure before the server started (a tokenizer that does not load, a port in use): stop the
+        spawned engine and clean up. A no-op once start() ran, since shutdown() then owns that."""
+        if self._loop is None and self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+            self.close()
+
     def close(self) -> None:
-        """Release the sockets and remove the IPC folder (also when start() failed)."""
+        """Release the sockets and remove the IPC folder (also when start() failed); once."""
+        if self._context.closed:
+            return
         self._stop_heartbeats.set()
         if self._heartbeats is not None:
             self._heartbeats.join(2)

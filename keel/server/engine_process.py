@@ -21,15 +21,18 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import zmq
 
 from keel.config import EngineConfig
-from keel.engine.core import EngineCore
 from keel.engine.outputs import CoreOutput
 from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
                                   EngineStats, FromEngine, Heartbeat, MessageError, Shutdown, ipc_addresses, pack,
                                   to_engine_decoder)
+
+if TYPE_CHECKING:  # the API process imports this module only to name the spawn target: keep it light
+    from keel.engine.core import EngineCore
 
 STATS_INTERVAL_S = 0.5
 HEARTBEAT_S = 0.25
@@ -55,6 +58,8 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
                      name="keel-heartbeat").start()
     send = functools.partial(_send, outputs, secret)
     try:
+        from keel.engine.core import EngineCore
+
         core = EngineCore(config)
         send(EngineReady(core.limits, core.kv_cache.page_size))
         EngineLoop(core, requests, send, to_engine_decoder(secret)).run()

@@ -11,9 +11,9 @@ from typing import Optional
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from keel.config import EngineConfig, ServerConfig
+from keel.config import ServerConfig
 from keel.models.loader import load_tokenizer
-from keel.models.source import resolve_model
+from keel.models.source import ModelSource
 from keel.server.app import create_app
 from keel.server.engine_client import EngineClient
 from keel.server.metrics import ServerMetrics
@@ -25,16 +25,15 @@ class EngineLost(SystemExit):
     """The engine process died or failed: the server has stopped, and exits non-zero for a supervisor."""
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    """Run until Ctrl-C or SIGTERM: requests in flight then finish (or are cut off with an error after
+def serve(source: ModelSource, client: EngineClient, server_config: ServerConfig) -> None:
+    """Serve `source` with `client`'s engine (already spawned) until Ctrl-C or SIGTERM: requests in flight then finish (or are cut off with an error after
     --shutdown-timeout), the engine process stops, and nothing is left running. If the engine is lost, every
     pending request fails at once, the server stops and this raises EngineLost (exit status 1)."""
     logging.getLogger("keel").setLevel(logging.INFO)
-    source = resolve_model(engine_config.model)  # materialises presets and keel-demo once, before the engine
     url = f"http://{server_config.host}:{server_config.port}"
     tokenizer = load_tokenizer(source)
-    ctx = ServerContext(EngineClient(engine_config), tokenizer, Tokenization(tokenizer), ServerMetrics(),
-                        server_config.served_model_name or engine_config.model, server_config)
+    ctx = ServerContext(client, tokenizer, Tokenization(tokenizer), ServerMetrics(),
+                        server_config.served_model_name or client.config.model, server_config)
     app = create_app(ctx, url)
     http = functools.partial(HeaderTimeoutProtocol, header_timeout_s=server_config.timeout_header_read)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level="info", http=http,
