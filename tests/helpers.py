@@ -81,3 +81,17 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tup
                          eos_token_id=None, pad_token_id=PAD_ID, output_logits=True, return_dict_in_generate=True)
     logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
     return out.sequences[0, len(prompt):].tolist(), logprobs
+
+
+def assert_prompt_logprobs_match(hf_model: torch.nn.Module, prompts: list[list[int]], outputs: list,
+                                 top: int) -> None:
+    """Each output's prompt log-probs (and their top-`top` alternatives) equal transformers' within 1e-4."""
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        for position, entry in enumerate(out.prompt_logprobs):
+            assert entry.token_id == prompt[position + 1]
+            assert abs(entry.logprob - ref[position, entry.token_id].item()) <= 1e-4
+            top_values = torch.tensor([lp for _, lp in entry.top])
+            torch.testing.assert_close(top_values, ref[position].topk(top).values, atol=1e-4, rtol=0)

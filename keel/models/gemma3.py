@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from keel.attention.base import AttentionContext, AttentionLayer, Rotation
+from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.activation import GeluTanhAndMul
 from keel.models.layers.embedding import LMHead, VocabEmbedding
@@ -106,7 +107,7 @@ class Gemma3Model(nn.Module):
         return self.norm(hidden)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
     FUSED_WEIGHTS = LlamaForCausalLM.FUSED_WEIGHTS  # the same q/k/v and gate/up checkpoint names
 
     def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
@@ -115,15 +116,3 @@ class Gemma3ForCausalLM(nn.Module):
         self.model = Gemma3Model(config, max_positions, fused)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied, fused=fused)
-
-    @property
-    def attention_layers(self) -> list[AttentionLayer]:
-        return [layer.self_attn.layer for layer in self.model.layers]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Final hidden states, [tokens, hidden]."""
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits for the given hidden states only (the sampled positions)."""
-        return self.lm_head(hidden)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from keel.attention.base import AttentionContext, AttentionLayer, Rotation
+from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.embedding import LMHead, VocabEmbedding
 from keel.models.layers.linear import FusedLinear, GateUpLinear, Linear
@@ -93,7 +94,7 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # HF checkpoint name part -> (keel module name part, shard index in the fused layer)
     FUSED_WEIGHTS = {
         "q_proj": ("qkv_proj", 0),
@@ -113,15 +114,3 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, max_positions, self.qkv_bias or config.attention_bias, self.qk_norm, fused)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied, fused=fused)
-
-    @property
-    def attention_layers(self) -> list[AttentionLayer]:
-        return [layer.self_attn.layer for layer in self.model.layers]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Final hidden states, [tokens, hidden]."""
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits for the given hidden states only (the sampled positions)."""
-        return self.lm_head(hidden)

@@ -19,7 +19,7 @@ import keel
 from keel.models.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, save_byte_tokenizer
 from keel.models.config import ModelConfig, RopeConfig
 from keel.models.weights import init_random_weights
-from tests.helpers import KERNEL_DEVICE, WEIGHT_STD, hf_greedy, random_prompts
+from tests.helpers import KERNEL_DEVICE, WEIGHT_STD, assert_prompt_logprobs_match, hf_greedy, random_prompts
 
 WINDOW = 8
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
@@ -99,15 +99,7 @@ def test_prompt_logprobs_match_transformers(backend, gemma3, make_engine):
     prompts = random_prompts([40, 2, 19], seed=4)
     engine = make_gemma_engine(make_engine, directory, backend, page_size=4, chunked_prefill_size=16)
     outputs = engine.generate(prompts, keel.SamplingParams(max_new_tokens=1, prompt_logprobs=3))
-    for prompt, out in zip(prompts, outputs):
-        with torch.no_grad():
-            ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
-        assert len(out.prompt_logprobs) == len(prompt) - 1
-        for position, entry in enumerate(out.prompt_logprobs):
-            assert entry.token_id == prompt[position + 1]
-            assert entry.logprob == pytest.approx(ref[position, entry.token_id].item(), abs=1e-4)
-            top_values = torch.tensor([lp for _, lp in entry.top])
-            torch.testing.assert_close(top_values, ref[position].topk(3).values, atol=1e-4, rtol=0)
+    assert_prompt_logprobs_match(hf_model, prompts, outputs, top=3)
 
 
 def test_config_reads_windows_ropes_and_scale():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import keel
-from tests.helpers import KERNEL_DEVICE, TINY_MODELS, hf_greedy, random_prompts
+from tests.helpers import KERNEL_DEVICE, TINY_MODELS, assert_prompt_logprobs_match, hf_greedy, random_prompts
 
 # Lengths around page boundaries (16) and the Mistral window (8), and a single token.
 PROMPT_LENGTHS = [1, 3, 7, 8, 15, 16, 17, 33, 40]
@@ -70,15 +70,7 @@ def test_prompt_logprobs_match_transformers(page_size, tiny_model, make_engine):
     engine = make_engine(directory, page_size=page_size, chunked_prefill_size=16)
     engine.generate(prompts, keel.SamplingParams(max_new_tokens=1))  # now cached: scoring must not use the cache
     outputs = engine.generate(prompts, keel.SamplingParams(max_new_tokens=1, prompt_logprobs=3))
-    for prompt, out in zip(prompts, outputs):
-        with torch.no_grad():
-            ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
-        assert len(out.prompt_logprobs) == len(prompt) - 1
-        for position, entry in enumerate(out.prompt_logprobs):
-            assert entry.token_id == prompt[position + 1]
-            assert entry.logprob == pytest.approx(ref[position, entry.token_id].item(), abs=1e-4)
-            top_values = torch.tensor([lp for _, lp in entry.top])
-            torch.testing.assert_close(top_values, ref[position].topk(3).values, atol=1e-4, rtol=0)
+    assert_prompt_logprobs_match(hf_model, prompts, outputs, top=3)
 
 
 @pytest.mark.parametrize("kind,lengths", [("llama3", [1, 9, 20]), ("mistral", [1, 9, 20]), ("qwen2", [9])])
