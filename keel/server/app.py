@@ -25,8 +25,7 @@ from keel.server.errors import (APIError, api_error_handler, http_error_handler,
                                 validation_error_handler)
 from keel.server.openai_api import (Prompt, ServerContext, check_capacity, check_request, client_gone, collect,
                                     create_chat_completion, create_completion, encode_prompt, make_generations,
-                                    sampling_params, sse,
-                                    sse_stream)
+                                    sampling_params, sse, sse_stream)
 from keel.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 logger = logging.getLogger(__name__)

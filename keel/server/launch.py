@@ -26,8 +26,9 @@ class EngineLost(SystemExit):
 
 
 def serve(source: ModelSource, client: EngineClient, server_config: ServerConfig) -> None:
-    """Serve `source` with `client`'s engine (already spawned) until Ctrl-C or SIGTERM: requests in flight then finish (or are cut off with an error after
-    --shutdown-timeout), the engine process stops, and nothing is left running. If the engine is lost, every
+    """Serve `source` with `client`'s engine (already spawned) until Ctrl-C or SIGTERM: requests in flight then
+    finish (or are cut off with an error after --shutdown-timeout), the engine process stops, and nothing is left
+    running. If the engine is lost, every
     pending request fails at once, the server stops and this raises EngineLost (exit status 1)."""
     logging.getLogger("keel").setLevel(logging.INFO)
     url = f"http://{server_config.host}:{server_config.port}"
@@ -44,7 +45,7 @@ def serve(source: ModelSource, client: EngineClient, server_config: ServerConfig
         server.run()
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once its graceful shutdown is done: nothing is left to do
-    if ctx.client.failure is not None and server.engine_lost:
+    if server.engine_lost:
         raise EngineLost(1)
 
 

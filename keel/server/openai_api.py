@@ -221,8 +221,9 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
 
 async def create_completion(ctx: ServerContext, body: CompletionRequest, request: Request):
     check_model(ctx, body.model)
-    check_capacity(ctx, 1 if isinstance(body.prompt, str) or _is_ids(body.prompt) else len(body.prompt), body.n)
-    prompts = await completion_prompts(ctx, body.prompt)
+    items = prompt_items(body.prompt)
+    check_capacity(ctx, len(items), body.n)  # before tokenizing: a refused request costs nothing
+    prompts = await completion_prompts(ctx, items)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}", param="logprobs")
     fields = common_fields(body)
@@ -252,18 +253,18 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
                          "model": ctx.model_name, "choices": choices, "usage": usage(prompts, outputs)})
 
 
-def _is_ids(prompt: object) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+def prompt_items(prompt: Union[str, list[str], list[int], list[list[int]]]) -> list[Union[str, list[int]]]:
+    """The prompts of a completion request: one text or token-id list, or a list of them."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]
 
 
-async def completion_prompts(ctx: ServerContext, prompt: Union[str, list[str], list[int], list[list[int]]]
-                             ) -> list[Prompt]:
-    if isinstance(prompt, str) or _is_ids(prompt):
-        prompt = [prompt]  # type: ignore[list-item]
-    if not prompt:
+async def completion_prompts(ctx: ServerContext, items: list[Union[str, list[int]]]) -> list[Prompt]:
+    if not items:
         raise APIError(400, "prompt is empty", param="prompt")
     result = []
-    for item in prompt:
+    for item in items:
         if isinstance(item, str):
             result.append(Prompt(item, await encode_prompt(ctx, item, "prompt")))
         else:
