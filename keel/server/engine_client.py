@@ -30,9 +30,8 @@ from keel.engine.limits import RequestLimits
 from keel.engine.outputs import CoreOutput, FinishReason
 from keel.sampling_params import SamplingParams
 from keel.server.engine_process import run_engine_process
-from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
-                                  EngineStats, MessageError, Shutdown, ToEngine, from_engine_decoder, heartbeat_decoder,
-                                  ipc_addresses, pack)
+from keel.server.messages import (AbortRequests, AddRequest, EngineFailed, EngineOutputs, EngineReady, EngineStats,
+                                  Shutdown, ToEngine, from_engine_decoder, heartbeat_decoder, ipc_addresses, pack)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class EngineClient:
             if not self._process.is_alive():
                 raise EngineError(f"the engine process exited (code {self._process.exitcode}) while starting")
             if await self._outputs.poll(500):
-                message = self._receive(await self._outputs.recv_multipart(), self._decoder)
+                message = self._decoder.receive(await self._outputs.recv_multipart())
                 if isinstance(message, EngineFailed):
                     raise EngineError(f"the engine failed to start:\n{message.error}")
                 if isinstance(message, EngineReady):
@@ -119,20 +118,11 @@ class EngineClient:
         decoder = heartbeat_decoder(self._secret)
         try:
             while not self._stop_heartbeats.is_set():
-                if socket.poll(100) and self._receive(socket.recv_multipart(), decoder) is not None:
+                if socket.poll(100) and decoder.receive(socket.recv_multipart()) is not None:
                     self.last_heard = time.monotonic()
         finally:
             socket.close(linger=0)
             context.term()
-
-    @staticmethod
-    def _receive(frames: list[bytes], decoder: Decoder) -> object:
-        """The message in `frames`, or None (logged) if it lacks the secret or does not decode."""
-        try:
-            return decoder.unpack(frames)
-        except MessageError as e:
-            logger.warning("%s", e)
-            return None
 
     def _send(self, message: ToEngine) -> None:
         self._requests.send_multipart(pack(self._secret, message))
@@ -202,7 +192,7 @@ class EngineClient:
 
     async def _dispatch(self) -> None:
         while True:
-            message = self._receive(await self._outputs.recv_multipart(), self._decoder)
+            message = self._decoder.receive(await self._outputs.recv_multipart())
             if isinstance(message, EngineFailed):
                 self._lose_engine(f"the engine failed: {message.error.strip().splitlines()[-1]}", message.error)
                 return

@@ -28,8 +28,7 @@ import zmq
 from keel.config import EngineConfig
 from keel.engine.outputs import CoreOutput
 from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
-                                  EngineStats, FromEngine, Heartbeat, MessageError, Shutdown, ipc_addresses, pack,
-                                  to_engine_decoder)
+                                  EngineStats, FromEngine, Heartbeat, Shutdown, ipc_addresses, pack, to_engine_decoder)
 
 if TYPE_CHECKING:  # the API process imports this module only to name the spawn target: keep it light
     from keel.engine.core import EngineCore
@@ -124,11 +123,7 @@ class EngineLoop:
                 frames = self.requests.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            try:
-                message = self.decoder.unpack(frames)
-            except MessageError as e:
-                logger.warning("%s", e)
-                continue
+            message = self.decoder.receive(frames)  # None (logged) if it is not ours
             if isinstance(message, AddRequest):
                 error = self._add(message)
                 if error is not None:

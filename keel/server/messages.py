@@ -11,6 +11,7 @@ command line) cannot speak for either side.
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Optional, Union
 
 import msgspec
@@ -77,6 +78,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
 ToEngine = Union[AddRequest, AbortRequests, Shutdown]
 FromEngine = Union[EngineReady, EngineOutputs, EngineFailed]
 
+logger = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -108,6 +110,14 @@ class Decoder:
             return self._decoder.decode(frames[1])
         except (msgspec.DecodeError, ValueError, TypeError) as e:
             raise MessageError(f"dropped a malformed message ({len(frames[1])} bytes): {e}") from e
+
+    def receive(self, frames: list[bytes]):  # -> the union given at construction, or None
+        """`unpack`, but a rejected message is logged (one warning line) and dropped: returns None."""
+        try:
+            return self.unpack(frames)
+        except MessageError as e:
+            logger.warning("%s", e)
+            return None
 
 
 def to_engine_decoder(secret: bytes) -> Decoder:
