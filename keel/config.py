@@ -13,9 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# No torch here: `keel serve` reads this module before it spawns the engine, which must not wait for that import.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def option(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
@@ -28,7 +27,7 @@ class EngineConfig:
     model: str = option("keel-demo", "preset name, 'keel-demo', or a local Hugging Face model directory")
     dtype: str = option(
         "auto", "weight and activation dtype; auto: the checkpoint's dtype on GPU (float32 checkpoints run "
-        "in bfloat16), float32 on CPU", ("auto", *DTYPES))
+        "in bfloat16), float32 on CPU", ("auto", *DTYPE_NAMES))
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     load_format: str = option(
         "auto", "auto: safetensors if the directory has weights, else error; dummy: random weights "
@@ -85,24 +84,6 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known options: {sorted(known)}")
         return cls(model=model, **options)
-
-    def resolve_device(self) -> torch.device:
-        """The device to run on, with an explicit index for CUDA (cuda -> cuda:<current>)."""
-        name = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        device = torch.device(name)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r} but CUDA is not available")
-            if device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
-        return device
-
-    def resolve_dtype(self, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if device.type == "cpu":
-            return torch.float32
-        return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype
 
 
 @dataclass

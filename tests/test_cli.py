@@ -47,3 +47,16 @@ def test_help_lists_engine_and_sampling_flags():
     for flag in ("--page-size", "--kv-cache-tokens", "--mem-fraction", "--load-format", "--top-k",
                  "--repetition-penalty", "--stop"):
         assert flag in result.stdout
+
+
+def test_serve_reaches_its_engine_spawn_without_importing_torch(keel_cache_dir):
+    """`keel serve` spawns the engine right after resolving the model; on a 2-core machine every second of
+    import before that delays the engine, so parsing flags and resolving a cached model must not need torch."""
+    code = ("import sys, keel.cli, keel.server.engine_client\n"
+            "from keel.models.source import resolve_model\n"
+            "resolve_model('llama-3.2-1b')\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", "from keel.models.source import resolve_model; "
+                    "resolve_model('llama-3.2-1b')"], check=True)  # built once (that may import torch)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -19,7 +19,7 @@ from keel.config import EngineConfig
 from keel.engine.core import EngineCore
 from keel.engine.outputs import RequestOutput
 from keel.engine.request_state import RequestState
-from keel.models.loader import load_tokenizer
+from keel.models.tokenizer import load_tokenizer
 from keel.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]

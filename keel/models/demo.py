@@ -20,7 +20,6 @@ from keel.models.weights import init_random_weights
 
 logger = logging.getLogger(__name__)
 
-DEMO_NAME = "keel-demo"
 DEMO_SEED = 20261121
 DEMO_CONFIG = dict(
     vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384, num_hidden_layers=2,

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig
 
 from keel.models.config import ModelConfig
 from keel.models.registry import model_class
@@ -23,13 +23,6 @@ def load_model_config(source: ModelSource) -> ModelConfig:
     except (ValueError, KeyError) as e:
         raise ValueError(f"cannot read the config of {source.path}: {e}") from e
     return ModelConfig.from_hf(hf_config, eos_token_ids=_generation_eos(source))
-
-
-def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(source.path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a tokenizer from {source.path}: {e}") from e
 
 
 def load_model(source: ModelSource, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from keel.models.byte_tokenizer import save_byte_tokenizer
-from keel.models.demo import DEMO_NAME, write_demo_model
-from keel.models.gguf import convert_gguf, file_digest
 from keel.models.packaged import PACKAGED_MODELS, packaged_gguf
 from keel.models.presets import PRESETS
+
+DEMO_NAME = "keel-demo"
+# Bumped when convert_gguf writes its directory differently, so an older conversion is not reused.
+GGUF_CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def cache_dir() -> Path:
 
 def resolve_model(name: str) -> ModelSource:
     if name == DEMO_NAME:
-        return ModelSource(name, _materialise(cache_dir() / "keel-demo-v2", write_demo_model), True)
+        return ModelSource(name, _materialise(cache_dir() / "keel-demo-v2", _write_demo), True)
     if name in PRESETS:
         return ModelSource(name, _materialise(cache_dir() / "presets" / name, lambda d: _write_preset(name, d)),
                            False)
@@ -63,8 +64,8 @@ def resolve_model(name: str) -> ModelSource:
 
 def _from_gguf(name: str, path: Path) -> ModelSource:
     """The Hugging Face directory converted from a GGUF file, cached by the file's SHA-256."""
-    directory = cache_dir() / "gguf" / f"{path.stem}-{_digest(path)[:16]}"
-    return ModelSource(name, _materialise(directory, lambda d: convert_gguf(path, d)), True)
+    directory = cache_dir() / "gguf" / f"{path.stem}-{_digest(path)[:16]}-v{GGUF_CONVERSION_VERSION}"
+    return ModelSource(name, _materialise(directory, lambda d: _convert_gguf(path, d)), True)
 
 
 def _digest(path: Path) -> str:
@@ -75,7 +76,7 @@ def _digest(path: Path) -> str:
         f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     if memo.is_file():
         return memo.read_text().strip()
-    digest = file_digest(path)
+    digest = _file_digest(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_suffix(f".{os.getpid()}")
     tmp.write_text(digest)
@@ -83,7 +84,31 @@ def _digest(path: Path) -> str:
     return digest
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# The builders import torch and transformers, so they are imported only when a directory is built: resolving
+# an existing one (as `keel serve`'s API process does before it spawns the engine) stays quick.
+def _write_demo(directory: Path) -> None:
+    from keel.models.demo import write_demo_model
+
+    write_demo_model(directory)
+
+
+def _convert_gguf(path: Path, directory: Path) -> None:
+    from keel.models.gguf import convert_gguf
+
+    convert_gguf(path, directory)
+
+
 def _write_preset(name: str, directory: Path) -> None:
+    from keel.models.byte_tokenizer import save_byte_tokenizer
+
     (directory / "config.json").write_text(json.dumps(PRESETS[name], indent=2))
     save_byte_tokenizer(directory)
 

@@ -28,11 +28,31 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_TOKENS = 16384
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device to run on, with an explicit index for CUDA (cuda -> cuda:<current>)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_dtype(name: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`name` (auto or one of DTYPE_NAMES); auto: float32 on CPU, else the checkpoint's (float32 as bfloat16)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> None:
-        self.device = config.resolve_device()
+        self.device = resolve_device(config.device)
         self.model_config = model_config
-        self.dtype = config.resolve_dtype(model_config.checkpoint_dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, model_config.checkpoint_dtype, self.device)
         self.context_length = config.context_length or model_config.max_position_embeddings
         if self.context_length > model_config.max_position_embeddings:
             raise ValueError(f"context_length={self.context_length} exceeds the model's "

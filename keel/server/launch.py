@@ -12,7 +12,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from keel.config import ServerConfig
-from keel.models.loader import load_tokenizer
+from keel.models.tokenizer import load_tokenizer
 from keel.models.source import ModelSource
 from keel.server.app import create_app
 from keel.server.engine_client import EngineClient

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import keel
 from keel.models.gguf import check_gguf
 from keel.models.packaged import PACKAGED_MODELS, packaged_gguf
-from keel.models.source import cache_dir
+from keel.models.source import cache_dir, resolve_model
+from keel.models.tokenizer import load_tokenizer
 
 NEW_TOKENS = 32
 TOP_LOGPROBS = 5
@@ -101,6 +102,24 @@ def test_prompt_nll_of_real_text_matches_transformers(name, make_engine):
     nll = -sum(entry.logprob for entry in out.prompt_logprobs) / len(out.prompt_logprobs)
     assert nll == pytest.approx(ref_nll, rel=1e-4)
     assert 0.5 < nll < 5.0  # a trained model: far below log(vocab) = 10.8
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_the_cached_tokenizer_equals_the_one_transformers_builds_from_the_file(name):
+    """keel saves the tokenizer under transformers' generic class (it loads in half the time); it must still
+    be the same tokenizer: ids with and without special tokens, decoding, special tokens and chat template."""
+    _, reference = hf_reference(name)
+    cached = load_tokenizer(resolve_model(name))
+    texts = real_prompts() + [license_text()[:20000], "  spaces\n\n\ttabs and 日本語 🤖 <bos><eos>"]
+    for text in texts:
+        for special in (True, False):
+            ids = reference(text, add_special_tokens=special).input_ids
+            assert cached(text, add_special_tokens=special).input_ids == ids
+            assert cached.decode(ids) == reference.decode(ids)
+            assert cached.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert cached.all_special_tokens == reference.all_special_tokens
+    assert (cached.bos_token_id, cached.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert cached.chat_template == reference.chat_template
 
 
 def test_a_chat_completion_through_the_server_equals_transformers(tmp_path, keel_cache_dir):
