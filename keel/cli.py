@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -58,6 +59,9 @@ def serve(args: argparse.Namespace) -> None:
 
     engine_config = EngineConfig(**dataclass_kwargs(args, EngineConfig))
     server_config = ServerConfig(**dataclass_kwargs(args, ServerConfig))
+    if os.environ.get("KEEL_SIMULATE_ACCEPT_LEN"):
+        raise ValueError("KEEL_SIMULATE_ACCEPT_LEN is set: verification would accept draft tokens the model did not "
+                         "choose; it is for `keel bench`, never for serving")
     source = resolve_model(engine_config.model)  # converts a GGUF file or builds a preset once, before the engine
     client = EngineClient(engine_config)
     client.spawn()  # the engine loads the model while this process imports the web stack and the tokenizer

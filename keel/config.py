@@ -51,6 +51,21 @@ class EngineConfig:
     disable_cuda_graph: bool = option(False, "run every decode step eagerly (CUDA graphs need the triton backend)")
     disable_overlap: bool = option(False, "finish each step before scheduling the next (by default the host "
                                           "schedules step N+1 while the device runs step N)")
+    speculative_algorithm: Optional[str] = option(
+        None, "speculative decoding: NGRAM (drafts from earlier matches of the latest tokens in the prompt and "
+        "output) or STANDALONE (a smaller model of the same vocabulary drafts); the target verifies every draft "
+        "token in one forward, so outputs follow the target exactly. Turns overlap scheduling off",
+        (None, "NGRAM", "STANDALONE"))
+    speculative_draft_model_path: Optional[str] = option(None, "the STANDALONE drafter: a model directory, GGUF "
+                                                                "file or packaged model of the target's vocabulary")
+    speculative_num_steps: int = option(3, "draft tokens proposed per request and step (the chain's depth)")
+    speculative_eagle_topk: int = option(1, "candidates kept per draft step; 1 (a chain) is what keel supports")
+    speculative_num_draft_tokens: Optional[int] = option(
+        None, "tokens the target verifies per request and step: the last token and its drafts; default and, "
+        "for a chain, required: speculative_num_steps + 1")
+    speculative_ngram_min_match_window_size: int = option(1, "NGRAM: shortest suffix looked up")
+    speculative_ngram_max_match_window_size: int = option(12, "NGRAM: longest suffix looked up (longer matches "
+                                                              "are tried first)")
     attention_backend: str = option(
         "auto", "triton (paged Triton kernels and fused ops, with CUDA-graph decode on a GPU), torch (the "
         "reference: scaled_dot_product_attention and plain torch ops), or auto: triton on a GPU when the model's "
@@ -70,12 +85,38 @@ class EngineConfig:
                      f"must be at least page_size ({self.page_size}) so every chunk holds a page")
             _require(self.max_prefill_tokens >= self.page_size, "max_prefill_tokens",
                      f"must be at least page_size ({self.page_size}) when prefill is chunked")
+        self._check_speculative()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             _require(choices is None or getattr(self, f.name) in choices, f.name,
                      f"must be one of {choices}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                  "must be auto, cpu, cuda or cuda:N")
+
+    def _check_speculative(self) -> None:
+        _require(self.speculative_num_steps >= 1, "speculative_num_steps", "must be >= 1")
+        _require(self.speculative_eagle_topk == 1, "speculative_eagle_topk",
+                 "must be 1: keel drafts chains; draft trees (topk > 1) are not implemented")
+        if self.speculative_num_draft_tokens is None:
+            self.speculative_num_draft_tokens = self.speculative_num_steps + 1
+        _require(self.speculative_num_draft_tokens == self.speculative_num_steps + 1, "speculative_num_draft_tokens",
+                 f"must be speculative_num_steps + 1 ({self.speculative_num_steps + 1}) for a chain of drafts")
+        _require(1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size,
+                 "speculative_ngram_min_match_window_size", "must be >= 1 and <= the max match window size")
+        standalone = self.speculative_algorithm == "STANDALONE"
+        _require(standalone == (self.speculative_draft_model_path is not None), "speculative_draft_model_path",
+                 "is required by, and only by, --speculative-algorithm STANDALONE")
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens proposed per request and step; 0 without speculative decoding."""
+        return 0 if self.speculative_algorithm is None else self.speculative_num_steps
+
+    @property
+    def overlap(self) -> bool:
+        """Overlap scheduling: on unless disabled, and off with speculative decoding, whose next step depends on
+        how many draft tokens the last one accepted."""
+        return not self.disable_overlap and self.speculative_algorithm is None
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "EngineConfig":

@@ -19,7 +19,7 @@ from keel.kernels.decode_attention import MAX_SPLITS, decode_attention, plan_dec
 from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
 from keel.kernels.kv_store import store_kv
 from keel.kernels.rotary import rotate_and_store
-from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from keel.runner.forward_batch import ForwardBatch
 
 Window = Optional[int]
 
@@ -54,7 +54,7 @@ class TritonBackend:
         self.head_dim = layers[0].head_dim
 
     def build_metadata(self, batch: ForwardBatch) -> TritonMetadata:
-        if batch.mode == ForwardMode.DECODE:
+        if batch.mode.is_decode:
             bs = batch.batch_size
             return TritonDecodeMetadata(
                 batch.out_cache_loc, batch.req_rows, batch.seq_lens,

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     options = dataclass_kwargs(args, EngineConfig)
+    if options["speculative_algorithm"] is not None:
+        raise ValueError("keel bench latency times plain decode steps; measure speculative decoding with keel bench "
+                         "offline, which also runs the same prompts without it and prints the speed-up")
     largest = max(args.batch_sizes) * (max(args.input_lens) + args.output_len)
     options.update(max_running_requests=max(options["max_running_requests"], max(args.batch_sizes)),
                    kv_cache_tokens=options["kv_cache_tokens"] or largest + 4096, chunked_prefill_size=None,
@@ -111,7 +114,7 @@ def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -
             kv_tokens.append(sum(forward_batch.seq_lens_cpu))
         prefilled = True
         core.scheduler.launched(batch)
-        core.scheduler.process(batch, token_ids)
+        core.scheduler.process(batch, [[t] for t in token_ids])
     core.flush_cache()
     return {"runner_step_s": statistics.median(times), "kv_tokens": statistics.mean(kv_tokens)}
 

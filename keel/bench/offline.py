@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
+
+import torch
 
 import keel
 from keel.bench.common import append_result, environment, hf_model_like, sync
@@ -32,7 +35,44 @@ def run(args: argparse.Namespace) -> dict:
     if args.compare == "hf" and args.output_len[0] != args.output_len[1]:
         raise ValueError("--compare hf needs one output length (transformers' generate_batch takes one max)")
     options = dataclass_kwargs(args, EngineConfig, skip=("seed",))
+    baseline_tok_s = None
+    if options["speculative_algorithm"] is not None:  # the same prompts without speculation, first
+        plain = {k: v for k, v in options.items() if not k.startswith("speculative_")}
+        baseline_tok_s = _timed(keel.Engine(plain.pop("model"), **plain), args)[-1]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the baseline's KV pool goes back before the measured engine sizes its own
     engine = keel.Engine(options.pop("model"), **options)
+    prompts, output_lens, outputs, elapsed, output_tok_s = _timed(engine, args)
+    device = engine.core.runner.device
+    input_tokens, output_tokens = sum(map(len, prompts)), sum(len(o.token_ids) for o in outputs)
+    record = {**environment(device), "bench": "offline", "model": engine.config.model,
+              "attention_backend": engine.core.runner.attention_backend, "num_prompts": args.num_prompts,
+              "input_len": list(args.input_len), "output_len": list(args.output_len), "seconds": elapsed,
+              "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tok_s}
+    print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s: "
+          f"{record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
+    if baseline_tok_s is not None:
+        steps = sum(o.spec_verify_ct for o in outputs)
+        record.update(speculative_algorithm=engine.config.speculative_algorithm,
+                      accept_length=1.0 + sum(o.spec_accepted_tokens for o in outputs) / steps if steps else 1.0,
+                      baseline_output_tok_s=baseline_tok_s, speedup_vs_no_speculation=output_tok_s / baseline_tok_s)
+        print(f"speculative decoding: mean accept length {record['accept_length']:.2f} tokens per verify step; "
+              f"without it {baseline_tok_s:.0f} output tok/s: {record['speedup_vs_no_speculation']:.2f}x")
+    if args.compare == "hf":
+        del outputs
+        record["hf"] = time_hf(engine, prompts, output_lens[0])
+        record["speedup_vs_hf"] = record["output_tok_s"] / record["hf"]["output_tok_s"]
+        print(f"transformers generate_batch: {record['hf']['output_tok_s']:.0f} output tok/s; keel is "
+              f"{record['speedup_vs_hf']:.1f}x faster")
+    append_result(args.result_file, record)
+    return record
+
+
+def _timed(engine: keel.Engine, args: argparse.Namespace) -> tuple[list[list[int]], list[int],
+                                                                    list[keel.RequestOutput], float, float]:
+    """Prompts, output lengths, outputs, seconds and output tokens per second of one timed run (after warm-up)."""
     prompts, output_lens = make_work(args, engine.core.model_config.vocab_size)
     params = [keel.SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in output_lens]
     engine.generate(prompts[:4], params[:4])  # warm up
@@ -42,22 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     outputs = engine.generate(prompts, params, progress=True)
     sync(device)
     elapsed = time.perf_counter() - start
-    input_tokens, output_tokens = sum(map(len, prompts)), sum(len(o.token_ids) for o in outputs)
-    record = {**environment(device), "bench": "offline", "model": engine.config.model,
-              "attention_backend": engine.core.runner.attention_backend, "num_prompts": args.num_prompts,
-              "input_len": list(args.input_len), "output_len": list(args.output_len), "seconds": elapsed,
-              "input_tokens": input_tokens, "output_tokens": output_tokens,
-              "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tokens / elapsed}
-    print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s: "
-          f"{record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
-    if args.compare == "hf":
-        del outputs
-        record["hf"] = time_hf(engine, prompts, output_lens[0])
-        record["speedup_vs_hf"] = record["output_tok_s"] / record["hf"]["output_tok_s"]
-        print(f"transformers generate_batch: {record['hf']['output_tok_s']:.0f} output tok/s; keel is "
-              f"{record['speedup_vs_hf']:.1f}x faster")
-    append_result(args.result_file, record)
-    return record
+    return prompts, output_lens, outputs, elapsed, sum(len(o.token_ids) for o in outputs) / elapsed
 
 
 def time_hf(engine: keel.Engine, prompts: list[list[int]], output_len: int) -> dict:

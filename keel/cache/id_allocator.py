@@ -16,7 +16,7 @@ so no id is handed out while a forward that reads it is unfinished. They count a
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 import torch
 
@@ -111,8 +111,9 @@ class OwnedIdAllocator:
         self._owner[ids] = owners
         return ids
 
-    def free(self, ids: torch.Tensor, owner: int) -> None:
-        """Return `ids` (owned by `owner`) to the free list; raises without freeing anything if any is not."""
+    def free(self, ids: torch.Tensor, owner: Union[int, torch.Tensor]) -> None:
+        """Return `ids` (owned by `owner`, or each by its entry of an `owner` tensor) to the free list; raises
+        without freeing anything if any is not."""
         ids = self._check_owned(ids, owner, "free")
         if ids.numel() == 0:
             return
@@ -133,24 +134,28 @@ class OwnedIdAllocator:
         ids = self._check_owned(ids, owner, "transfer")
         self._owner[ids] = new_owner
 
-    def _check_owned(self, ids: torch.Tensor, owner: int, action: str) -> torch.Tensor:
-        """`ids` as int64 after checking each is owned by `owner`, once; raises naming the first that is not."""
+    def _check_owned(self, ids: torch.Tensor, owner: Union[int, torch.Tensor], action: str) -> torch.Tensor:
+        """`ids` as int64 after checking each is owned by `owner` (or by its entry of an owner tensor), once;
+        raises naming the first that is not."""
         ids = ids.to(torch.int64)
         if ids.numel() == 0:
             return ids
+        first_owner = int(owner[0]) if isinstance(owner, torch.Tensor) else owner
         if int(ids.min()) < 0 or int(ids.max()) >= self.size:
-            raise KVAccountingError(f"{describe_owner(owner)} tried to {action} {self.what} ids outside "
+            raise KVAccountingError(f"{describe_owner(first_owner)} tried to {action} {self.what} ids outside "
                                     f"[0, {self.size}): {ids.tolist()}")
         actual = self._owner[ids]
         wrong = actual != owner
         if bool(wrong.any()):
             index = int(wrong.nonzero()[0])
             bad, holder = int(ids[index]), int(actual[index])
+            claimant = int(owner[index]) if isinstance(owner, torch.Tensor) else owner
             kind = "double" if holder in (FREE, FENCED) else "foreign"
-            raise KVAccountingError(f"{kind} {action}: {describe_owner(owner)} tried to {action} {self.what} "
+            raise KVAccountingError(f"{kind} {action}: {describe_owner(claimant)} tried to {action} {self.what} "
                                     f"{bad}, which is {describe_owner(holder)}")
         if torch.unique(ids).numel() != ids.numel():
-            raise KVAccountingError(f"double {action}: {describe_owner(owner)} named a {self.what} twice in one call")
+            raise KVAccountingError(f"double {action}: {describe_owner(first_owner)} named a {self.what} twice in "
+                                    "one call")
         return ids
 
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:

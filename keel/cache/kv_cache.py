@@ -109,6 +109,26 @@ class KVCacheManager:
         self.table.write(token_rows, positions, slots)
         return slots
 
+    def truncate(self, owners: list[int], committed_lens: list[int]) -> None:
+        """Shrink each owner's KV to its first committed_lens tokens, freeing the pages wholly past them: the one
+        way back for slots allocated beyond what a step committed (rejected draft tokens)."""
+        held = [self._held(o) for o in owners]
+        rows = torch.tensor([h.row for h in held], dtype=torch.int64)
+        new_lens = torch.tensor(committed_lens, dtype=torch.int64)
+        old_lens = self._kv_lens[rows]
+        cached = torch.tensor([h.cached_pages * self.page_size for h in held], dtype=torch.int64)
+        if bool(((new_lens < cached) | (new_lens > old_lens)).any()):
+            raise KVAccountingError(f"truncate of owners {owners} to {committed_lens} tokens, outside their cached "
+                                    f"prefix {cached.tolist()} and KV held {old_lens.tolist()}")
+        keep, have = self.pages.pages_for(new_lens), self.pages.pages_for(old_lens)
+        extra = have - keep
+        if int(extra.sum()):
+            page_rows, page_index = rows.repeat_interleave(extra), keep.repeat_interleave(extra) + _ranges(extra)
+            self.pages.free(self._page_table[page_rows, page_index],
+                            torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra))
+            self._page_table[page_rows, page_index] = 0
+        self._kv_lens[rows] = new_lens
+
     def cache_prefix(self, owner: int, tokens: list[int]) -> None:
         """Put the whole pages of `tokens` (the first tokens of `owner`'s KV) into the prefix cache; it keeps
         running, now on the cached pages (a chunked prompt shares its finished chunks this way)."""

@@ -20,17 +20,21 @@ from typing import Optional
 import torch
 
 from keel.config import EngineConfig
+from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
 from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
-from keel.runner.model_runner import ModelRunner
+from keel.cache.kv_cache import KVCacheManager
+from keel.runner.model_runner import ModelRunner, plan_kv_pages
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
 from keel.scheduler.scheduler import ScheduledBatch, Scheduler, TokenAppended
+from keel.spec.drafter import create_drafter
+from keel.spec.verify import SIMULATE_ACCEPT_ENV, simulated_accept_len
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +45,49 @@ class EngineCore:
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
         self.runner = ModelRunner(config, self.source, self.model_config)
-        self.kv_cache = self.runner.kv_cache
+        self.draft_runner = self._load_draft_model() if config.speculative_algorithm == "STANDALONE" else None
+        self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))
         self.scheduler = Scheduler(self.kv_cache, config)
         self.strict_checks = strict_checks_enabled()
+        if off := disabled_guards():
+            logger.warning("GUARDS OFF (%s=%s): %s. For tests only: the bug classes they catch can now corrupt "
+                           "outputs silently", DISABLE_ENV, ",".join(sorted(off)),
+                           "; ".join(GUARDS[g] for g in sorted(off)))
         self._rids = itertools.count(1)
         self._live: set[int] = set()  # ids of requests not yet finished
         self._seeds = random.Random(config.seed)
-        self.overlap = not config.disable_overlap
+        self.overlap = config.overlap
+        self.drafter = create_drafter(config, self.runner.device, self.draft_runner)
+        if self.drafter is not None and (simulate := simulated_accept_len()) is not None:
+            logger.warning("%s=%s: verification accepts that many tokens per step on average, whatever the drafts: "
+                           "outputs are NOT the model's (for benchmarks only)", SIMULATE_ACCEPT_ENV, simulate)
         self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
+
+    def _load_draft_model(self) -> ModelRunner:
+        """The STANDALONE drafter: a model of the target's vocabulary, run at the target's context length."""
+        path = self.config.speculative_draft_model_path
+        assert path is not None  # EngineConfig requires it with STANDALONE
+        source = resolve_model(path)
+        draft_config = load_model_config(source)
+        if draft_config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"the draft model {path} has a vocabulary of {draft_config.vocab_size} tokens, the "
+                             f"target {self.model_config.vocab_size}: a drafter must share the target's tokenizer")
+        return ModelRunner(self.config, source, draft_config, context_length=self.runner.context_length)
+
+    def _build_kv(self, runners: list[ModelRunner]) -> KVCacheManager:
+        """The KV memory of every runner: pages sized for all of them, one request table, one pool each."""
+        config, device = self.config, self.runner.device
+        per_token = sum(r.kv_bytes_per_token for r in runners)
+        num_pages = plan_kv_pages(config, per_token, device, self.runner.context_length)
+        kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests, self.runner.context_length,
+                                  device, prefix_cache=not config.disable_radix_cache)
+        logger.info("KV pool: %d tokens in %d pages of %d (%.2f GiB%s); context length %d",
+                    num_pages * config.page_size, num_pages, config.page_size,
+                    num_pages * config.page_size * per_token / 2**30,
+                    ", draft model included" if len(runners) > 1 else "", self.runner.context_length)
+        for runner in runners:
+            runner.attach_kv(num_pages, kv_cache.table)
+        return kv_cache
 
     @property
     def context_length(self) -> int:
@@ -136,7 +175,7 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
         step = launch_step(self.runner, batch, self.model_config.vocab_size,
-                           previous.pending if previous is not None else None)
+                           previous.pending if previous is not None else None, self.drafter)
         self.scheduler.launched(batch)
         if step.done is not None:
             self.kv_cache.set_fence(step.done)  # what is freed from now on may still be read by this forward
@@ -185,13 +224,15 @@ class EngineCore:
     @staticmethod
     def _token_output(appended: TokenAppended, results: StepResults) -> CoreOutput:
         req, wanted = appended.req, None
+        kept = len(appended.token_ids)
         if results.logprobs is not None and req.params.wants_logprobs:
-            lp = results.logprobs[appended.index]
-            wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])]
-        first = len(req.output_ids) == 1
+            wanted = [TokenLogprob(lp.token_id, lp.logprob, lp.top[:req.params.top_logprobs])
+                      for lp in results.logprobs[appended.index][:kept]]
+        first = len(req.output_ids) == kept
         prompt_logprobs = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
-        return CoreOutput(req.rid, [results.token_ids[appended.index]], wanted, appended.finish_reason,
-                          req.num_cached_tokens if first else None, prompt_logprobs=prompt_logprobs)
+        return CoreOutput(req.rid, appended.token_ids, wanted, appended.finish_reason,
+                          req.num_cached_tokens if first else None, prompt_logprobs=prompt_logprobs,
+                          num_draft_tokens=appended.num_draft, num_accepted_tokens=appended.num_accepted)
 
     def _after_step(self) -> None:
         if not self.has_work:

@@ -8,18 +8,23 @@ the sampled ids it needs from `pending` on the device.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from keel.debug.guards import guard_on
 from keel.engine.outputs import TokenLogprob
 from keel.runner.model_runner import ModelRunner
-from keel.scheduler.batch import (PendingTokens, build_forward_batch, build_sampling_batch,
+from keel.runner.sampler import SamplingBatch
+from keel.scheduler.batch import (DraftTokens, PendingTokens, build_forward_batch, build_sampling_batch,
                                   prompt_logprob_rows)
 from keel.scheduler.req import Req
-from keel.scheduler.scheduler import ScheduledBatch
-from keel.transfer import to_device, to_host
+from keel.scheduler.scheduler import BatchPart, ScheduledBatch
+from keel.spec.drafter import Drafter
+from keel.spec.verify import Verified, verify
+from keel.transfer import columns_to_device, to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -47,16 +52,17 @@ class PromptScores:
 
 @dataclass(frozen=True)
 class StepResults:
-    token_ids: list[int]  # one per sampled part
-    logprobs: Optional[list[TokenLogprob]]  # one per sampled part, when any request asked
+    token_ids: list[list[int]]  # per sampled part: its token (speculative: accepted drafts, then one more)
+    logprobs: Optional[list[list[TokenLogprob]]]  # per sampled part, one per token, when any request asked
 
 
 @dataclass(frozen=True)
 class LaunchedStep:
     batch: ScheduledBatch
-    pending: Optional[PendingTokens]  # the sampled ids, on the device; None when nothing was sampled
-    token_ids: Optional[torch.Tensor]  # host copy of pending.token_ids
-    logprobs: Optional[TopLogprobs]
+    pending: Optional[PendingTokens]  # the sampled ids, on the device; None when nothing was sampled or verified
+    token_ids: Optional[torch.Tensor]  # host copy of the token of each sampled row
+    counts: Optional[torch.Tensor]  # host copy of the tokens each sampled part keeps; None: one each
+    logprobs: Optional[TopLogprobs]  # of each sampled row
     prompt_scores: Optional[PromptScores]
     done: Optional[torch.cuda.Event]  # fires when every result above is on the host; None off CUDA
 
@@ -73,32 +79,73 @@ class LaunchedStep:
             _append_prompt_logprobs(self.prompt_scores)
         if self.token_ids is None:
             return StepResults([], None)
-        token_ids = self.token_ids.tolist()
-        return StepResults(token_ids, self.logprobs.to_list(token_ids) if self.logprobs is not None else None)
+        rows = self.token_ids.tolist()
+        sampled = self.batch.sampled
+        counts = self.counts.tolist() if self.counts is not None else [1] * len(sampled)
+        starts = list(itertools.accumulate((1 + p.num_draft for p in sampled), initial=0))
+        token_ids = [rows[start:start + count] for start, count in zip(starts, counts)]
+        if self.logprobs is None:
+            return StepResults(token_ids, None)
+        logprobs = self.logprobs.to_list(rows)
+        return StepResults(token_ids, [logprobs[start:start + count] for start, count in zip(starts, counts)])
 
 
 @torch.inference_mode()
-def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int,
-                previous: Optional[PendingTokens]) -> LaunchedStep:
+def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, previous: Optional[PendingTokens],
+                drafter: Optional[Drafter] = None) -> LaunchedStep:
     """Queue `batch`'s forward, sampling and prompt scoring; `previous` holds the ids of the step before it
-    when the host has not read them yet."""
-    logits = runner.forward(build_forward_batch(batch, runner.device, previous))
+    when the host has not read them yet. With a drafter, parts with num_draft > 0 get their draft tokens from it
+    and are verified; the drafter also sees the target's forward (a draft model writes its KV for it)."""
+    drafts = drafter.propose(batch) if drafter is not None else None
+    forward_batch = build_forward_batch(batch, runner.device, previous, drafts)
+    logits = runner.forward(forward_batch)
+    if drafter is not None:
+        drafter.observe(forward_batch)
     sampled_parts = batch.sampled
-    n = len(sampled_parts)
-    pending, token_ids, logprobs = None, None, None
-    if n:
-        reqs = [p.req for p in sampled_parts]
-        sampled = runner.sample(logits[:n], build_sampling_batch(reqs, vocab_size, runner.device))
-        pending = PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)})
-        token_ids = to_host(sampled.token_ids)
-        if sampled.logprobs is not None:
-            logprobs = _host_top(sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
-    prompt_scores = _score_prompts(batch, logits[n:])
+    num_rows = sum(1 + p.num_draft for p in sampled_parts)
+    pending, token_ids, counts, logprobs = None, None, None, None
+    if sampled_parts:
+        reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
+        offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
+        sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
+        if drafts is None:
+            sampled = runner.sample(logits[:num_rows], sampling)
+            pending = PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)})
+            token_ids = to_host(sampled.token_ids)
+            if sampled.logprobs is not None:
+                logprobs = _host_top(sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+        else:
+            verified = _verify(logits[:num_rows], sampling, sampled_parts, drafts)
+            token_ids, counts = to_host(verified.row_tokens), to_host(verified.counts)
+            if sampling.wants_logprobs:
+                logprobs = _row_logprobs(logits[:num_rows], verified.row_tokens, sampling.num_top_logprobs)
+    prompt_scores = _score_prompts(batch, logits[num_rows:])
     done = None
     if runner.device.type == "cuda":
         done = torch.cuda.Event()
         done.record()
-    return LaunchedStep(batch, pending, token_ids, logprobs, prompt_scores, done)
+    return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done)
+
+
+def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart], drafts: DraftTokens) -> Verified:
+    if drafts.random and drafts.probs is None and not sampling.all_greedy and guard_on("optional-explicit"):
+        raise ValueError("DraftTokens.probs is missing: the drafts were drawn at random, and verifying a sampled "
+                         "request needs the distribution they were drawn from")
+    device = logits.device
+    starts = list(itertools.accumulate((1 + p.num_draft for p in parts), initial=0))[:-1]
+    draft_rows = [drafts.rows.get(p.req.rid, 0) for p in parts]  # parts without drafts: any row, all masked
+    starts_t, num_draft_t, draft_rows_t = columns_to_device(
+        [(starts, torch.int64), ([p.num_draft for p in parts], torch.int64), (draft_rows, torch.int64)], device)
+    probs = drafts.probs[draft_rows_t] if drafts.probs is not None else None
+    return verify(logits, sampling, starts_t, num_draft_t, drafts.token_ids[draft_rows_t], probs)
+
+
+def _row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TopLogprobs:
+    """Raw log-probs of each row's token and the row's top k, on their way to the host."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top = logprobs.topk(k, dim=-1) if k else None
+    return _host_top(logprobs.gather(1, tokens[:, None])[:, 0], top.indices if top is not None else None,
+                     top.values if top is not None else None)
 
 
 def _host_top(chosen: torch.Tensor, top_ids: Optional[torch.Tensor],

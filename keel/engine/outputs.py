@@ -26,6 +26,8 @@ class CoreOutput:
     num_cached_tokens: Optional[int] = None  # prompt tokens the prefix cache served (on the first output)
     error: Optional[str] = None  # why the engine gave up on the request (finish_reason "abort")
     prompt_logprobs: Optional[list[TokenLogprob]] = None  # of prompt tokens 1.., on the first output, when asked
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified this step
+    num_accepted_tokens: int = 0  # of those, accepted
 
 
 @dataclass
@@ -40,6 +42,18 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: Optional[str] = None  # set, with finish_reason "abort", when the engine could not serve it
     prompt_logprobs: Optional[list[TokenLogprob]] = None  # of prompt tokens 1.. (SamplingParams.prompt_logprobs)
+    # speculative decoding (SGLang's meta_info names): target forwards that verified drafts for this request,
+    # the draft tokens they verified, and how many of those were accepted
+    spec_verify_ct: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_accept_length(self) -> Optional[float]:
+        """Mean tokens per verify step (accepted drafts + the target's own), when speculation ran."""
+        if not self.spec_verify_ct:
+            return None
+        return 1.0 + self.spec_accepted_tokens / self.spec_verify_ct
 
     @property
     def finished(self) -> bool:

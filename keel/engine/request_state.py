@@ -36,6 +36,10 @@ class RequestState:
         if out.prompt_logprobs is not None:
             result.prompt_logprobs = out.prompt_logprobs
         result.error = out.error
+        if out.num_draft_tokens:
+            result.spec_verify_ct += 1
+            result.spec_draft_tokens += out.num_draft_tokens
+            result.spec_accepted_tokens += out.num_accepted_tokens
         result.token_ids.extend(out.token_ids)
         if result.logprobs is not None and out.logprobs:
             result.logprobs.extend(out.logprobs)

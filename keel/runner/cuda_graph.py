@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from keel.debug.guards import guard_on
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class CudaGraphRunner:
                     time.perf_counter() - start)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode == ForwardMode.DECODE and 0 < batch.batch_size <= self.max_bs
+        return batch.mode.is_decode and 0 < batch.batch_size <= self.max_bs
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """The logits rows of the real requests: a view of the graph's output, overwritten by its next replay."""
@@ -82,8 +83,12 @@ class CudaGraphRunner:
 
 
 def _write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
-    """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit."""
+    """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit (guard
+    `bounded-write`: with it off, the rows are copied unchecked and padded rows keep the last replay's values)."""
     n = real.numel()
+    if not guard_on("bounded-write"):
+        static[:n].copy_(real)
+        return
     if n > size or size > static.numel():
         raise IndexError(f"CUDA-graph input of {n} rows into a buffer of {static.numel()} (graph size {size})")
     static[:n].copy_(real)

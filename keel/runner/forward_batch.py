@@ -23,14 +23,25 @@ class ForwardMode(enum.Enum):
     DECODE = "decode"  # one new token per request
     MIXED = "mixed"  # extend and decode requests in one batch
     IDLE = "idle"  # no tokens; still a valid forward (data-parallel ranks with nothing to do)
+    # speculative decoding
+    # The target scores each request's last token and its drafts, laid out as decode rows: one row per token,
+    # each attending to the KV up to its own position (the drafts' KV is stored before attention reads it).
+    TARGET_VERIFY = "target_verify"
+    DRAFT_EXTEND = "draft_extend"  # a draft model writes its KV for the tokens of the target's forward
+    DRAFT_DECODE = "draft_decode"  # a draft model runs decode rows (its own proposals, or a verify's tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        """One token per row, read through the decode kernels (and a CUDA graph when one is captured)."""
+        return self in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_DECODE)
 
 
 @dataclass(frozen=True)
 class ForwardBatch:
     mode: ForwardMode
     device: torch.device
-    # host, one entry per request
-    seq_lens_cpu: HostInts  # KV length of each request after this forward
+    # host, one entry per request (per row, in decode layouts)
+    seq_lens_cpu: HostInts  # KV length of each request after this forward (of each row: up to its token)
     extend_lens_cpu: HostInts  # tokens each request adds in this forward (1 when decoding)
     # device
     input_ids: DeviceTensor  # [num_tokens] int64, the requests' new tokens back to back

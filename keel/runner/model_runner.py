@@ -1,4 +1,10 @@
-"""ModelRunner: owns the model, the KV pool and the attention backend; runs one ForwardBatch at a time."""
+"""ModelRunner: one model (the target, or a draft model), its KV pool, attention backend and CUDA graphs; runs
+one ForwardBatch at a time.
+
+EngineCore owns memory (DESIGN, Seams): it loads every runner's model, sizes the KV pages for all of them
+(`plan_kv_pages`), builds the one request->token table, and hands it to each runner with `attach_kv`. A draft
+model's pool has the same slots as the target's, so one page allocator and one release path cover both.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from typing import Optional
 import torch
 
 from keel.attention import choose_backend, create_backend
-from keel.attention.base import AttentionContext
-from keel.cache.kv_cache import KVCacheManager
+from keel.attention.base import AttentionBackend, AttentionContext
 from keel.cache.kv_pool import KVPool
+from keel.cache.req_table import ReqToTokenTable
 from keel.config import EngineConfig
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
@@ -49,13 +55,16 @@ def resolve_dtype(name: str, checkpoint_dtype: torch.dtype, device: torch.device
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig,
+                 context_length: Optional[int] = None) -> None:
+        """Load the model; `context_length` (default: config's, else the model's) bounds positions."""
+        self.config = config
         self.device = resolve_device(config.device)
         self.model_config = model_config
         self.dtype = resolve_dtype(config.dtype, model_config.checkpoint_dtype, self.device)
-        self.context_length = config.context_length or model_config.max_position_embeddings
+        self.context_length = context_length or config.context_length or model_config.max_position_embeddings
         if self.context_length > model_config.max_position_embeddings:
-            raise ValueError(f"context_length={self.context_length} exceeds the model's "
+            raise ValueError(f"{source.name}: context_length={self.context_length} exceeds the model's "
                              f"max_position_embeddings={model_config.max_position_embeddings}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -71,35 +80,26 @@ class ModelRunner:
                     source.name, model_config.architecture, sum(p.numel() for p in parameters) / 1e6,
                     sum(p.numel() * p.element_size() for p in parameters) / 2**30, self.attention_backend,
                     self.dtype, self.device, time.perf_counter() - start)
-        num_pages = self._plan_kv_pages(config)
-        mc = model_config
+        self.kv_pool: Optional[KVPool] = None
+        self.attn_backend: Optional[AttentionBackend] = None
+        self.cuda_graph: Optional[CudaGraphRunner] = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        mc = self.model_config
+        return KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+
+    def attach_kv(self, num_pages: int, table: ReqToTokenTable) -> None:
+        """Give the model its KV pool (num_pages pages, slots addressed through `table`), then capture its
+        CUDA graphs, which read both."""
+        mc, config = self.model_config, self.config
         self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
                               self.dtype, self.device)
-        self.kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests,
-                                       self.context_length, self.device, prefix_cache=not config.disable_radix_cache)
-        self.attn_backend = create_backend(self.attention_backend, self.kv_cache.table, self.model.attention_layers)
-        logger.info("KV pool: %d tokens in %d pages of %d (%.2f GiB); context length %d", num_pages * config.page_size,
-                    num_pages, config.page_size, 2 * self.kv_pool.k_cache.nbytes / 2**30, self.context_length)
-        self.cuda_graph: Optional[CudaGraphRunner] = None
+        self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
             max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
             self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device)
 
-    def _plan_kv_pages(self, config: EngineConfig) -> int:
-        mc = self.model_config
-        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
-        tokens = config.kv_cache_tokens
-        if tokens is None:
-            tokens = int(_free_memory_bytes(self.device) * config.mem_fraction) // per_token
-            # never more than every request row can hold: a small model would otherwise get a huge page table
-            tokens = min(tokens, config.max_running_requests * self.context_length)
-            if self.device.type == "cpu":
-                tokens = min(tokens, CPU_DEFAULT_KV_TOKENS)
-        num_pages = tokens // config.page_size
-        if num_pages < 1:
-            raise ValueError(f"KV pool of {tokens} tokens holds no page of {config.page_size} tokens; "
-                             "raise kv_cache_tokens or mem_fraction")
-        return num_pages
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -111,6 +111,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.attn_backend is None or self.kv_pool is None:
+            raise RuntimeError("ModelRunner.forward before attach_kv: the runner has no KV pool")
         metadata = self.attn_backend.build_metadata(batch)
         ctx = AttentionContext(self.attn_backend, metadata, self.kv_pool)
         hidden = self.model(batch.input_ids, batch.positions, ctx)
@@ -119,6 +121,23 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         return sample(logits, batch)
+
+
+def plan_kv_pages(config: EngineConfig, bytes_per_token: int, device: torch.device, context_length: int) -> int:
+    """KV pages for every runner together (`bytes_per_token`: the sum of theirs): --kv-cache-tokens, or
+    --mem-fraction of the memory free once every model is loaded."""
+    tokens = config.kv_cache_tokens
+    if tokens is None:
+        tokens = int(_free_memory_bytes(device) * config.mem_fraction) // bytes_per_token
+        # never more than every request row can hold: a small model would otherwise get a huge page table
+        tokens = min(tokens, config.max_running_requests * context_length)
+        if device.type == "cpu":
+            tokens = min(tokens, CPU_DEFAULT_KV_TOKENS)
+    num_pages = tokens // config.page_size
+    if num_pages < 1:
+        raise ValueError(f"KV pool of {tokens} tokens holds no page of {config.page_size} tokens; "
+                         "raise kv_cache_tokens or mem_fraction")
+    return num_pages
 
 
 def _free_memory_bytes(device: torch.device) -> int:

@@ -80,8 +80,7 @@ def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     probs = torch.softmax(logits / batch.temperatures[:, None], dim=-1)
     if not batch.needs_filter:
-        token_ids = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
-        return (probs / exponential_noise(batch.seeds, batch.steps, token_ids)).argmax(dim=-1)
+        return sample_from(probs, batch.seeds, batch.steps)
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
     sorted_probs = sorted_probs.masked_fill(~_kept(sorted_probs, batch), 0.0)
     choice = (sorted_probs / exponential_noise(batch.seeds, batch.steps, sorted_ids)).argmax(dim=-1)
@@ -99,12 +98,33 @@ def _kept(sorted_probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return keep
 
 
+def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution each row samples from: softmax(logits / temperature), cut by top-k, top-p and min-p,
+    renormalised. [n, vocab] float32 (greedy rows: their temperature-1 distribution, unused by the caller)."""
+    probs = torch.softmax(logits / batch.temperatures[:, None], dim=-1)
+    if not batch.needs_filter:
+        return probs
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    kept = torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs.masked_fill(~_kept(sorted_probs, batch), 0.0))
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def sample_from(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One token per row of (unnormalised) `probs`, drawn by the exponential race keyed by (seed, step)."""
+    token_ids = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+    return (probs / exponential_noise(seeds, steps, token_ids)).argmax(dim=-1)
+
+
 def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise, a pure function of (seed, step, token id) per element. token_ids: [n, m]."""
+    return -torch.log(uniform_noise(seeds, steps, token_ids))
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in (0, 1), a pure function of (seed, step, token id) per element. token_ids: [n, m]."""
     row_key = _mix32(_mix32(_mix32(seeds & _M32) ^ (seeds >> 32)) ^ (steps & _M32))
     bits = _mix32(row_key[:, None] ^ _mix32(token_ids))
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)  # in (0, 1)
-    return -torch.log(uniform)
+    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from keel.runner.forward_batch import ForwardBatch
+from keel.runner.forward_batch import ForwardBatch, ForwardMode
 from keel.runner.sampler import PenaltyInputs, SamplingBatch
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
@@ -22,44 +22,76 @@ class PendingTokens:
     rows: dict[int, int]  # request id -> its row in token_ids
 
 
-def build_forward_batch(batch: ScheduledBatch, device: torch.device,
-                        pending: Optional[PendingTokens] = None) -> ForwardBatch:
-    """Logits rows: first one per sampled part (in order), then one per prompt position owed a prompt log-prob
-    (in the order of `prompt_logprob_rows`). A request whose last token is still pending (overlap scheduling)
-    gets it from `pending` on the device, with no host round trip."""
+@dataclass(frozen=True)
+class DraftTokens:
+    """Draft tokens proposed for a step's parts with num_draft > 0, on the device."""
+
+    token_ids: torch.Tensor  # [number of drafted parts, drafts per part] int64
+    rows: dict[int, int]  # request id -> its row in token_ids
+    # Whether some drafts were drawn at random (a draft model sampling for a sampled request); then `probs`
+    # must hold the distributions they were drawn from: [drafted parts, drafts per part, vocab] float32.
+    random: bool = False
+    probs: Optional[torch.Tensor] = None
+
+
+def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Optional[PendingTokens] = None,
+                        drafts: Optional[DraftTokens] = None) -> ForwardBatch:
+    """Logits rows: first those of each sampled part in order (its last token's; with drafts, also each draft
+    token's), then one per prompt position owed a prompt log-prob (in the order of `prompt_logprob_rows`). A
+    request whose last token is still pending (overlap scheduling) gets it from `pending` on the device, with
+    no host round trip; draft tokens come from `drafts`, also on the device."""
     input_ids: list[int] = []
     positions: list[int] = []
     sampled_rows: list[int] = []
     prompt_rows: list[int] = []
     fill_rows: list[int] = []  # input positions whose id comes from `pending`
     fill_from: list[int] = []
+    draft_rows: list[int] = []  # input positions whose id comes from `drafts`
+    draft_from: list[int] = []
     for part in batch.parts:
         start = part.seq_len - part.extend_len
         first_index = len(input_ids)
-        known_end = min(part.seq_len, part.req.known_len)
+        last = part.seq_len - part.num_draft  # the request's length without its drafts
+        known_end = min(last, part.req.known_len)
         input_ids += part.req.token_ids(start, known_end)
-        if known_end < part.seq_len:
+        if known_end < last:
             fill_rows.append(len(input_ids))
             fill_from.append(_pending_row(part, known_end, pending))
             input_ids.append(0)
+        if part.num_draft:
+            row = _draft_row(part, drafts)
+            draft_rows += range(len(input_ids), len(input_ids) + part.num_draft)
+            draft_from += range(row, row + part.num_draft)
+            input_ids += [0] * part.num_draft
         positions += range(start, part.seq_len)
         if part.samples:  # logits only where a token is sampled: not for a chunk mid-prompt
-            sampled_rows.append(len(input_ids) - 1)
+            sampled_rows += range(len(input_ids) - 1 - part.num_draft, len(input_ids))
         prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
+    if batch.mode == ForwardMode.TARGET_VERIFY:  # decode layout: one row per token, seeing the KV up to itself
+        req_rows = [p.row for p in batch.parts for _ in range(p.extend_len)]
+        seq_lens = [n for p in batch.parts for n in range(p.seq_len - p.extend_len + 1, p.seq_len + 1)]
+        extend_lens = [1] * len(seq_lens)
+    else:
+        req_rows, seq_lens = [p.row for p in batch.parts], [p.seq_len for p in batch.parts]
+        extend_lens = [p.extend_len for p in batch.parts]
     slots = torch.cat([p.slots for p in batch.parts])
-    input_ids_t, positions_t, rows_t, seq_lens_t, slots_t, logits_t, fill_rows_t, fill_from_t = columns_to_device(
-        [(values, torch.int64) for values in (input_ids, positions, [p.row for p in batch.parts],
-                                              [p.seq_len for p in batch.parts], slots, sampled_rows + prompt_rows,
-                                              fill_rows, fill_from)], device)
+    (input_ids_t, positions_t, rows_t, seq_lens_t, slots_t, logits_t, fill_rows_t, fill_from_t, draft_rows_t,
+     draft_from_t) = columns_to_device(
+        [(values, torch.int64) for values in (input_ids, positions, req_rows, seq_lens, slots,
+                                              sampled_rows + prompt_rows, fill_rows, fill_from, draft_rows,
+                                              draft_from)], device)
     if fill_rows:
         assert pending is not None  # _pending_row checked it
         input_ids_t[fill_rows_t] = pending.token_ids[fill_from_t]
+    if draft_rows:
+        assert drafts is not None  # _draft_row checked it
+        input_ids_t[draft_rows_t] = drafts.token_ids.reshape(-1)[draft_from_t]
     return ForwardBatch(
         mode=batch.mode,
         device=device,
-        seq_lens_cpu=tuple(p.seq_len for p in batch.parts),
-        extend_lens_cpu=tuple(p.extend_len for p in batch.parts),
+        seq_lens_cpu=tuple(seq_lens),
+        extend_lens_cpu=tuple(extend_lens),
         input_ids=input_ids_t,
         positions=positions_t,
         req_rows=rows_t,
@@ -78,6 +110,13 @@ def _pending_row(part: BatchPart, known_end: int, pending: Optional[PendingToken
     return pending.rows[rid]
 
 
+def _draft_row(part: BatchPart, drafts: Optional[DraftTokens]) -> int:
+    """Where `part`'s draft tokens start in drafts.token_ids, flattened."""
+    if drafts is None or part.req.rid not in drafts.rows or part.num_draft > drafts.token_ids.shape[1]:
+        raise ValueError(f"request {part.req.rid} was scheduled {part.num_draft} draft tokens that were not proposed")
+    return drafts.rows[part.req.rid] * drafts.token_ids.shape[1]
+
+
 def prompt_logprob_rows(batch: ScheduledBatch) -> list[tuple[Req, range]]:
     """For each part owed prompt log-probs: the request and the prompt positions this step scores."""
     return [(part.req, positions) for part in batch.parts if (positions := _owed_positions(part))]
@@ -89,8 +128,12 @@ def _owed_positions(part: BatchPart) -> range:
     return range(start, max(start, min(owed.stop, part.seq_len)))
 
 
-def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatch:
+def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device,
+                         step_offsets: Optional[list[int]] = None) -> SamplingBatch:
+    """One row per entry of `reqs` (a request may fill several: a speculative step samples each drafted
+    position); a row samples output token num_generated + its step offset (0 by default)."""
     params = [r.params for r in reqs]
+    offsets = step_offsets if step_offsets is not None else [0] * len(reqs)
 
     greedy = [p.is_greedy for p in params]
     greedy_t, temperatures, top_ks, top_ps, min_ps, seeds, steps = columns_to_device([
@@ -100,7 +143,7 @@ def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device)
         ([p.top_p for p in params], torch.float32),
         ([p.min_p for p in params], torch.float32),
         ([r.seed % 2**63 for r in reqs], torch.int64),
-        ([r.num_generated for r in reqs], torch.int64)], device)
+        ([r.num_generated + o for r, o in zip(reqs, offsets)], torch.int64)], device)
     return SamplingBatch(
         greedy=greedy_t, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps, min_ps=min_ps, seeds=seeds,
         steps=steps,

@@ -66,14 +66,17 @@ class Req:
             return self.output_ids[start - p:end - p]
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
-    def append_token(self, token_id: int) -> Optional[FinishReason]:
-        """Record the oldest pending token now read back; returns why the request is now finished, if it is."""
+    def append_tokens(self, token_ids: list[int]) -> tuple[int, Optional[FinishReason]]:
+        """Record the tokens of the oldest pending result, now read back (one, or a speculative step's accepted
+        drafts and the target's own token). Tokens past a stop token or max_new_tokens are dropped. Returns how
+        many were kept and why the request is now finished, if it is."""
         if self.pending < 1:
-            raise ValueError(f"request {self.rid}: a token arrived that no launched forward owed it")
+            raise ValueError(f"request {self.rid}: tokens arrived that no launched forward owed it")
         self.pending -= 1
-        self.output_ids.append(token_id)
-        if token_id in self.stop_token_ids:
-            return "stop"
-        if len(self.output_ids) >= self.params.max_new_tokens:
-            return "length"
-        return None
+        for kept, token_id in enumerate(token_ids, 1):
+            self.output_ids.append(token_id)
+            if token_id in self.stop_token_ids:
+                return kept, "stop"
+            if len(self.output_ids) >= self.params.max_new_tokens:
+                return kept, "length"
+        return len(token_ids), None

@@ -53,6 +53,9 @@ class BatchPart:
     seq_len: int  # its KV length after this step
     slots: torch.Tensor  # host int64 [extend_len], where the new tokens' K/V go
     samples: bool  # this step ends the request's prefill (or decodes it), so a token is sampled for it
+    # Speculative decoding: the last `num_draft` of the extend_len tokens are draft tokens, proposed after
+    # scheduling (their ids come from the drafter); every one of the extend_len positions is scored.
+    num_draft: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,10 @@ class ScheduledBatch:
 class TokenAppended:
     index: int  # position among the batch's sampled parts
     req: Req
+    token_ids: list[int]  # what the request kept: one token, or accepted drafts and one more (speculative)
     finish_reason: Optional[FinishReason]
+    num_draft: int = 0  # draft tokens it was verified with this step
+    num_accepted: int = 0  # of those, how many the target accepted
 
 
 class Scheduler:
@@ -109,6 +115,8 @@ class Scheduler:
             self._last_mode = None
             return None
         mode = ForwardMode.MIXED if prefills and decodes else ForwardMode.EXTEND if prefills else ForwardMode.DECODE
+        if mode == ForwardMode.DECODE and any(p.num_draft for p in decodes):
+            mode = ForwardMode.TARGET_VERIFY  # with prefills, drafts are verified in a MIXED (extend) batch
         self._last_mode = mode
         return ScheduledBatch(mode, parts)
 
@@ -118,8 +126,13 @@ class Scheduler:
         if self._retract_every and self._decode_steps % self._retract_every == 0 and ready:
             self._retract(self._retraction_victim(ready))
             ready = self._decodable()
+        drafts: list[int] = []
         while ready:
-            slots = self.kv.grow([r.rid for r in ready], [r.seq_len for r in ready])
+            drafts = [self._draft_budget(r) for r in ready]
+            slots = self.kv.grow([r.rid for r in ready], [r.seq_len + d for r, d in zip(ready, drafts)])
+            if slots is None and any(drafts):  # short of pages: decode without drafts before retracting anyone
+                drafts = [0] * len(ready)
+                slots = self.kv.grow([r.rid for r in ready], [r.seq_len for r in ready])
             if slots is not None:
                 break
             if len(ready) == 1 and self.chunked is None:
@@ -133,7 +146,17 @@ class Scheduler:
         if not ready:
             return []
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        return [BatchPart(r, self.kv.row(r.rid), 1, r.seq_len, slots[i:i + 1], True) for i, r in enumerate(ready)]
+        split = torch.split(slots, [1 + d for d in drafts])
+        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, split[i], True, d)
+                for i, (r, d) in enumerate(zip(ready, drafts))]
+
+    def _draft_budget(self, req: Req) -> int:
+        """Draft tokens `req` gets this step: the configured number, but none past its max_new_tokens or the
+        context, and none with penalties (they count each output token on the host before the next is drawn)."""
+        if req.params.has_penalties:
+            return 0
+        room = min(req.params.max_new_tokens - req.num_generated, self.kv.context_length - req.seq_len + 1) - 1
+        return max(0, min(self.config.num_draft_tokens, room))
 
     def _decodable(self) -> list[Req]:
         """Running requests whose KV is one token behind and that still owe tokens (a request whose last token
@@ -278,23 +301,26 @@ class Scheduler:
         for part in batch.sampled:
             part.req.pending += 1
 
-    def process(self, batch: ScheduledBatch, token_ids: list[int]) -> list[TokenAppended]:
+    def process(self, batch: ScheduledBatch, token_ids: list[list[int]]) -> list[TokenAppended]:
         """Apply a launched step's results: chunks go into the prefix cache, sampled tokens replace the pending
-        ones, finished requests release their KV. `token_ids` has one entry per sampled part."""
+        ones, slots of rejected draft tokens are freed, finished requests release their KV. `token_ids` has one
+        list per sampled part: its one token, or (speculative) its accepted drafts and the target's next token."""
         appended = []
         for part in batch.parts:
             if part.req.status != ReqStatus.RUNNING:  # aborted or requeued while its forward ran: KV released
                 continue
             if not part.samples:
                 self.kv.cache_prefix(part.req.rid, part.req.token_ids(0, part.seq_len))
-        for index, part in enumerate(batch.sampled):
-            req = part.req
-            if req.status == ReqStatus.FINISHED:
-                continue
-            reason = req.append_token(token_ids[index])
+        kept = [(index, part, *part.req.append_tokens(token_ids[index])) for index, part in enumerate(batch.sampled)
+                if part.req.status != ReqStatus.FINISHED]
+        verified = [p.req for _, p, _, _ in kept if p.num_draft and p.req.status == ReqStatus.RUNNING]
+        if verified:  # keep the KV of every kept token but the newest; the rejected drafts' pages go back
+            self.kv.truncate([r.rid for r in verified], [r.seq_len - 1 for r in verified])
+        for index, part, count, reason in kept:
             if reason is not None:
-                self._finish(req, reason)
-            appended.append(TokenAppended(index, req, reason))
+                self._finish(part.req, reason)
+            appended.append(TokenAppended(index, part.req, token_ids[index][:count], reason, part.num_draft,
+                                          len(token_ids[index]) - 1))
         return appended
 
     def abort_many(self, rids: set[int], reason: FinishReason = "abort") -> list[Req]:

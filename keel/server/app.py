@@ -181,5 +181,9 @@ async def native_generate(ctx: ServerContext, body: GenerateRequest, request: Re
 
 
 def meta_info(request_id: str, prompt: Prompt, out: RequestOutput) -> dict:
-    return {"id": request_id, "finish_reason": out.finish_reason, "prompt_tokens": len(prompt.ids),
+    info = {"id": request_id, "finish_reason": out.finish_reason, "prompt_tokens": len(prompt.ids),
             "completion_tokens": len(out.token_ids), "cached_tokens": out.num_cached_tokens, "error": out.error}
+    if out.spec_verify_ct:  # SGLang's names
+        info.update(spec_verify_ct=out.spec_verify_ct, spec_draft_tokens=out.spec_draft_tokens,
+                    spec_accepted_tokens=out.spec_accepted_tokens, spec_accept_length=out.spec_accept_length)
+    return info

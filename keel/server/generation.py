@@ -70,6 +70,10 @@ class Generation:
                         now - last_token)
                     last_token = now
                     self.metrics.generation_tokens.inc(len(out.token_ids))
+                if out.num_draft_tokens:  # mean accept length = 1 + accepted / verify steps
+                    self.metrics.spec_verify_steps.inc()
+                    self.metrics.spec_draft_tokens.inc(out.num_draft_tokens)
+                    self.metrics.spec_accepted_tokens.inc(out.num_accepted_tokens)
                 if out.num_cached_tokens is not None:
                     self.metrics.prompt_tokens.inc(len(self.prompt_ids))
                     self.metrics.cache_hit_tokens.inc(out.num_cached_tokens)

@@ -20,6 +20,11 @@ class ServerMetrics:
         self.generation_tokens = Counter("keel_generation_tokens", "Tokens generated", registry=r)
         self.cache_hit_tokens = Counter("keel_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache",
                                         registry=r)
+        self.spec_verify_steps = Counter("keel_spec_verify_steps", "Target forwards that verified draft tokens, "
+                                         "counted per request", registry=r)
+        self.spec_draft_tokens = Counter("keel_spec_draft_tokens", "Draft tokens proposed and verified", registry=r)
+        self.spec_accepted_tokens = Counter("keel_spec_accepted_tokens", "Draft tokens the target accepted",
+                                            registry=r)
         self.requests = Counter("keel_requests_finished", "Finished requests", ["finish_reason"], registry=r)
         self.ttft = Histogram("keel_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
                               registry=r)

@@ -186,11 +186,18 @@ def client_gone() -> Response:
     return Response(status_code=499)
 
 
-def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, int]:
+def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, Any]:
     prompt_tokens = sum(len(p.ids) for p in prompts)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    verify_steps = sum(o.spec_verify_ct for o in outputs)
+    if verify_steps:  # an extension, as vLLM and SGLang add theirs: speculative decoding's acceptance
+        accepted = sum(o.spec_accepted_tokens for o in outputs)
+        result["speculative"] = {"verify_steps": verify_steps,
+                                 "draft_tokens": sum(o.spec_draft_tokens for o in outputs),
+                                 "accepted_tokens": accepted, "accept_length": 1.0 + accepted / verify_steps}
+    return result
 
 
 def sse(payload: Any) -> str:

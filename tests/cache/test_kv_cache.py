@@ -34,6 +34,26 @@ def test_slots_follow_pages_and_table_mirrors_them(page_size):
     assert kv.pages.num_free == kv.pages.capacity and kv.rows.num_free == kv.rows.capacity
 
 
+def test_truncate_frees_the_pages_past_the_committed_length_only():
+    kv = manager(num_pages=16, page_size=4)
+    for owner in (1, 2):
+        assert kv.admit(owner, NO_PREFIX)
+    kv.grow([1, 2], [6, 13])  # 2 and 4 pages
+    kv.truncate([1, 2], [5, 9])  # 1: same 2 pages; 2: 3 pages, its 4th freed
+    assert (kv.kv_len(1), kv.kv_len(2)) == (5, 9) and kv.pages.num_free == 16 - 5
+    assert kv.row_pages(2).numel() == 3 and (kv.pages.owner_of(kv.row_pages(2)) == 2).all()
+    kv.grow([2], [13])  # grows back onto a fresh page
+    with pytest.raises(KVAccountingError, match="outside"):
+        kv.truncate([1], [7])  # past what it holds
+    kv.release(1, list(range(5)))  # one whole page into the cache
+    assert kv.admit(3, kv.match_prefix(list(range(5))))
+    kv.grow([3], [6])
+    with pytest.raises(KVAccountingError, match="outside"):
+        kv.truncate([3], [3])  # into the cached prefix it does not own
+    kv.release(2)
+    kv.release(3)
+
+
 def test_grow_returns_none_and_allocates_nothing_when_pool_is_short():
     kv = manager(num_pages=3, page_size=4, max_requests=2, context_length=64, prefix_cache=False)
     kv.admit(1, NO_PREFIX)

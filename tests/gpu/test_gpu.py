@@ -56,7 +56,7 @@ def keel_logits(engine: keel.Engine, prompts: list[list[int]]) -> tuple[list[tor
         for part, row in zip(batch.sampled, out):
             logits[part.req.rid].append(row.clone())  # a CUDA graph's output is overwritten by its next replay
         core.scheduler.launched(batch)
-        core.scheduler.process(batch, out.argmax(-1).tolist())
+        core.scheduler.process(batch, [[t] for t in out.argmax(-1).tolist()])
     rows = [torch.stack(logits[r]) for r in rids]
     return rows, [r.argmax(-1).tolist() for r in rows]
 

@@ -6,8 +6,11 @@ request large plus a few pages, chunked or mixed prefill, fcfs or lpm, radix cac
 and forced retraction. The engine checks every KV invariant after every step
 (KEEL_STRICT_CHECKS=1) and at the end the pool must be free once the prefix cache is flushed.
 
+The same workloads run again with speculative decoding (an n-gram drafter, the target as its own draft
+model, or an unrelated one), 3 draft tokens per step: outputs must still equal each request's solo run.
+
 Replay one seed: KEEL_WORKLOAD_SEED=17 pytest tests/scheduler/test_random_workloads.py
-More seeds:      KEEL_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
+More seeds:      KEEL_WORKLOADS=2000 KEEL_SPEC_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from tests.scheduler.workloads import Workload, make_workload
 
 SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.environ
          else range(int(os.environ.get("KEEL_WORKLOADS", "200"))))
+SPEC_SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.environ
+              else range(int(os.environ.get("KEEL_SPEC_WORKLOADS", "40"))))
 STATS: Counter = Counter()
 
 
@@ -80,7 +85,21 @@ def run_workload(core, workload: Workload) -> tuple[dict[int, keel.RequestOutput
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed={s}")
 def test_random_workload(seed, tiny_model, solo_engine, monkeypatch):
+    check_workload(make_workload(seed), seed, tiny_model, solo_engine, monkeypatch)
+
+
+@pytest.mark.parametrize("seed", SPEC_SEEDS, ids=lambda s: f"seed={s}")
+def test_random_workload_speculative(seed, tiny_model, solo_engine, monkeypatch):
     workload = make_workload(seed)
+    target, _ = tiny_model("llama3")
+    drafter = [dict(speculative_algorithm="NGRAM"),
+               dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target)),
+               dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_model("llama2")[0]))]
+    workload.options.update(drafter[seed % 3])
+    check_workload(workload, seed, tiny_model, solo_engine, monkeypatch)
+
+
+def check_workload(workload: Workload, seed: int, tiny_model, solo_engine, monkeypatch) -> None:
     monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
     directory, _ = tiny_model("llama3")
     engine = keel.Engine(str(directory), device="cpu", dtype="float32", **workload.options)

@@ -45,7 +45,7 @@ def test_abort_in_every_state_releases_kv_once(tiny_model, make_engine):
     batch = core.scheduler.schedule()  # decode: in flight
     assert batch.mode == ForwardMode.DECODE
     assert core.abort(running)  # its forward is "running": the result is dropped, its KV released now
-    core.scheduler.process(batch, [1])
+    core.scheduler.process(batch, [[1]])
     assert not core.abort(running) and not core.abort(12345)  # already finished / unknown
     assert not core.has_work
 
@@ -272,9 +272,9 @@ def test_pending_tokens_count_in_length_but_are_not_readable():
     assert req.seq_len == 4 and req.known_len == 3 and req.num_generated == 1
     with pytest.raises(ValueError, match="still on the device"):
         req.token_ids(0, 4)
-    assert req.append_token(9) == "stop" and req.pending == 0 and req.output_ids == [9]
+    assert req.append_tokens([9, 4]) == (1, "stop") and req.pending == 0 and req.output_ids == [9]
     with pytest.raises(ValueError, match="no launched forward owed it"):
-        req.append_token(3)
+        req.append_tokens([3])
 
 
 # ---- requeue and abort_many, called on the scheduler directly

@@ -1,0 +1,32 @@
+"""Named guards for the seed bug classes (DESIGN, "Guards and their debug switches").
+
+Each guard is always on. `KEEL_DEBUG_DISABLE_GUARDS=name[,name]` turns guards off, for tests only: a seed's
+test must fail with its guard off and pass with it on (a mutation proof, recorded in docs/guards.md). The
+engine logs a warning at start while any guard is off.
+"""
+
+from __future__ import annotations
+
+import os
+
+DISABLE_ENV = "KEEL_DEBUG_DISABLE_GUARDS"
+# Guards with a switch so far; DESIGN.md's fresh-metadata (000), one-plan (001) and mapping-reset (002) join
+# with the issues that build their paths.
+GUARDS = {
+    "bounded-write": "003: writes into fixed-size (CUDA-graph) buffers check their extent; padded rows neutralised",
+    "optional-explicit": "004: fields that may be absent are declared so, and checked before use",
+}
+
+
+def disabled_guards() -> set[str]:
+    names = {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+    unknown = names - set(GUARDS)
+    if unknown:
+        raise ValueError(f"{DISABLE_ENV} names unknown guards {sorted(unknown)}; guards: {', '.join(GUARDS)}")
+    return names
+
+
+def guard_on(name: str) -> bool:
+    """Whether guard `name` runs (read at every call, so a test can switch it for one engine)."""
+    assert name in GUARDS, name
+    return name not in disabled_guards()

@@ -1,0 +1,235 @@
+"""Speculative decoding on tiny random models (CPU, float32): greedy output equals greedy output without
+speculation for every drafter and the paths around it (page sizes, chunked prefill, prefix-cache hits,
+retraction, aborts, mixed batches); sampled output keeps the target's distribution. Engines from make_engine
+are checked after each test: drained, invariants intact, every page free."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import keel
+from keel.models.byte_tokenizer import save_byte_tokenizer
+from tests.helpers import _COMMON, TINY_MODELS, random_prompts
+
+GREEDY = keel.SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, top_logprobs=2)
+# Mixed lengths: single-token, page-sized and long prompts, and one that repeats itself (n-grams find it).
+PROMPTS = random_prompts([1, 5, 16, 17, 40, 90], seed=11) + [[7, 8, 9, 10, 11] * 6]
+
+
+@pytest.fixture(scope="module")
+def drafters(tiny_model, tmp_path_factory) -> dict[str, dict]:
+    """Speculative options by name: n-grams, the target as its own drafter, a noisy copy of it (accepts some
+    drafts, not all) and an unrelated random model (accepts almost none)."""
+    target, _ = tiny_model("llama3")
+    unrelated, _ = tiny_model("llama2")
+    noisy = tmp_path_factory.mktemp("noisy-draft")
+    model = AutoModelForCausalLM.from_pretrained(target)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.save_pretrained(noisy)
+    save_byte_tokenizer(noisy)
+    standalone = dict(speculative_algorithm="STANDALONE")
+    return {"ngram": dict(speculative_algorithm="NGRAM"),
+            "self": dict(standalone, speculative_draft_model_path=str(target)),
+            "noisy": dict(standalone, speculative_draft_model_path=str(noisy)),
+            "unrelated": dict(standalone, speculative_draft_model_path=str(unrelated))}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model) -> list[keel.RequestOutput]:
+    target, _ = tiny_model("llama3")
+    return keel.Engine(str(target), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)
+
+
+def assert_greedy_equal(outputs: list[keel.RequestOutput], expected: list[keel.RequestOutput]) -> None:
+    for i, (ours, ref) in enumerate(zip(outputs, expected)):
+        assert ours.token_ids == ref.token_ids, f"request {i}"
+        assert ours.finish_reason == ref.finish_reason
+        for a, b in zip(ours.logprobs, ref.logprobs):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4, f"request {i}"
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("drafter", ["ngram", "self", "noisy", "unrelated"])
+def test_greedy_output_equals_non_speculative(drafter, page_size, drafters, reference, tiny_model, make_engine):
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, page_size=page_size, **drafters[drafter])
+    outputs = engine.generate(PROMPTS, GREEDY)
+    assert_greedy_equal(outputs, reference)
+    drafted = sum(o.spec_draft_tokens for o in outputs)
+    accepted = sum(o.spec_accepted_tokens for o in outputs)
+    assert drafted > 0
+    if drafter == "self":
+        assert accepted == drafted  # the drafter is the target: every draft is the target's own choice
+    if drafter in ("noisy", "ngram"):
+        assert 0 < accepted < drafted
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "noisy"])
+def test_chunked_prefill_prefix_hits_and_retraction(drafter, drafters, reference, tiny_model, make_engine,
+                                                    monkeypatch):
+    """Chunks of 8 tokens, every prompt twice (the second time mostly from the prefix cache, with the draft
+    model's KV of the cached pages), a tight pool, and a forced retraction every 3 decode steps."""
+    monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", "3")
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, page_size=4, chunked_prefill_size=8, max_prefill_tokens=8, kv_cache_tokens=400,
+                         **drafters[drafter])
+    assert_greedy_equal(engine.generate(PROMPTS, GREEDY), reference)
+    again = engine.generate(PROMPTS, GREEDY)
+    assert_greedy_equal(again, reference)
+    assert sum(o.num_cached_tokens for o in again) > 0
+
+
+def test_mixed_chunk_batches(drafters, reference, tiny_model, make_engine):
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, chunked_prefill_size=16, enable_mixed_chunk=True, **drafters["noisy"])
+    assert_greedy_equal(engine.generate(PROMPTS, GREEDY), reference)
+
+
+def test_abort_between_verify_steps_releases_everything(drafters, tiny_model, make_engine):
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, page_size=4, **drafters["self"])
+    core = engine.core
+    rids = [core.add_request(p, GREEDY) for p in PROMPTS]
+    for _ in range(3):
+        core.step()
+    assert any(core.kv_cache.kv_len(r) for r in rids if r in core.kv_cache.held)
+    core.abort_many(rids[::2])
+    while core.has_work:
+        core.step()  # the rest finish; make_engine checks that every page comes back
+
+
+def test_requests_near_their_limits_get_fewer_drafts(drafters, reference, tiny_model, make_engine):
+    """max_new_tokens 1 and 2, a stop token among the accepted drafts, and penalties (no drafts), batched with
+    drafted requests: each stops exactly where it would without speculation, with the tokens it would get."""
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, **drafters["self"])
+    stop = reference[4].token_ids[5]
+    cases = [keel.SamplingParams(temperature=0.0, max_new_tokens=1),
+             keel.SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True),
+             keel.SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=[stop]),
+             keel.SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True, repetition_penalty=1.3),
+             GREEDY, GREEDY]
+    prompts = [PROMPTS[4]] * 4 + PROMPTS[2:4]
+    ours = engine.generate(prompts, cases)
+    expected = keel.Engine(str(target), dtype="float32", device="cpu").generate(prompts, cases)
+    for a, b, params in zip(ours, expected, cases):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason), params
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="speculative_draft_model_path"):
+        keel.EngineConfig(speculative_algorithm="STANDALONE")
+    with pytest.raises(ValueError, match="speculative_eagle_topk"):
+        keel.EngineConfig(speculative_algorithm="NGRAM", speculative_eagle_topk=4)
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens"):
+        keel.EngineConfig(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=8)
+
+
+def test_a_drafter_of_another_vocabulary_is_refused(tiny_model, tmp_path):
+    target, _ = tiny_model("llama3")
+    config_cls, model_cls, extra = TINY_MODELS["llama2"]
+    config = config_cls(**{**_COMMON, **extra, "vocab_size": 300})
+    config.architectures = [model_cls.__name__]
+    model_cls(config).save_pretrained(tmp_path)
+    save_byte_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary of 300 tokens"):
+        keel.Engine(str(target), dtype="float32", device="cpu", speculative_algorithm="STANDALONE",
+                    speculative_draft_model_path=str(tmp_path))
+
+
+# ---- sampling keeps the target's distribution
+
+SAMPLES = 2000
+SAMPLED = keel.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=3, ignore_eos=True)
+
+
+def first_tokens(engine: keel.Engine, prompt: list[int]) -> list[tuple[int, ...]]:
+    params = [dataclasses.replace(SAMPLED, seed=seed) for seed in range(SAMPLES)]
+    return [tuple(o.token_ids) for o in engine.generate([prompt] * SAMPLES, params)]
+
+
+def chi_square_p(a: list, b: list) -> float:
+    """p-value of a two-sample chi-square test that `a` and `b` come from one distribution; categories seen
+    fewer than 10 times in all are pooled."""
+    counts: dict = {}
+    for sample, column in ((a, 0), (b, 1)):
+        for value in sample:
+            counts.setdefault(value, [0, 0])[column] += 1
+    table = [c for c in counts.values() if sum(c) >= 10]
+    rare = [sum(c[i] for c in counts.values() if sum(c) < 10) for i in (0, 1)]
+    if sum(rare):
+        table.append(rare)
+    totals = [sum(c[i] for c in table) for i in (0, 1)]
+    n = sum(totals)
+    statistic = sum((c[i] - sum(c) * totals[i] / n) ** 2 / (sum(c) * totals[i] / n) for c in table for i in (0, 1))
+    df = len(table) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(tiny_model) -> list[tuple[int, ...]]:
+    target, _ = tiny_model("llama3")
+    engine = keel.Engine(str(target), dtype="float32", device="cpu", max_running_requests=512)
+    return first_tokens(engine, PROMPTS[3])
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "noisy"])
+def test_sampling_keeps_the_target_distribution(drafter, drafters, sampled_reference, tiny_model, make_engine):
+    """The first 3 tokens of 2,000 seeded requests, with and without speculation: the token at each position
+    passes a chi-square test of equal distributions at p > 0.001 (the triples themselves are too many distinct
+    values for 2,000 samples to test)."""
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, max_running_requests=512, **drafters[drafter])
+    ours = first_tokens(engine, PROMPTS[3])
+    for position in range(3):
+        p = chi_square_p([t[position] for t in ours], [t[position] for t in sampled_reference])
+        assert p > 1e-3, f"token {position}: p = {p:.2e}"
+
+
+def test_the_distribution_test_catches_a_verifier_that_trusts_the_drafter(drafters, sampled_reference, tiny_model,
+                                                                         make_engine, monkeypatch):
+    """Mutation check of the test above: accept every draft (the draft's distribution, not the target's)."""
+    import keel.spec.verify as verify_module
+
+    def trusting(logits, rows, starts, num_draft, drafts, draft_probs, draft_rows, is_draft):
+        accepted = num_draft
+        p = verify_module.filtered_probs(logits, rows)
+        final_rows = starts + accepted
+        return accepted, verify_module.sample_from(p[final_rows], rows.seeds[final_rows], rows.steps[final_rows])
+
+    monkeypatch.setattr(verify_module, "_speculative_sample", trusting)
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, max_running_requests=512, **drafters["unrelated"])
+    ours = first_tokens(engine, PROMPTS[3])
+    assert min(chi_square_p([t[i] for t in ours], [t[i] for t in sampled_reference]) for i in range(3)) < 1e-3
+
+
+# ---- seed 004: an optional field absent on a rare path is an error naming it, not a silent fallback
+
+def test_seed_004_missing_draft_distribution_is_an_error_naming_it(drafters, tiny_model, make_engine, monkeypatch):
+    """A draft model that samples must hand over the distributions it drew from; suppose a rarely used path
+    forgot them (probs None). With guard optional-explicit the step fails naming DraftTokens.probs; without it,
+    verification would silently treat the drafts as deterministic and bias every sampled request."""
+    import keel.spec.draft_model as draft_model
+
+    original = draft_model.DraftModelDrafter.propose
+
+    def forgetful(self, batch):
+        drafts = original(self, batch)
+        return dataclasses.replace(drafts, probs=None) if drafts is not None else None
+
+    monkeypatch.setattr(draft_model.DraftModelDrafter, "propose", forgetful)
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, **drafters["noisy"])
+    with pytest.raises(ValueError, match="DraftTokens.probs is missing"):
+        engine.generate([PROMPTS[3]], SAMPLED)
+    engine.core.abort_many(list(engine.core._live))
