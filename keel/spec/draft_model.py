@@ -21,7 +21,7 @@ from keel.runner.forward_batch import ForwardBatch, ForwardMode
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch, filtered_probs, sample_from
 from keel.scheduler.batch import DraftTokens, build_sampling_batch
-from keel.scheduler.scheduler import BatchPart, ScheduledBatch
+from keel.scheduler.scheduler import ScheduledBatch
 from keel.transfer import columns_to_device
 
 DRAFT_SEED_KEY = 0x2545F4914F6CDD1D  # mixed into request seeds: the drafter's draws are not the verifier's
@@ -40,42 +40,51 @@ class DraftModelDrafter:
             return None
         device = self.runner.device
         n, k = len(parts), self.num_draft
-        tokens = torch.zeros(n, k, dtype=torch.int64, device=device)
+        # Step s drafts for the requests with more than s drafts; every step's inputs go over in one copy.
+        active = [[i for i, p in enumerate(parts) if p.num_draft > step] for step in range(k)]
+        active = [rows for rows in active if rows]
+        entries = [(step, i) for step, rows in enumerate(active) for i in rows]
+        lengths = [parts[i].seq_len - parts[i].num_draft + step for step, i in entries]  # KV length after the step
+        last_tokens, index, positions, rows, seq_lens, slots = columns_to_device(
+            [([p.req.token_ids(p.seq_len - p.extend_len, p.seq_len - p.num_draft)[0] for p in parts], torch.int64),
+             ([i for _, i in entries], torch.int64), ([m - 1 for m in lengths], torch.int64),
+             ([parts[i].row for _, i in entries], torch.int64), (lengths, torch.int64),
+             ([int(parts[i].slots[step]) for step, i in entries], torch.int64)], device)
         greedy = all(p.req.params.is_greedy for p in parts)
+        sampling = None if greedy else build_sampling_batch([p.req for p in parts], self.vocab_size, device)
+        tokens = torch.zeros(n, k, dtype=torch.int64, device=device)
         probs = None if greedy else torch.zeros(n, k, self.vocab_size, dtype=torch.float32, device=device)
-        last_tokens = columns_to_device([([p.req.token_ids(p.seq_len - p.extend_len, p.seq_len - p.num_draft)[0]
-                                           for p in parts], torch.int64)], device)[0]
-        for step in range(k):
-            active = [i for i, p in enumerate(parts) if p.num_draft > step]
-            if not active:
-                break
-            active_t = columns_to_device([(active, torch.int64)], device)[0]
-            logits = self.runner.forward(self._decode_batch([parts[i] for i in active], step,
-                                                            last_tokens if step == 0 else tokens[active_t, step - 1]))
-            reqs = [parts[i].req for i in active]
-            sampling = build_sampling_batch(reqs, self.vocab_size, device, [step] * len(active))
-            drawn, q = _draw(logits, sampling)
-            tokens[active_t, step] = drawn
+        start = 0
+        for step, rows_of_step in enumerate(active):
+            m = len(rows_of_step)
+            at = slice(start, start + m)
+            start += m
+            input_ids = last_tokens[index[at]] if step == 0 else tokens[index[at], step - 1]
+            logits = self.runner.forward(ForwardBatch(
+                ForwardMode.DRAFT_DECODE, device, tuple(lengths[at]), (1,) * m, input_ids, positions[at], rows[at],
+                seq_lens[at], slots[at], torch.arange(m, device=device)))
+            if sampling is None:
+                tokens[index[at], step] = logits.argmax(dim=-1)
+                continue
+            drawn, q = _draw(logits, _rows_of(sampling, index[at], step))
+            tokens[index[at], step] = drawn
             if probs is not None and q is not None:
-                probs[active_t, step] = q
+                probs[index[at], step] = q
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=not greedy, probs=probs)
-
-    def _decode_batch(self, parts: list[BatchPart], step: int, input_ids: torch.Tensor) -> ForwardBatch:
-        """Draft step `step`: each request's token at position last + step, written to that position's slot (one
-        of those the scheduler allocated for its verify)."""
-        lengths = [p.seq_len - p.num_draft + step for p in parts]  # its KV length after this step
-        positions, rows, seq_lens, slots, logits_rows = columns_to_device(
-            [([n - 1 for n in lengths], torch.int64), ([p.row for p in parts], torch.int64),
-             (lengths, torch.int64), ([int(p.slots[step]) for p in parts], torch.int64),
-             (list(range(len(parts))), torch.int64)], self.runner.device)
-        return ForwardBatch(ForwardMode.DRAFT_DECODE, self.runner.device, tuple(lengths), (1,) * len(parts),
-                            input_ids.contiguous(), positions, rows, seq_lens, slots, logits_rows)
 
     @torch.inference_mode()
     def observe(self, batch: ForwardBatch) -> None:
         empty = batch.logits_indices[:0]
         mode = ForwardMode.DRAFT_DECODE if batch.mode.is_decode else ForwardMode.DRAFT_EXTEND
         self.runner.forward(dataclasses.replace(batch, mode=mode, logits_indices=empty))
+
+
+def _rows_of(sampling: SamplingBatch, index: torch.Tensor, step: int) -> SamplingBatch:
+    """The sampling inputs of rows `index`, drawing output position num_generated + step."""
+    return dataclasses.replace(sampling, greedy=sampling.greedy[index], temperatures=sampling.temperatures[index],
+                               top_ks=sampling.top_ks[index], top_ps=sampling.top_ps[index],
+                               min_ps=sampling.min_ps[index], seeds=sampling.seeds[index],
+                               steps=sampling.steps[index] + step)
 
 
 def _draw(logits: torch.Tensor, sampling: SamplingBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
