@@ -53,11 +53,12 @@ class EngineConfig:
                                           "schedules step N+1 while the device runs step N)")
     speculative_algorithm: Optional[str] = option(
         None, "speculative decoding: NGRAM (drafts from earlier matches of the latest tokens in the prompt and "
-        "output) or STANDALONE (a smaller model of the same vocabulary drafts); the target verifies every draft "
-        "token in one forward, so outputs follow the target exactly. Turns overlap scheduling off",
-        (None, "NGRAM", "STANDALONE"))
-    speculative_draft_model_path: Optional[str] = option(None, "the STANDALONE drafter: a model directory, GGUF "
-                                                                "file or packaged model of the target's vocabulary")
+        "output), STANDALONE (a smaller model of the same vocabulary drafts), EAGLE or EAGLE3 (a draft head that "
+        "reads the target's hidden states); the target verifies every draft token in one forward, so outputs "
+        "follow the target exactly. Turns overlap scheduling off", (None, "NGRAM", "STANDALONE", "EAGLE", "EAGLE3"))
+    speculative_draft_model_path: Optional[str] = option(
+        None, "the drafter of STANDALONE (a model of the target's vocabulary), EAGLE or EAGLE3 (a draft head "
+        "checkpoint, LlamaForCausalLMEagle / LlamaForCausalLMEagle3)")
     speculative_num_steps: int = option(3, "draft tokens proposed per request and step (the chain's depth)")
     speculative_eagle_topk: int = option(1, "candidates kept per draft step; 1 (a chain) is what keel supports")
     speculative_num_draft_tokens: Optional[int] = option(
@@ -103,9 +104,9 @@ class EngineConfig:
                  f"must be speculative_num_steps + 1 ({self.speculative_num_steps + 1}) for a chain of drafts")
         _require(1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size,
                  "speculative_ngram_min_match_window_size", "must be >= 1 and <= the max match window size")
-        standalone = self.speculative_algorithm == "STANDALONE"
-        _require(standalone == (self.speculative_draft_model_path is not None), "speculative_draft_model_path",
-                 "is required by, and only by, --speculative-algorithm STANDALONE")
+        with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE", "EAGLE3")
+        _require(with_model == (self.speculative_draft_model_path is not None), "speculative_draft_model_path",
+                 "is required by, and only by, --speculative-algorithm STANDALONE, EAGLE and EAGLE3")
 
     @property
     def num_draft_tokens(self) -> int:

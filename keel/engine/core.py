@@ -25,6 +25,7 @@ from keel.debug.invariants import check_idle, check_invariants, strict_checks_en
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
+from keel.models.eagle import EagleHead
 from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
 from keel.cache.kv_cache import KVCacheManager
@@ -45,7 +46,7 @@ class EngineCore:
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
         self.runner = ModelRunner(config, self.source, self.model_config)
-        self.draft_runner = self._load_draft_model() if config.speculative_algorithm == "STANDALONE" else None
+        self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
         self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))
         self.scheduler = Scheduler(self.kv_cache, config)
         self.strict_checks = strict_checks_enabled()
@@ -57,22 +58,40 @@ class EngineCore:
         self._live: set[int] = set()  # ids of requests not yet finished
         self._seeds = random.Random(config.seed)
         self.overlap = config.overlap
-        self.drafter = create_drafter(config, self.runner.device, self.draft_runner)
+        self.drafter = create_drafter(config, self.runner.device, self.draft_runner, self.kv_cache.table)
         if self.drafter is not None and (simulate := simulated_accept_len()) is not None:
             logger.warning("%s=%s: verification accepts that many tokens per step on average, whatever the drafts: "
                            "outputs are NOT the model's (for benchmarks only)", SIMULATE_ACCEPT_ENV, simulate)
         self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
 
     def _load_draft_model(self) -> ModelRunner:
-        """The STANDALONE drafter: a model of the target's vocabulary, run at the target's context length."""
-        path = self.config.speculative_draft_model_path
-        assert path is not None  # EngineConfig requires it with STANDALONE
+        """The drafter's model, run at the target's context length: a model of the target's vocabulary
+        (STANDALONE), or an EAGLE head, which gets the target's shared weights and has the target capture the
+        hidden states it reads (before any CUDA graph is captured)."""
+        path, algorithm = self.config.speculative_draft_model_path, self.config.speculative_algorithm
+        assert path is not None  # EngineConfig requires it with these algorithms
         source = resolve_model(path)
         draft_config = load_model_config(source)
         if draft_config.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"the draft model {path} has a vocabulary of {draft_config.vocab_size} tokens, the "
                              f"target {self.model_config.vocab_size}: a drafter must share the target's tokenizer")
-        return ModelRunner(self.config, source, draft_config, context_length=self.runner.context_length)
+        heads = {"EAGLE": "LlamaForCausalLMEagle", "EAGLE3": "LlamaForCausalLMEagle3"}
+        wanted = heads.get(algorithm or "")
+        if draft_config.architecture != wanted if wanted else draft_config.architecture in heads.values():
+            raise ValueError(f"--speculative-algorithm {algorithm} needs a draft model of architecture "
+                             f"{wanted or 'a causal LM'}; {path} is {draft_config.architecture}")
+        runner = ModelRunner(self.config, source, draft_config, context_length=self.runner.context_length)
+        if isinstance(runner.model, EagleHead):
+            if not hasattr(self.runner.model.model, "forward_capturing"):
+                raise ValueError(f"{algorithm} drafts from hidden states keel captures in Llama-family targets; "
+                                 f"{self.model_config.architecture} is not one")
+            capture = runner.model.target_capture(self.model_config.num_layers)
+            if not all(0 <= i <= self.model_config.num_layers for i in capture.layers):
+                raise ValueError(f"the EAGLE-3 head {path} reads target layers {capture.layers}; the target has "
+                                 f"{self.model_config.num_layers} (set eagle_config.eagle_aux_hidden_state_layer_ids)")
+            runner.model.share_target(self.runner.model)
+            self.runner.model.capture = capture
+        return runner
 
     def _build_kv(self, runners: list[ModelRunner]) -> KVCacheManager:
         """The KV memory of every runner: pages sized for all of them, one request table, one pool each."""

@@ -22,7 +22,8 @@ from keel.scheduler.batch import (DraftTokens, PendingTokens, build_forward_batc
                                   prompt_logprob_rows)
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
-from keel.spec.drafter import Drafter
+from keel.runner.forward_batch import ForwardBatch
+from keel.spec.drafter import Drafter, TargetStep
 from keel.spec.verify import Verified, verify
 from keel.transfer import columns_to_device, to_device, to_host
 
@@ -98,12 +99,12 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     and are verified; the drafter also sees the target's forward (a draft model writes its KV for it)."""
     drafts = drafter.propose(batch) if drafter is not None else None
     forward_batch = build_forward_batch(batch, runner.device, previous, drafts)
-    logits = runner.forward(forward_batch)
-    if drafter is not None:
-        drafter.observe(forward_batch)
+    output = runner.forward_full(forward_batch)
+    logits = output.logits
     sampled_parts = batch.sampled
     num_rows = sum(1 + p.num_draft for p in sampled_parts)
     pending, token_ids, counts, logprobs = None, None, None, None
+    row_tokens, counts_device = None, None  # each sampled row's token and each part's count, on the device
     if sampled_parts:
         reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
         offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
@@ -111,20 +112,48 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
         if drafts is None:
             sampled = runner.sample(logits[:num_rows], sampling)
             pending = PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)})
+            row_tokens = sampled.token_ids
             token_ids = to_host(sampled.token_ids)
             if sampled.logprobs is not None:
                 logprobs = _host_top(sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
         else:
             verified = _verify(logits[:num_rows], sampling, sampled_parts, drafts)
+            row_tokens, counts_device = verified.row_tokens, verified.counts
             token_ids, counts = to_host(verified.row_tokens), to_host(verified.counts)
             if sampling.wants_logprobs:
                 logprobs = _row_logprobs(logits[:num_rows], verified.row_tokens, sampling.num_top_logprobs)
+    if drafter is not None:
+        drafter.observe(_target_step(batch, forward_batch, output.features, row_tokens, counts_device)
+                        if drafter.reads_target_features else TargetStep(forward_batch))
     prompt_scores = _score_prompts(batch, logits[num_rows:])
     done = None
     if runner.device.type == "cuda":
         done = torch.cuda.Event()
         done.record()
     return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done)
+
+
+def _target_step(batch: ScheduledBatch, forward_batch: ForwardBatch, features: Optional[torch.Tensor],
+                 row_tokens: Optional[torch.Tensor], counts: Optional[torch.Tensor]) -> TargetStep:
+    """The target's step as an EAGLE head reads it: each token's successor (the next input token within a part,
+    the drawn token after a sampled row, the next prompt token after a chunk) and each sampled part's last
+    committed token (its accepted drafts' last, or its last input token)."""
+    device = forward_batch.device
+    next_ids = torch.roll(forward_batch.input_ids, -1)
+    sampled_rows = forward_batch.logits_indices[:0 if row_tokens is None else row_tokens.numel()]
+    if row_tokens is not None:
+        next_ids[sampled_rows] = row_tokens
+    ends = list(itertools.accumulate(p.extend_len for p in batch.parts))
+    chunk_ends = [(end - 1, p.req.token_ids(p.seq_len, p.seq_len + 1)[0]) for p, end in zip(batch.parts, ends)
+                  if not p.samples]
+    sampled = batch.sampled
+    starts = list(itertools.accumulate((1 + p.num_draft for p in sampled), initial=0))[:-1]
+    chunk_rows, chunk_tokens, starts_t, req_rows = columns_to_device(
+        [([r for r, _ in chunk_ends], torch.int64), ([t for _, t in chunk_ends], torch.int64),
+         (starts, torch.int64), ([p.row for p in sampled], torch.int64)], device)
+    next_ids[chunk_rows] = chunk_tokens
+    last = starts_t + (counts - 1 if counts is not None else 0)
+    return TargetStep(forward_batch, features, next_ids, sampled_rows[last], req_rows)
 
 
 def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart], drafts: DraftTokens) -> Verified:

@@ -23,23 +23,24 @@ from keel.models.layers.rotary import RotaryEmbedding
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool,
-                 qk_norm: bool, fused: bool) -> None:
+                 qk_norm: bool, fused: bool, input_size: Optional[int] = None) -> None:
+        """`input_size`: of q/k/v's input when it is not the hidden size (EAGLE-3's layer reads two states)."""
         super().__init__()
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, head_dim ** -0.5,
                                     config.sliding_windows[layer_id])
-        self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=qkv_bias,
-                                    fused=fused)
+        self.qkv_proj = FusedLinear(input_size or config.hidden_size, (self.q_size, self.kv_size, self.kv_size),
+                                    bias=qkv_bias, fused=fused)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False, fused=fused)
         # Qwen3 normalises each head of q and k before the rotation.
         self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: RMSNorm,
-                ctx: AttentionContext) -> torch.Tensor:
-        """hidden += attention(norm(hidden)), in place."""
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: Optional[RMSNorm],
+                ctx: AttentionContext, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden += attention(norm(hidden)), in place (into `residual` instead, when given)."""
         q, k, v = self.qkv_proj(hidden, norm=norm).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         spec = self.layer
         q = q.reshape(-1, spec.num_heads, spec.head_dim)
@@ -47,7 +48,8 @@ class LlamaAttention(nn.Module):
         v = v.reshape(-1, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(ctx.attend(spec, q, k, v, Rotation(self.rotary, positions)), add_to=hidden)
+        return self.o_proj(ctx.attend(spec, q, k, v, Rotation(self.rotary, positions)),
+                           add_to=hidden if residual is None else residual)
 
 
 class LlamaMLP(nn.Module):
@@ -88,10 +90,21 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.forward_capturing(input_ids, positions, ctx, ())[0]
+
+    def forward_capturing(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
+                          layers: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final hidden states, and copies of the inputs of `layers` (the residual stream before them; index
+        len(self.layers) is the stream after the last layer, before the final norm), in the order asked."""
         hidden = self.embed_tokens(input_ids)  # a new tensor: the layers may update it in place
-        for layer in self.layers:
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in layers:
+                captured[i] = hidden.clone()  # the next layers update `hidden` in place
             hidden = layer(positions, hidden, ctx)
-        return self.norm(hidden)
+        if len(self.layers) in layers:
+            captured[len(self.layers)] = hidden.clone()
+        return self.norm(hidden), [captured[i] for i in layers]
 
 
 class LlamaForCausalLM(CausalLM):

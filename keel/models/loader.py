@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from keel.models.config import ModelConfig
+from keel.models.eagle import EagleHead, EagleHeadConfig
 from keel.models.registry import model_class
 from keel.models.source import ModelSource
 from keel.models.weights import init_random_weights, load_safetensors
@@ -30,12 +31,17 @@ def load_model(source: ModelSource, config: ModelConfig, *, dtype: torch.dtype, 
     cls = model_class(config.architecture)
     if load_format == "safetensors" and not source.has_weights:
         raise ValueError(f"{source.name!r} is a preset without weights; use load_format='dummy'")
+    head = {"head": EagleHeadConfig.read(source.path, config)} if issubclass(cls, EagleHead) else {}
     with _default_dtype(dtype), torch.device(device):
-        model = cls(config, max_positions, fused)
+        model = cls(config, max_positions, fused, **head)
     if load_format == "dummy" or not source.has_weights:
         init_random_weights(model, seed)
+        loaded = {name for name, _ in model.named_parameters()}
     else:
-        load_safetensors(model, source.path, cls.FUSED_WEIGHTS, config.tie_word_embeddings, device)
+        loaded = load_safetensors(model, source.path, cls.FUSED_WEIGHTS, config.tie_word_embeddings, device,
+                                  ignored=getattr(cls, "IGNORED_WEIGHTS", ()), optional=getattr(cls, "FROM_TARGET", ()))
+    if isinstance(model, EagleHead):
+        model.loaded_from_checkpoint = loaded  # what share_target must not replace
     return model.eval()
 
 

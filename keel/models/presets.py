@@ -26,6 +26,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
                      "tie_word_embeddings": True, "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0}},
+    # The EAGLE-3 head published for Llama-3.1-8B-Instruct (one layer, a 32,000-token draft vocabulary).
+    "llama-3.1-8b-eagle3": {**_LLAMA3, "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 4096,
+                            "intermediate_size": 14336, "num_hidden_layers": 1, "num_attention_heads": 32,
+                            "num_key_value_heads": 8, "tie_word_embeddings": False, "draft_vocab_size": 32000,
+                            "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
     "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "tie_word_embeddings": True},
     "qwen3-8b": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,

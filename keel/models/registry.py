@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from keel.models.eagle import LlamaForCausalLMEagle, LlamaForCausalLMEagle3
 from keel.models.gemma3 import Gemma3ForCausalLM
 from keel.models.llama import LlamaForCausalLM
 from keel.models.mistral import MistralForCausalLM
@@ -13,6 +14,8 @@ from keel.models.qwen3 import Qwen3ForCausalLM
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "LlamaForCausalLMEagle": LlamaForCausalLMEagle,  # EAGLE draft heads (--speculative-algorithm EAGLE, EAGLE3)
+    "LlamaForCausalLMEagle3": LlamaForCausalLMEagle3,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,

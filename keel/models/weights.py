@@ -23,6 +23,8 @@ def init_random_weights(module: nn.Module, seed: int, std: float = 0.02) -> None
         return
     generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
     for name, param in params:
+        if not param.is_floating_point():
+            continue  # index tables (an EAGLE-3 head's d2t) keep their constructed values
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
@@ -46,16 +48,19 @@ def weight_files(directory: Path) -> list[Path]:
 
 @torch.no_grad()
 def load_safetensors(model: nn.Module, directory: Path, fused: dict[str, tuple[str, int]], tied_lm_head: bool,
-                     device: torch.device) -> None:
-    """Copy every checkpoint tensor into its keel parameter; raise naming any tensor that does not fit."""
+                     device: torch.device, ignored: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> set[str]:
+    """Copy every checkpoint tensor into its keel parameter; raise naming any tensor that does not fit, or any
+    parameter the checkpoint lacks (but those in `optional`). Tensors named in `ignored` are skipped. Returns
+    the names of the parameters loaded."""
     params = dict(model.named_parameters())
-    expected = {(name, shard) for name, p in params.items() for shard in _shards(p)}
+    expected = {(name, shard) for name, p in params.items() for shard in _shards(p) if name not in optional}
     loaded: set[tuple[str, Optional[int]]] = set()
     files = weight_files(directory)
     for path in tqdm(files, desc="Loading safetensors shards", unit="shard", disable=None):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for hf_name in f.keys():
-                if hf_name.endswith(_IGNORED_SUFFIXES) or (tied_lm_head and hf_name == "lm_head.weight"):
+                if (hf_name.endswith(_IGNORED_SUFFIXES) or hf_name in ignored
+                        or (tied_lm_head and hf_name == "lm_head.weight")):
                     continue
                 name, shard = keel_name(hf_name, fused)
                 if name not in params:
@@ -72,6 +77,7 @@ def load_safetensors(model: nn.Module, directory: Path, fused: dict[str, tuple[s
     if missing:
         raise ValueError(f"checkpoint in {directory} lacks {len(missing)} tensor(s), e.g. "
                          + ", ".join(f"{n}[shard {s}]" if s is not None else n for n, s in missing[:5]))
+    return {name for name, _ in loaded}
 
 
 def keel_name(hf_name: str, fused: dict[str, tuple[str, int]]) -> tuple[str, Optional[int]]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -28,8 +29,17 @@ def capture_sizes(max_bs: int) -> list[int]:
     return sizes + [max_bs]
 
 
+@dataclass(frozen=True)
+class RunnerOutput:
+    logits: torch.Tensor  # [logits rows, vocab] float32
+    features: Optional[torch.Tensor]  # [tokens, dim]: hidden states the model hands a drafter, when it does
+
+
 class CudaGraphRunner:
-    def __init__(self, forward: Callable[[ForwardBatch], torch.Tensor], max_bs: int, device: torch.device) -> None:
+    def __init__(self, forward: Callable[[ForwardBatch], RunnerOutput], max_bs: int, device: torch.device,
+                 input_features: Optional[tuple[int, torch.dtype]] = None) -> None:
+        """`input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
+        head)."""
         self.device = device
         self.sizes = capture_sizes(max_bs)
         self.max_bs = max_bs
@@ -40,16 +50,19 @@ class CudaGraphRunner:
         self.input_ids, self.positions, self.req_rows, self.out_cache_loc = buffer(), buffer(), buffer(), buffer()
         self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=device)  # logits of every row are sampled
+        self.features = (torch.zeros(max_bs, input_features[0], dtype=input_features[1], device=device)
+                         if input_features is not None else None)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, RunnerOutput] = {}
         self._capture(forward)
 
     def _batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(ForwardMode.DECODE, self.device, (1,) * size, (1,) * size, self.input_ids[:size],
                             self.positions[:size], self.req_rows[:size], self.seq_lens[:size],
-                            self.out_cache_loc[:size], self.rows[:size])
+                            self.out_cache_loc[:size], self.rows[:size],
+                            self.features[:size] if self.features is not None else None)
 
-    def _capture(self, forward: Callable[[ForwardBatch], torch.Tensor]) -> None:
+    def _capture(self, forward: Callable[[ForwardBatch], RunnerOutput]) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
@@ -70,26 +83,30 @@ class CudaGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.mode.is_decode and 0 < batch.batch_size <= self.max_bs
 
-    def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """The logits rows of the real requests: a view of the graph's output, overwritten by its next replay."""
+    def replay(self, batch: ForwardBatch) -> RunnerOutput:
+        """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
         bs = batch.batch_size
         size = next(s for s in self.sizes if s >= bs)
         for static, real, pad in ((self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0),
                                   (self.req_rows, batch.req_rows, 0), (self.seq_lens, batch.seq_lens, 1),
                                   (self.out_cache_loc, batch.out_cache_loc, 0)):
             _write_rows(static, real, size, pad)
+        if self.features is not None and batch.input_features is not None:
+            _write_rows(self.features, batch.input_features, size, 0)
         self.graphs[size].replay()
-        return self.outputs[size][:bs]
+        out = self.outputs[size]
+        return RunnerOutput(out.logits[:bs], out.features[:bs] if out.features is not None else None)
 
 
 def _write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
     """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit (guard
     `bounded-write`: with it off, the rows are copied unchecked and padded rows keep the last replay's values)."""
-    n = real.numel()
+    n = real.shape[0]
     if not guard_on("bounded-write"):
         static[:n].copy_(real)
         return
-    if n > size or size > static.numel():
-        raise IndexError(f"CUDA-graph input of {n} rows into a buffer of {static.numel()} (graph size {size})")
+    if n > size or size > static.shape[0] or real.shape[1:] != static.shape[1:]:
+        raise IndexError(f"CUDA-graph input of {list(real.shape)} into a buffer of {list(static.shape)} "
+                         f"(graph size {size})")
     static[:n].copy_(real)
     static[n:size].fill_(pad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import typing
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 
@@ -50,6 +50,9 @@ class ForwardBatch:
     seq_lens: DeviceTensor  # [batch_size] int64
     out_cache_loc: DeviceTensor  # [num_tokens] int64, KV slot each new token is written to
     logits_indices: DeviceTensor  # [num_sampled] int64, token indices whose logits are sampled
+    # [num_tokens, dim]: hidden states an EAGLE head reads with each token (the target's, or its own); None
+    # for every other model, and the runner refuses a head's batch without them (guard optional-explicit)
+    input_features: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         for name in _DEVICE_FIELDS:
@@ -60,6 +63,10 @@ class ForwardBatch:
         if len(self.extend_lens_cpu) != bs or self.req_rows.numel() != bs or self.seq_lens.numel() != bs:
             raise ValueError("ForwardBatch per-request fields disagree on the batch size")
         num_tokens = sum(self.extend_lens_cpu)
+        features = self.input_features
+        if features is not None and (features.shape[0] != num_tokens or not _placed_on(features, self.device)):
+            raise ValueError(f"ForwardBatch.input_features is {list(features.shape)} on {features.device}, "
+                             f"expected {num_tokens} rows on {self.device}")
         for name in ("input_ids", "positions", "out_cache_loc"):
             if getattr(self, name).numel() != num_tokens:
                 raise ValueError(f"ForwardBatch.{name} has {getattr(self, name).numel()} entries, "

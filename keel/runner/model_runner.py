@@ -23,7 +23,8 @@ from keel.config import EngineConfig
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
-from keel.runner.cuda_graph import CudaGraphRunner
+from keel.debug.guards import guard_on
+from keel.runner.cuda_graph import CudaGraphRunner, RunnerOutput
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.sampler import SampleOutput, SamplingBatch, sample
 
@@ -98,25 +99,35 @@ class ModelRunner:
         self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
             max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
-            self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device)
+            features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
+            self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device, features)
 
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab]; an IDLE or empty batch gives [0, vocab].
         From a CUDA graph, they stay valid until the next forward."""
+        return self.forward_full(batch).logits
+
+    @torch.inference_mode()
+    def forward_full(self, batch: ForwardBatch) -> RunnerOutput:
+        """The logits, and the per-token features the model emits (an EAGLE target's captured hidden states, an
+        EAGLE head's own hidden states), if any."""
+        if self.model.needs_features and batch.input_features is None and guard_on("optional-explicit"):
+            raise ValueError(f"ForwardBatch.input_features is missing: {self.model_config.architecture} reads the "
+                             "target's hidden states for every token")
         if self.cuda_graph is not None and self.cuda_graph.can_run(batch):
             return self.cuda_graph.replay(batch)
         return self._forward_eager(batch)
 
     @torch.inference_mode()
-    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+    def _forward_eager(self, batch: ForwardBatch) -> RunnerOutput:
         if self.attn_backend is None or self.kv_pool is None:
             raise RuntimeError("ModelRunner.forward before attach_kv: the runner has no KV pool")
         metadata = self.attn_backend.build_metadata(batch)
         ctx = AttentionContext(self.attn_backend, metadata, self.kv_pool)
-        hidden = self.model(batch.input_ids, batch.positions, ctx)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        hidden, features = self.model(batch.input_ids, batch.positions, ctx, batch.input_features)
+        return RunnerOutput(self.model.compute_logits(hidden[batch.logits_indices]), features)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:

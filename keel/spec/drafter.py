@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
 
+from keel.cache.req_table import ReqToTokenTable
 from keel.config import EngineConfig
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.model_runner import ModelRunner
@@ -13,20 +15,34 @@ from keel.scheduler.batch import DraftTokens
 from keel.scheduler.scheduler import ScheduledBatch
 
 
+@dataclass(frozen=True)
+class TargetStep:
+    """What the target's forward leaves a drafter: its batch and, for a drafter that reads the target's hidden
+    states (EAGLE), those states and the tokens that follow each position."""
+
+    batch: ForwardBatch
+    features: Optional[torch.Tensor] = None  # [tokens, dim] the target's captured hidden states
+    next_token_ids: Optional[torch.Tensor] = None  # [tokens] the token after each one (junk past rejected drafts)
+    last_tokens: Optional[torch.Tensor] = None  # [sampled parts] token index of each one's last committed token
+    last_req_rows: Optional[torch.Tensor] = None  # [sampled parts] their request-table rows
+
+
 class Drafter(Protocol):
+    reads_target_features: bool  # observe needs TargetStep's optional fields (EAGLE)
+
     def propose(self, batch: ScheduledBatch) -> Optional[DraftTokens]:
         """Draft tokens for the batch's parts with num_draft > 0 (None when it has none); their KV slots are
         already allocated, so a draft model may write into them."""
         ...
 
-    def observe(self, batch: ForwardBatch) -> None:
-        """The target has just run `batch` (prefill chunks and verified drafts): a draft model writes its own KV
-        for the same tokens, so its cache covers everything the target's does."""
+    def observe(self, step: TargetStep) -> None:
+        """The target has just run step.batch (prefill chunks and verified drafts) and its tokens are drawn: a
+        draft model writes its own KV for the same positions, so its cache covers everything the target's does."""
         ...
 
 
-def create_drafter(config: EngineConfig, device: torch.device,
-                   draft_runner: Optional[ModelRunner]) -> Optional[Drafter]:
+def create_drafter(config: EngineConfig, device: torch.device, draft_runner: Optional[ModelRunner],
+                   table: ReqToTokenTable) -> Optional[Drafter]:
     if config.speculative_algorithm is None:
         return None
     if config.speculative_algorithm == "NGRAM":
@@ -34,9 +50,7 @@ def create_drafter(config: EngineConfig, device: torch.device,
 
         return NgramDrafter(config.num_draft_tokens, config.speculative_ngram_min_match_window_size,
                             config.speculative_ngram_max_match_window_size, device)
-    if config.speculative_algorithm == "STANDALONE":
-        from keel.spec.draft_model import DraftModelDrafter
+    from keel.spec.draft_model import DraftModelDrafter
 
-        assert draft_runner is not None  # EngineCore loads it for STANDALONE
-        return DraftModelDrafter(draft_runner, config.num_draft_tokens, draft_runner.model_config.vocab_size)
-    raise ValueError(f"speculative algorithm {config.speculative_algorithm} is not available")
+    assert draft_runner is not None  # EngineCore loads it for STANDALONE, EAGLE and EAGLE3
+    return DraftModelDrafter(draft_runner, config.num_draft_tokens, draft_runner.model_config.vocab_size, table)

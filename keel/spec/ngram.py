@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from keel.runner.forward_batch import ForwardBatch
 from keel.scheduler.batch import DraftTokens
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import ScheduledBatch
+from keel.spec.drafter import TargetStep
 from keel.transfer import to_device
 
 
@@ -66,5 +66,7 @@ class NgramDrafter:
             drafts.append(found + [index.tokens[-1]] * (self.num_draft - len(found)))
         return DraftTokens(to_device(drafts, torch.int64, self.device), {p.req.rid: i for i, p in enumerate(parts)})
 
-    def observe(self, batch: ForwardBatch) -> None:
+    reads_target_features = False
+
+    def observe(self, step: TargetStep) -> None:
         """The target's forward ran; n-grams keep no KV."""

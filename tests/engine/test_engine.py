@@ -199,8 +199,8 @@ def test_max_prefill_tokens_splits_admission(tiny_model, make_engine):
     params = keel.SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
     engine = make_engine(directory, max_prefill_tokens=15)
     batches = []
-    forward = engine.core.runner.forward
-    engine.core.runner.forward = lambda batch: (batches.append(batch), forward(batch))[1]
+    forward = engine.core.runner.forward_full
+    engine.core.runner.forward_full = lambda batch: (batches.append(batch), forward(batch))[1]
     for p in prompts:
         engine.core.add_request(p, params)
     engine.core.step()

@@ -20,7 +20,7 @@ def run(engine: keel.Engine, prompts: list[list[int]], params: list[keel.Samplin
 def record_order(engine: keel.Engine) -> list[tuple[str, int]]:
     """Log ('launch', n) / ('read', n) for the n-th forward, in the order they happen."""
     events: list[tuple[str, int]] = []
-    core, forward, read = engine.core, engine.core.runner.forward, LaunchedStep.read
+    core, forward, read = engine.core, engine.core.runner.forward_full, LaunchedStep.read
     count = iter(range(10**6))
 
     def recording_forward(batch):
@@ -40,7 +40,7 @@ def record_order(engine: keel.Engine) -> list[tuple[str, int]]:
         launched[id(step)] = events[-1][1]
         return step
 
-    core.runner.forward = recording_forward
+    core.runner.forward_full = recording_forward
     core._launch = recording_launch
     LaunchedStep.read = recording_read
     return events

@@ -9,6 +9,7 @@ import torch
 
 import keel
 from tests.helpers import assert_same_greedy, random_prompts
+from tests.spec.eagle_heads import write_eagle_head
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,13 +25,20 @@ def run(directory, prompts, **options) -> list[keel.RequestOutput]:
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE"])
-def test_greedy_speculation_on_triton_with_cuda_graphs(algorithm, page_size, tiny_model):
+@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE", "EAGLE3", "EAGLE"])
+def test_greedy_speculation_on_triton_with_cuda_graphs(algorithm, page_size, tiny_model, tmp_path):
+    """EAGLE3: a random head with a 300-token draft vocabulary; EAGLE: the identity head, which drafts the
+    last token again (tests/spec/eagle_heads.py)."""
     directory, _ = tiny_model("llama3")
     prompts = random_prompts([1, 7, 16, 33, 100, 250], seed=3) + [[5, 6, 7, 8] * 10]
     spec = dict(speculative_algorithm=algorithm)
     if algorithm == "STANDALONE":
         spec["speculative_draft_model_path"] = str(directory)
+    elif algorithm.startswith("EAGLE"):
+        eagle3 = algorithm == "EAGLE3"
+        head = write_eagle_head(tmp_path / "head", directory, eagle3=eagle3, identity=not eagle3,
+                                draft_vocab_size=300 if eagle3 else None)
+        spec["speculative_draft_model_path"] = str(head)
     reference = run(directory, prompts, page_size=page_size)
     outputs = run(directory, prompts, page_size=page_size, **spec)
     for i, (ours, ref) in enumerate(zip(outputs, reference)):

@@ -7,7 +7,8 @@ and forced retraction. The engine checks every KV invariant after every step
 (KEEL_STRICT_CHECKS=1) and at the end the pool must be free once the prefix cache is flushed.
 
 The same workloads run again with speculative decoding (an n-gram drafter, the target as its own draft
-model, or an unrelated one), 3 draft tokens per step: outputs must still equal each request's solo run.
+model, an unrelated one, or a random EAGLE-3 head), 3 draft tokens per step: outputs must still equal each
+request's solo run.
 
 Replay one seed: KEEL_WORKLOAD_SEED=17 pytest tests/scheduler/test_random_workloads.py
 More seeds:      KEEL_WORKLOADS=2000 KEEL_SPEC_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
@@ -24,6 +25,7 @@ import keel
 from keel.debug import invariants
 from tests.helpers import assert_same_greedy
 from tests.scheduler.workloads import Workload, make_workload
+from tests.spec.eagle_heads import write_eagle_head
 
 SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.environ
          else range(int(os.environ.get("KEEL_WORKLOADS", "200"))))
@@ -88,14 +90,20 @@ def test_random_workload(seed, tiny_model, solo_engine, monkeypatch):
     check_workload(make_workload(seed), seed, tiny_model, solo_engine, monkeypatch)
 
 
+@pytest.fixture(scope="module")
+def eagle3_head(tiny_model, tmp_path_factory):
+    return write_eagle_head(tmp_path_factory.mktemp("eagle3"), tiny_model("llama3")[0], eagle3=True)
+
+
 @pytest.mark.parametrize("seed", SPEC_SEEDS, ids=lambda s: f"seed={s}")
-def test_random_workload_speculative(seed, tiny_model, solo_engine, monkeypatch):
+def test_random_workload_speculative(seed, tiny_model, solo_engine, eagle3_head, monkeypatch):
     workload = make_workload(seed)
     target, _ = tiny_model("llama3")
     drafter = [dict(speculative_algorithm="NGRAM"),
                dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target)),
-               dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_model("llama2")[0]))]
-    workload.options.update(drafter[seed % 3])
+               dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_model("llama2")[0])),
+               dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3_head))]
+    workload.options.update(drafter[seed % 4])
     check_workload(workload, seed, tiny_model, solo_engine, monkeypatch)
 
 

@@ -53,13 +53,13 @@ def test_abort_in_every_state_releases_kv_once(tiny_model, make_engine):
 def record_batches(core) -> list:
     """Wrap the runner so every forward's ForwardBatch is recorded."""
     seen = []
-    forward = core.runner.forward
+    forward = core.runner.forward_full
 
     def recording(batch):
         seen.append(batch)
         return forward(batch)
 
-    core.runner.forward = recording
+    core.runner.forward_full = recording
     return seen
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import keel
 from keel.models.byte_tokenizer import save_byte_tokenizer
 from tests.helpers import _COMMON, TINY_MODELS, random_prompts
+from tests.spec.eagle_heads import write_eagle_head
 
 GREEDY = keel.SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, top_logprobs=2)
 # Mixed lengths: single-token, page-sized and long prompts, and one that repeats itself (n-grams find it).
@@ -36,10 +37,15 @@ def drafters(tiny_model, tmp_path_factory) -> dict[str, dict]:
     model.save_pretrained(noisy)
     save_byte_tokenizer(noisy)
     standalone = dict(speculative_algorithm="STANDALONE")
+    eagle3 = write_eagle_head(tmp_path_factory.mktemp("eagle3"), target, eagle3=True, draft_vocab_size=300,
+                              with_embedding=False)
+    eagle = write_eagle_head(tmp_path_factory.mktemp("eagle-identity"), target, eagle3=False, identity=True)
     return {"ngram": dict(speculative_algorithm="NGRAM"),
             "self": dict(standalone, speculative_draft_model_path=str(target)),
             "noisy": dict(standalone, speculative_draft_model_path=str(noisy)),
-            "unrelated": dict(standalone, speculative_draft_model_path=str(unrelated))}
+            "unrelated": dict(standalone, speculative_draft_model_path=str(unrelated)),
+            "eagle3": dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3)),
+            "eagle": dict(speculative_algorithm="EAGLE", speculative_draft_model_path=str(eagle))}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def assert_greedy_equal(outputs: list[keel.RequestOutput], expected: list[keel.R
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("drafter", ["ngram", "self", "noisy", "unrelated"])
+@pytest.mark.parametrize("drafter", ["ngram", "self", "noisy", "unrelated", "eagle3", "eagle"])
 def test_greedy_output_equals_non_speculative(drafter, page_size, drafters, reference, tiny_model, make_engine):
     target, _ = tiny_model("llama3")
     engine = make_engine(target, page_size=page_size, **drafters[drafter])
@@ -68,11 +74,11 @@ def test_greedy_output_equals_non_speculative(drafter, page_size, drafters, refe
     assert drafted > 0
     if drafter == "self":
         assert accepted == drafted  # the drafter is the target: every draft is the target's own choice
-    if drafter in ("noisy", "ngram"):
+    if drafter in ("noisy", "ngram", "eagle"):  # (the EAGLE head here drafts the last token again)
         assert 0 < accepted < drafted
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "noisy"])
+@pytest.mark.parametrize("drafter", ["ngram", "noisy", "eagle3"])
 def test_chunked_prefill_prefix_hits_and_retraction(drafter, drafters, reference, tiny_model, make_engine,
                                                     monkeypatch):
     """Chunks of 8 tokens, every prompt twice (the second time mostly from the prefix cache, with the draft
@@ -182,7 +188,7 @@ def sampled_reference(tiny_model) -> list[tuple[int, ...]]:
     return first_tokens(engine, PROMPTS[3])
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "noisy"])
+@pytest.mark.parametrize("drafter", ["ngram", "noisy", "eagle3"])
 def test_sampling_keeps_the_target_distribution(drafter, drafters, sampled_reference, tiny_model, make_engine):
     """The first 3 tokens of 2,000 seeded requests, with and without speculation: the token at each position
     passes a chi-square test of equal distributions at p > 0.001 (the triples themselves are too many distinct

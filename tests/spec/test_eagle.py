@@ -1,0 +1,68 @@
+"""EAGLE and EAGLE-3 heads: the hidden-state plumbing, checked with heads that draft a known token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import keel
+from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from tests.helpers import random_prompts
+from tests.spec.eagle_heads import write_eagle_head
+
+GREEDY = keel.SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+PROMPTS = random_prompts([3, 9, 21, 40], seed=2)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("eagle3", [True, False], ids=["EAGLE3", "EAGLE"])
+def test_a_head_reads_the_hidden_state_of_the_right_position(eagle3, page_size, tiny_model, make_engine, tmp_path):
+    """The identity head returns the target's own prediction at the position it reads, so from position p it
+    drafts the token at p + 1: every draft must be the request's last token. A feature from any other position
+    (or a stale one) would draft another token."""
+    target, _ = tiny_model("llama3")
+    head = write_eagle_head(tmp_path / "head", target, eagle3=eagle3, identity=True)
+    engine = make_engine(target, page_size=page_size, chunked_prefill_size=16, speculative_num_steps=3,
+                         speculative_algorithm="EAGLE3" if eagle3 else "EAGLE", speculative_draft_model_path=str(head))
+    proposals = []
+    propose = engine.core.drafter.propose
+
+    def recording(batch):
+        drafts = propose(batch)
+        for part in batch.sampled:
+            if part.num_draft:
+                last = part.req.token_ids(part.seq_len - part.num_draft - 1, part.seq_len - part.num_draft)[0]
+                proposals.append((last, drafts.token_ids[drafts.rows[part.req.rid], :part.num_draft].tolist()))
+        return drafts
+
+    engine.core.drafter.propose = recording
+    outputs = engine.generate(PROMPTS, GREEDY)
+    expected = keel.Engine(str(target), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert len(proposals) > 10
+    assert all(drafts == [last] * len(drafts) for last, drafts in proposals)
+
+
+def test_the_algorithm_must_match_the_head(tiny_model, tmp_path):
+    target, _ = tiny_model("llama3")
+    head = write_eagle_head(tmp_path / "head", target, eagle3=True)
+    with pytest.raises(ValueError, match="LlamaForCausalLMEagle;"):
+        keel.Engine(str(target), dtype="float32", device="cpu", speculative_algorithm="EAGLE",
+                    speculative_draft_model_path=str(head))
+    with pytest.raises(ValueError, match="a causal LM"):
+        keel.Engine(str(target), dtype="float32", device="cpu", speculative_algorithm="STANDALONE",
+                    speculative_draft_model_path=str(head))
+
+
+def test_seed_004_a_head_batch_without_hidden_states_is_an_error_naming_the_field(tiny_model, make_engine,
+                                                                                  tmp_path):
+    """An EAGLE head declares that it reads ForwardBatch.input_features; the runner refuses a batch without them
+    (guard optional-explicit) instead of failing inside the model."""
+    target, _ = tiny_model("llama3")
+    head = write_eagle_head(tmp_path / "head", target, eagle3=True)
+    engine = make_engine(target, speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head))
+    cpu = torch.device("cpu")
+    one = torch.ones(1, dtype=torch.int64)
+    batch = ForwardBatch(ForwardMode.DRAFT_DECODE, cpu, (2,), (1,), one, one, one, one * 2, one, one[:1] * 0)
+    with pytest.raises(ValueError, match="ForwardBatch.input_features is missing"):
+        engine.core.draft_runner.forward(batch)
