@@ -45,6 +45,10 @@ class EngineCore:
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
+        if self.model_config.architecture in ("LlamaForCausalLMEagle", "LlamaForCausalLMEagle3"):
+            raise ValueError(f"{config.model} is an EAGLE draft head ({self.model_config.architecture}), not a model "
+                             "to serve: pass it as --speculative-draft-model-path with --speculative-algorithm "
+                             "EAGLE or EAGLE3")
         self.runner = ModelRunner(config, self.source, self.model_config)
         self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
         self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers import Gemma3ForCausalLM
+
 import keel
+from keel.models.byte_tokenizer import save_byte_tokenizer
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from tests.models.test_gemma3 import tiny_config as tiny_gemma3_config
 from tests.helpers import random_prompts
 from tests.spec.eagle_heads import write_eagle_head
 
@@ -52,6 +56,20 @@ def test_the_algorithm_must_match_the_head(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="a causal LM"):
         keel.Engine(str(target), dtype="float32", device="cpu", speculative_algorithm="STANDALONE",
                     speculative_draft_model_path=str(head))
+
+
+def test_a_head_is_not_a_model_to_serve_and_gemma_targets_are_refused(tiny_model, tmp_path):
+    target, _ = tiny_model("llama3")
+    head = write_eagle_head(tmp_path / "head", target, eagle3=True)
+    with pytest.raises(ValueError, match="is an EAGLE draft head"):
+        keel.Engine(str(head), dtype="float32", device="cpu")
+    gemma = tmp_path / "gemma"
+    Gemma3ForCausalLM(tiny_gemma3_config()).save_pretrained(gemma)
+    save_byte_tokenizer(gemma)
+    gemma_head = write_eagle_head(tmp_path / "gemma-head", gemma, eagle3=True)
+    with pytest.raises(ValueError, match="Llama-family targets"):
+        keel.Engine(str(gemma), dtype="float32", device="cpu", speculative_algorithm="EAGLE3",
+                    speculative_draft_model_path=str(gemma_head))
 
 
 def test_seed_004_a_head_batch_without_hidden_states_is_an_error_naming_the_field(tiny_model, make_engine,
