@@ -239,3 +239,12 @@ def test_seed_004_missing_draft_distribution_is_an_error_naming_it(drafters, tin
     with pytest.raises(ValueError, match="DraftTokens.probs is missing"):
         engine.generate([PROMPTS[3]], SAMPLED)
     engine.core.abort_many(list(engine.core._live))
+
+
+def test_simulated_acceptance_accepts_the_asked_mean(drafters, tiny_model, make_engine, monkeypatch):
+    """KEEL_SIMULATE_ACCEPT_LEN (benchmarks): a drafter that is never right still gets the asked mean."""
+    monkeypatch.setenv("KEEL_SIMULATE_ACCEPT_LEN", "2.5")
+    target, _ = tiny_model("llama3")
+    outputs = make_engine(target, **drafters["unrelated"]).generate(PROMPTS, GREEDY)
+    steps = sum(o.spec_verify_ct for o in outputs)
+    assert 2.2 < 1 + sum(o.spec_accepted_tokens for o in outputs) / steps < 2.8
