@@ -181,8 +181,9 @@ def add_dataclass_arguments(parser: argparse._ActionsContainer, cls: type, skip:
         elif kind is list:
             parser.add_argument(flag, nargs="*", type=element, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text,
-                                choices=f.metadata.get("choices"))
+            choices = f.metadata.get("choices")
+            parser.add_argument(flag, type=kind, default=default, help=help_text,  # None: leave the flag out
+                                choices=tuple(c for c in choices if c is not None) if choices else None)
 
 
 def dataclass_kwargs(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
