@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 from keel.config import EngineConfig, ServerConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.sampling_params import SamplingParams
+from keel.spec import SIMULATE_ACCEPT_ENV
 
 if TYPE_CHECKING:  # imported lazily at run time: `keel --help` stays fast
     from keel.engine.engine import Engine
@@ -59,8 +60,8 @@ def serve(args: argparse.Namespace) -> None:
 
     engine_config = EngineConfig(**dataclass_kwargs(args, EngineConfig))
     server_config = ServerConfig(**dataclass_kwargs(args, ServerConfig))
-    if os.environ.get("KEEL_SIMULATE_ACCEPT_LEN"):
-        raise ValueError("KEEL_SIMULATE_ACCEPT_LEN is set: verification would accept draft tokens the model did not "
+    if os.environ.get(SIMULATE_ACCEPT_ENV):
+        raise ValueError(f"{SIMULATE_ACCEPT_ENV} is set: verification would accept draft tokens the model did not "
                          "choose; it is for `keel bench`, never for serving")
     source = resolve_model(engine_config.model)  # converts a GGUF file or builds a preset once, before the engine
     client = EngineClient(engine_config)

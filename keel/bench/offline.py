@@ -12,6 +12,7 @@ import torch
 import keel
 from keel.bench.common import append_result, environment, hf_model_like, sync
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
+from keel.engine.outputs import mean_accept_length
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +55,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s: "
           f"{record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
     if baseline_tok_s is not None:
-        steps = sum(o.spec_verify_ct for o in outputs)
         record.update(speculative_algorithm=engine.config.speculative_algorithm,
-                      accept_length=1.0 + sum(o.spec_accepted_tokens for o in outputs) / steps if steps else 1.0,
+                      accept_length=mean_accept_length(outputs) or 1.0,
                       baseline_output_tok_s=baseline_tok_s, speedup_vs_no_speculation=output_tok_s / baseline_tok_s)
         print(f"speculative decoding: mean accept length {record['accept_length']:.2f} tokens per verify step; "
               f"without it {baseline_tok_s:.0f} output tok/s: {record['speedup_vs_no_speculation']:.2f}x")

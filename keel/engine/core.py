@@ -19,23 +19,24 @@ from typing import Optional
 
 import torch
 
+from keel.cache.kv_cache import KVCacheManager
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
-from keel.models.eagle import EagleHead
+from keel.models.eagle import EAGLE_HEADS, EagleHead
 from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
-from keel.cache.kv_cache import KVCacheManager
 from keel.runner.model_runner import ModelRunner, plan_kv_pages
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
 from keel.scheduler.scheduler import ScheduledBatch, Scheduler, TokenAppended
+from keel.spec import SIMULATE_ACCEPT_ENV
 from keel.spec.drafter import create_drafter
-from keel.spec.verify import SIMULATE_ACCEPT_ENV, simulated_accept_len
+from keel.spec.verify import simulated_accept_len
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class EngineCore:
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
-        if self.model_config.architecture in ("LlamaForCausalLMEagle", "LlamaForCausalLMEagle3"):
+        if self.model_config.architecture in EAGLE_HEADS.values():
             raise ValueError(f"{config.model} is an EAGLE draft head ({self.model_config.architecture}), not a model "
                              "to serve: pass it as --speculative-draft-model-path with --speculative-algorithm "
                              "EAGLE or EAGLE3")
@@ -79,9 +80,8 @@ class EngineCore:
         if draft_config.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"the draft model {path} has a vocabulary of {draft_config.vocab_size} tokens, the "
                              f"target {self.model_config.vocab_size}: a drafter must share the target's tokenizer")
-        heads = {"EAGLE": "LlamaForCausalLMEagle", "EAGLE3": "LlamaForCausalLMEagle3"}
-        wanted = heads.get(algorithm or "")
-        if draft_config.architecture != wanted if wanted else draft_config.architecture in heads.values():
+        wanted = EAGLE_HEADS.get(algorithm or "")
+        if draft_config.architecture != wanted if wanted else draft_config.architecture in EAGLE_HEADS.values():
             raise ValueError(f"--speculative-algorithm {algorithm} needs a draft model of architecture "
                              f"{wanted or 'a causal LM'}; {path} is {draft_config.architecture}")
         runner = ModelRunner(self.config, source, draft_config, context_length=self.runner.context_length)

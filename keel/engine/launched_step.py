@@ -83,7 +83,7 @@ class LaunchedStep:
         rows = self.token_ids.tolist()
         sampled = self.batch.sampled
         counts = self.counts.tolist() if self.counts is not None else [1] * len(sampled)
-        starts = list(itertools.accumulate((1 + p.num_draft for p in sampled), initial=0))
+        starts = _row_starts(sampled)
         token_ids = [rows[start:start + count] for start, count in zip(starts, counts)]
         if self.logprobs is None:
             return StepResults(token_ids, None)
@@ -133,6 +133,11 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done)
 
 
+def _row_starts(sampled: list[BatchPart]) -> list[int]:
+    """Where each sampled part's logits rows begin: its last token's, then one per draft token."""
+    return list(itertools.accumulate((1 + p.num_draft for p in sampled), initial=0))[:-1]
+
+
 def _target_step(batch: ScheduledBatch, forward_batch: ForwardBatch, features: Optional[torch.Tensor],
                  row_tokens: Optional[torch.Tensor], counts: Optional[torch.Tensor]) -> TargetStep:
     """The target's step as an EAGLE head reads it: each token's successor (the next input token within a part,
@@ -147,7 +152,7 @@ def _target_step(batch: ScheduledBatch, forward_batch: ForwardBatch, features: O
     chunk_ends = [(end - 1, p.req.token_ids(p.seq_len, p.seq_len + 1)[0]) for p, end in zip(batch.parts, ends)
                   if not p.samples]
     sampled = batch.sampled
-    starts = list(itertools.accumulate((1 + p.num_draft for p in sampled), initial=0))[:-1]
+    starts = _row_starts(sampled)
     chunk_rows, chunk_tokens, starts_t, req_rows = columns_to_device(
         [([r for r, _ in chunk_ends], torch.int64), ([t for _, t in chunk_ends], torch.int64),
          (starts, torch.int64), ([p.row for p in sampled], torch.int64)], device)
@@ -161,7 +166,7 @@ def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart
         raise ValueError("DraftTokens.probs is missing: the drafts were drawn at random, and verifying a sampled "
                          "request needs the distribution they were drawn from")
     device = logits.device
-    starts = list(itertools.accumulate((1 + p.num_draft for p in parts), initial=0))[:-1]
+    starts = _row_starts(parts)
     draft_rows = [drafts.rows.get(p.req.rid, 0) for p in parts]  # parts without drafts: any row, all masked
     starts_t, num_draft_t, draft_rows_t = columns_to_device(
         [(starts, torch.int64), ([p.num_draft for p in parts], torch.int64), (draft_rows, torch.int64)], device)
@@ -170,7 +175,7 @@ def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart
 
 
 def _row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TopLogprobs:
-    """Raw log-probs of each row's token and the row's top k, on their way to the host."""
+    """Raw log-probs of each row's token (`tokens`, one per row) and the row's top k, on their way to the host."""
     logprobs = torch.log_softmax(logits, dim=-1)
     top = logprobs.topk(k, dim=-1) if k else None
     return _host_top(logprobs.gather(1, tokens[:, None])[:, 0], top.indices if top is not None else None,
@@ -188,13 +193,9 @@ def _score_prompts(batch: ScheduledBatch, logits: torch.Tensor) -> Optional[Prom
     rows = prompt_logprob_rows(batch)
     if not rows:
         return None
-    logprobs = torch.log_softmax(logits, dim=-1)
     targets = [req.prompt_ids[p + 1] for req, positions in rows for p in positions]
-    chosen = logprobs.gather(1, to_device(targets, torch.int64, logits.device)[:, None])[:, 0]
     k = max(req.params.prompt_logprobs or 0 for req, _ in rows)
-    top = logprobs.topk(k, dim=-1) if k else None
-    return PromptScores(rows, targets, _host_top(chosen, top.indices if top is not None else None,
-                                                 top.values if top is not None else None))
+    return PromptScores(rows, targets, _row_logprobs(logits, to_device(targets, torch.int64, logits.device), k))
 
 
 def _append_prompt_logprobs(scores: PromptScores) -> None:

@@ -51,10 +51,14 @@ class RequestOutput:
     @property
     def spec_accept_length(self) -> Optional[float]:
         """Mean tokens per verify step (accepted drafts + the target's own), when speculation ran."""
-        if not self.spec_verify_ct:
-            return None
-        return 1.0 + self.spec_accepted_tokens / self.spec_verify_ct
+        return mean_accept_length([self])
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def mean_accept_length(outputs: list[RequestOutput]) -> Optional[float]:
+    """Tokens per verify step over these requests (accepted drafts + the target's own); None without any."""
+    steps = sum(o.spec_verify_ct for o in outputs)
+    return 1.0 + sum(o.spec_accepted_tokens for o in outputs) / steps if steps else None

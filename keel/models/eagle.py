@@ -187,3 +187,7 @@ class LlamaForCausalLMEagle(EagleHead):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+# --speculative-algorithm -> the head architecture it loads
+EAGLE_HEADS = {"EAGLE": "LlamaForCausalLMEagle", "EAGLE3": "LlamaForCausalLMEagle3"}

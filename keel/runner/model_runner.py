@@ -20,10 +20,10 @@ from keel.attention.base import AttentionBackend, AttentionContext
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
 from keel.config import EngineConfig
+from keel.debug.guards import guard_on
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
-from keel.debug.guards import guard_on
 from keel.runner.cuda_graph import CudaGraphRunner, RunnerOutput
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.sampler import SampleOutput, SamplingBatch, sample

@@ -81,10 +81,15 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     probs = torch.softmax(logits / batch.temperatures[:, None], dim=-1)
     if not batch.needs_filter:
         return sample_from(probs, batch.seeds, batch.steps)
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    sorted_probs = sorted_probs.masked_fill(~_kept(sorted_probs, batch), 0.0)
+    sorted_probs, sorted_ids = _sorted_kept(probs, batch)
     choice = (sorted_probs / exponential_noise(batch.seeds, batch.steps, sorted_ids)).argmax(dim=-1)
     return sorted_ids.gather(1, choice[:, None])[:, 0]
+
+
+def _sorted_kept(probs: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probs` sorted descending with the tokens top-k, top-p and min-p cut set to 0, and their token ids."""
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    return sorted_probs.masked_fill(~_kept(sorted_probs, batch), 0.0), sorted_ids
 
 
 def _kept(sorted_probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -104,8 +109,8 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     probs = torch.softmax(logits / batch.temperatures[:, None], dim=-1)
     if not batch.needs_filter:
         return probs
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    kept = torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs.masked_fill(~_kept(sorted_probs, batch), 0.0))
+    sorted_probs, sorted_ids = _sorted_kept(probs, batch)
+    kept = torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs)
     return kept / kept.sum(dim=-1, keepdim=True)
 
 

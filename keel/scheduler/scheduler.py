@@ -311,8 +311,10 @@ class Scheduler:
                 continue
             if not part.samples:
                 self.kv.cache_prefix(part.req.rid, part.req.token_ids(0, part.seq_len))
-        kept = [(index, part, *part.req.append_tokens(token_ids[index])) for index, part in enumerate(batch.sampled)
-                if part.req.status != ReqStatus.FINISHED]
+        kept = []  # (index, part, tokens kept, finish reason)
+        for index, part in enumerate(batch.sampled):
+            if part.req.status != ReqStatus.FINISHED:
+                kept.append((index, part, *part.req.append_tokens(token_ids[index])))
         verified = [p.req for _, p, _, _ in kept if p.num_draft and p.req.status == ReqStatus.RUNNING]
         if verified:  # keep the KV of every kept token but the newest; the rejected drafts' pages go back
             self.kv.truncate([r.rid for r in verified], [r.seq_len - 1 for r in verified])

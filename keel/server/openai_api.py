@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from keel.config import ServerConfig
 from keel.engine.limits import ContextLengthError, validate_request
-from keel.engine.outputs import RequestOutput, TokenLogprob
+from keel.engine.outputs import RequestOutput, TokenLogprob, mean_accept_length
 from keel.engine.stop_strings import StopAutomaton
 from keel.sampling_params import InvalidParameter, SamplingParams
 from keel.server.engine_client import EngineClient
@@ -191,12 +191,12 @@ def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, Any]
     completion_tokens = sum(len(o.token_ids) for o in outputs)
     result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens}
-    verify_steps = sum(o.spec_verify_ct for o in outputs)
-    if verify_steps:  # an extension, as vLLM and SGLang add theirs: speculative decoding's acceptance
-        accepted = sum(o.spec_accepted_tokens for o in outputs)
-        result["speculative"] = {"verify_steps": verify_steps,
+    accept_length = mean_accept_length(outputs)
+    if accept_length is not None:  # an extension, as vLLM and SGLang add theirs: speculative decoding's acceptance
+        result["speculative"] = {"verify_steps": sum(o.spec_verify_ct for o in outputs),
                                  "draft_tokens": sum(o.spec_draft_tokens for o in outputs),
-                                 "accepted_tokens": accepted, "accept_length": 1.0 + accepted / verify_steps}
+                                 "accepted_tokens": sum(o.spec_accepted_tokens for o in outputs),
+                                 "accept_length": accept_length}
     return result
 
 

@@ -37,10 +37,10 @@ DRAFT_SEED_KEY = 0x2545F4914F6CDD1D  # mixed into request seeds: the drafter's d
 
 
 class DraftModelDrafter:
-    def __init__(self, runner: ModelRunner, num_draft: int, vocab_size: int, table: ReqToTokenTable) -> None:
+    def __init__(self, runner: ModelRunner, num_draft: int, table: ReqToTokenTable) -> None:
         self.runner = runner
         self.num_draft = num_draft
-        self.vocab_size = vocab_size
+        self.vocab_size = runner.model_config.vocab_size  # the target's: EngineCore checks they are equal
         self.table = table
         self.head: Optional[EagleHead] = runner.model if isinstance(runner.model, EagleHead) else None
         self.reads_target_features = self.head is not None

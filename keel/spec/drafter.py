@@ -53,4 +53,4 @@ def create_drafter(config: EngineConfig, device: torch.device, draft_runner: Opt
     from keel.spec.draft_model import DraftModelDrafter
 
     assert draft_runner is not None  # EngineCore loads it for STANDALONE, EAGLE and EAGLE3
-    return DraftModelDrafter(draft_runner, config.num_draft_tokens, draft_runner.model_config.vocab_size, table)
+    return DraftModelDrafter(draft_runner, config.num_draft_tokens, table)

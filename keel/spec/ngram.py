@@ -47,6 +47,8 @@ class _NgramIndex:
 
 
 class NgramDrafter:
+    reads_target_features = False
+
     def __init__(self, num_draft: int, min_match: int, max_match: int, device: torch.device) -> None:
         self.num_draft = num_draft
         self.min_match, self.max_match = min_match, max_match
@@ -65,8 +67,6 @@ class NgramDrafter:
             # Short of a match, repeat the last token: the verify forward has a fixed shape either way.
             drafts.append(found + [index.tokens[-1]] * (self.num_draft - len(found)))
         return DraftTokens(to_device(drafts, torch.int64, self.device), {p.req.rid: i for i, p in enumerate(parts)})
-
-    reads_target_features = False
 
     def observe(self, step: TargetStep) -> None:
         """The target's forward ran; n-grams keep no KV."""

@@ -19,11 +19,9 @@ from typing import Optional
 import torch
 
 from keel.runner.sampler import SamplingBatch, apply_penalties, filtered_probs, sample_from, uniform_noise
+from keel.spec import SIMULATE_ACCEPT_ENV
 
 ACCEPT_KEY = 0xFFFFFFFF  # the "token id" that keys each position's accept draw (no real token has it)
-# Benchmarks only: accept a fixed mean number of tokens per verify step (drafts accepted + 1), whatever the
-# drafts are, so the machinery's speed can be measured with dummy weights. Outputs are then not the target's.
-SIMULATE_ACCEPT_ENV = "KEEL_SIMULATE_ACCEPT_LEN"
 
 
 def simulated_accept_len() -> Optional[float]:
