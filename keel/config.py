@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 # No torch here: `keel serve` reads this module before it spawns the engine, which must not wait for that import.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MAX_TREE_TOKENS = 64  # a draft tree's tokens, root included: one bit each in the attention kernels' int64 masks
 
 
 def option(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
@@ -59,11 +60,13 @@ class EngineConfig:
     speculative_draft_model_path: Optional[str] = option(
         None, "the drafter of STANDALONE (a model of the target's vocabulary), EAGLE or EAGLE3 (a draft head "
         "checkpoint, LlamaForCausalLMEagle / LlamaForCausalLMEagle3)")
-    speculative_num_steps: int = option(3, "draft tokens proposed per request and step (the chain's depth)")
-    speculative_eagle_topk: int = option(1, "candidates kept per draft step; 1 (a chain) is what keel supports")
+    speculative_num_steps: int = option(3, "draft steps per round: the depth of the chain or tree of drafts")
+    speculative_eagle_topk: int = option(1, "candidates each draft step expands: 1 drafts a chain; more drafts a "
+                                            "tree (STANDALONE, EAGLE, EAGLE3)")
     speculative_num_draft_tokens: Optional[int] = option(
-        None, "tokens the target verifies per request and step: the last token and its drafts; default and, "
-        "for a chain, required: speculative_num_steps + 1")
+        None, "tokens the target verifies per request and step: the last token and its drafts; for a chain "
+        "speculative_num_steps + 1 (the default), for a tree the best of its candidates (default: "
+        "speculative_num_steps * speculative_eagle_topk + 1, at most 64)")
     speculative_ngram_min_match_window_size: int = option(1, "NGRAM: shortest suffix looked up")
     speculative_ngram_max_match_window_size: int = option(12, "NGRAM: longest suffix looked up (longer matches "
                                                               "are tried first)")
@@ -96,12 +99,23 @@ class EngineConfig:
 
     def _check_speculative(self) -> None:
         _require(self.speculative_num_steps >= 1, "speculative_num_steps", "must be >= 1")
-        _require(self.speculative_eagle_topk == 1, "speculative_eagle_topk",
-                 "must be 1: keel drafts chains; draft trees (topk > 1) are not implemented")
+        steps, topk = self.speculative_num_steps, self.speculative_eagle_topk
+        _require(topk >= 1, "speculative_eagle_topk", "must be >= 1")
         if self.speculative_num_draft_tokens is None:
-            self.speculative_num_draft_tokens = self.speculative_num_steps + 1
-        _require(self.speculative_num_draft_tokens == self.speculative_num_steps + 1, "speculative_num_draft_tokens",
-                 f"must be speculative_num_steps + 1 ({self.speculative_num_steps + 1}) for a chain of drafts")
+            self.speculative_num_draft_tokens = steps + 1 if topk == 1 else min(steps * topk + 1, MAX_TREE_TOKENS)
+        if topk == 1:
+            _require(self.speculative_num_draft_tokens == steps + 1, "speculative_num_draft_tokens",
+                     f"must be speculative_num_steps + 1 ({steps + 1}) for a chain of drafts (topk 1)")
+        else:
+            _require(self.speculative_algorithm != "NGRAM", "speculative_eagle_topk",
+                     "must be 1 with NGRAM, which drafts a chain")
+            candidates = topk + (steps - 1) * topk * topk
+            _require(2 <= self.speculative_num_draft_tokens <= min(candidates + 1, MAX_TREE_TOKENS),
+                     "speculative_num_draft_tokens", f"must be between 2 and {min(candidates + 1, MAX_TREE_TOKENS)} "
+                     f"for a tree of {steps} steps of top-{topk} ({candidates} candidates and the root; at most "
+                     f"{MAX_TREE_TOKENS})")
+            _require(1 + (steps - 1) * topk <= MAX_TREE_TOKENS, "speculative_num_steps",
+                     f"a tree's draft steps write 1 + (steps - 1) * topk tokens, at most {MAX_TREE_TOKENS}")
         _require(1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size,
                  "speculative_ngram_min_match_window_size", "must be >= 1 and <= the max match window size")
         with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE", "EAGLE3")
@@ -110,8 +124,26 @@ class EngineConfig:
 
     @property
     def num_draft_tokens(self) -> int:
-        """Draft tokens proposed per request and step; 0 without speculative decoding."""
-        return 0 if self.speculative_algorithm is None else self.speculative_num_steps
+        """Draft tokens the target verifies per request and step (beside the last token); 0 without speculation."""
+        return 0 if self.speculative_algorithm is None else self.speculative_num_draft_tokens - 1
+
+    @property
+    def draft_tree(self) -> bool:
+        """Drafts form a tree (topk > 1): verified with a tree mask, the accepted path's KV moved into place."""
+        return self.speculative_algorithm is not None and self.speculative_eagle_topk > 1
+
+    @property
+    def rows_per_request(self) -> int:
+        """Most single-token rows a request fills in one forward: its verified tokens, or a tree's frontier."""
+        return max(1 + self.num_draft_tokens, self.speculative_eagle_topk)
+
+    @property
+    def draft_reserve(self) -> int:
+        """KV slots a drafted request holds past its last token during a step: one per verified draft, and (a tree)
+        one per token the draft model's steps write, if those are more."""
+        if not self.draft_tree:
+            return self.num_draft_tokens
+        return max(self.num_draft_tokens, (self.speculative_num_steps - 1) * self.speculative_eagle_topk)
 
     @property
     def overlap(self) -> bool:

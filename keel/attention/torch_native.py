@@ -44,8 +44,12 @@ class TorchNativeBackend:
         max_len = max(batch.seq_lens_cpu, default=0)
         kv_slots = self.req_table.slots[batch.req_rows, :max_len].to(torch.int64)
         starts = tuple(itertools.accumulate(batch.extend_lens_cpu, initial=0))[:-1]
-        masks = {w: [_mask(e, s, w, batch.device) for e, s in zip(batch.extend_lens_cpu, batch.seq_lens_cpu)]
-                 for w in self.windows}
+        if batch.tree is not None:
+            tree = _tree_masks(batch)
+            masks = {w: tree for w in self.windows}
+        else:
+            masks = {w: [_mask(e, s, w, batch.device) for e, s in zip(batch.extend_lens_cpu, batch.seq_lens_cpu)]
+                     for w in self.windows}
         return TorchNativeMetadata(batch.out_cache_loc, kv_slots, batch.seq_lens_cpu, starts,
                                    batch.extend_lens_cpu, masks)
 
@@ -69,6 +73,24 @@ class TorchNativeBackend:
                 enable_gqa=layer.num_heads != layer.num_kv_heads)
             out[start:start + length] = attn[0].transpose(0, 1).reshape(length, -1)
         return out
+
+
+def _tree_masks(batch: ForwardBatch) -> list[Optional[torch.Tensor]]:
+    """Per request, which keys each new token sees when some tokens belong to draft trees (see TreeMask): keys up
+    to its own table position, those inside its tree only if they are its ancestors or itself."""
+    assert batch.tree is not None
+    masks: list[Optional[torch.Tensor]] = []
+    start = 0
+    for extend, seq in zip(batch.extend_lens_cpu, batch.seq_lens_cpu):
+        tokens = slice(start, start + extend)
+        start += extend
+        query_pos = torch.arange(seq - extend, seq, device=batch.device)[:, None]
+        key_pos = torch.arange(seq, device=batch.device)[None]
+        rel = key_pos - batch.tree.starts[tokens, None]
+        in_tree = rel >= 0
+        bit = (batch.tree.bits[tokens, None] >> rel.clamp(0, 63)) & 1
+        masks.append((key_pos <= query_pos) & (~in_tree | (bit != 0)))
+    return masks
 
 
 def _mask(extend: int, seq: int, window: Window, device: torch.device) -> Optional[torch.Tensor]:

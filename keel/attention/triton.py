@@ -19,7 +19,7 @@ from keel.kernels.decode_attention import MAX_SPLITS, decode_attention, plan_dec
 from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
 from keel.kernels.kv_store import store_kv
 from keel.kernels.rotary import rotate_and_store
-from keel.runner.forward_batch import ForwardBatch
+from keel.runner.forward_batch import ForwardBatch, TreeMask
 
 Window = Optional[int]
 
@@ -32,6 +32,7 @@ class TritonDecodeMetadata:
     num_splits: dict[Window, torch.Tensor]  # the planner's decision, per sliding-window size
     partial_out: torch.Tensor  # [batch, heads, MAX_SPLITS, head_dim] float32 scratch
     partial_lse: torch.Tensor  # [batch, heads, MAX_SPLITS] float32 scratch
+    tree: Optional[TreeMask]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TritonExtendMetadata:
     req_rows: torch.Tensor
     seq_lens: torch.Tensor
     blocks: ExtendBlocks
+    tree: Optional[TreeMask]
 
 
 TritonMetadata = Union[TritonDecodeMetadata, TritonExtendMetadata]
@@ -60,9 +62,9 @@ class TritonBackend:
                 batch.out_cache_loc, batch.req_rows, batch.seq_lens,
                 {w: plan_decode_splits(batch.seq_lens, self.num_kv_heads, w) for w in self.windows},
                 torch.empty(bs, self.num_heads, MAX_SPLITS, self.head_dim, dtype=torch.float32, device=batch.device),
-                torch.empty(bs, self.num_heads, MAX_SPLITS, dtype=torch.float32, device=batch.device))
+                torch.empty(bs, self.num_heads, MAX_SPLITS, dtype=torch.float32, device=batch.device), batch.tree)
         return TritonExtendMetadata(batch.out_cache_loc, batch.req_rows, batch.seq_lens,
-                                    plan_extend_blocks(batch.extend_lens_cpu, batch.device))
+                                    plan_extend_blocks(batch.extend_lens_cpu, batch.device), batch.tree)
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_pool: KVPool, metadata: TritonMetadata, rotation: Optional[Rotation]) -> torch.Tensor:
@@ -76,8 +78,8 @@ class TritonBackend:
         if isinstance(metadata, TritonDecodeMetadata):
             out = decode_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
                                    metadata.num_splits[layer.sliding_window], metadata.partial_out,
-                                   metadata.partial_lse, layer.scale, layer.sliding_window)
+                                   metadata.partial_lse, layer.scale, layer.sliding_window, metadata.tree)
         else:
             out = extend_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
-                                   metadata.blocks, layer.scale, layer.sliding_window)
+                                   metadata.blocks, layer.scale, layer.sliding_window, metadata.tree)
         return out.reshape(q.shape[0], layer.num_heads * layer.head_dim)

@@ -31,3 +31,8 @@ class KVPool:
         """Store new K/V ([tokens, kv_heads, head_dim]) at slots `loc` ([tokens])."""
         self.k_cache[layer_id].index_copy_(0, loc, k.to(self.k_cache.dtype))
         self.v_cache[layer_id].index_copy_(0, loc, v.to(self.v_cache.dtype))
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's K/V at slots `src` into slots `dst` (all sources are read before any write)."""
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]

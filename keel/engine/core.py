@@ -50,6 +50,9 @@ class EngineCore:
             raise ValueError(f"{config.model} is an EAGLE draft head ({self.model_config.architecture}), not a model "
                              "to serve: pass it as --speculative-draft-model-path with --speculative-algorithm "
                              "EAGLE or EAGLE3")
+        if config.draft_tree and any(w is not None for w in self.model_config.sliding_windows):
+            raise ValueError(f"--speculative-eagle-topk {config.speculative_eagle_topk} drafts a tree, which keel does "
+                             f"not verify on sliding-window models ({config.model}); use --speculative-eagle-topk 1")
         self.runner = ModelRunner(config, self.source, self.model_config)
         self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
         self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))

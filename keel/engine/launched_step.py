@@ -18,13 +18,13 @@ from keel.debug.guards import guard_on
 from keel.engine.outputs import TokenLogprob
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch
-from keel.scheduler.batch import (DraftTokens, PendingTokens, build_forward_batch, build_sampling_batch,
-                                  prompt_logprob_rows)
+from keel.scheduler.batch import (DraftTokens, DraftTree, PendingTokens, build_forward_batch,
+                                  build_sampling_batch, prompt_logprob_rows)
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
 from keel.runner.forward_batch import ForwardBatch
 from keel.spec.drafter import Drafter, TargetStep
-from keel.spec.verify import Verified, verify
+from keel.spec.verify import Verified, verify, verify_tree
 from keel.transfer import columns_to_device, to_device, to_host
 
 
@@ -103,7 +103,7 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     logits = output.logits
     sampled_parts = batch.sampled
     num_rows = sum(1 + p.num_draft for p in sampled_parts)
-    pending, token_ids, counts, logprobs = None, None, None, None
+    pending, token_ids, counts, logprobs, verified = None, None, None, None, None
     row_tokens, counts_device = None, None  # each sampled row's token and each part's count, on the device
     if sampled_parts:
         reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
@@ -118,13 +118,18 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
                 logprobs = _host_top(sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
         else:
             verified = _verify(logits[:num_rows], sampling, sampled_parts, drafts)
+            if verified.path is not None:
+                _move_accepted_kv(runner, batch, forward_batch, verified.path)
             row_tokens, counts_device = verified.row_tokens, verified.counts
             token_ids, counts = to_host(verified.row_tokens), to_host(verified.counts)
             if sampling.wants_logprobs:
-                logprobs = _row_logprobs(logits[:num_rows], verified.row_tokens, sampling.num_top_logprobs)
+                rows = logits[:num_rows] if verified.source_rows is None else logits[verified.source_rows]
+                logprobs = _row_logprobs(rows, verified.row_tokens, sampling.num_top_logprobs)
     if drafter is not None:
-        drafter.observe(_target_step(batch, forward_batch, output.features, row_tokens, counts_device)
-                        if drafter.reads_target_features else TargetStep(forward_batch))
+        path = verified.path if drafts is not None else None
+        view, index = (forward_batch, None) if path is None else _committed_view(batch, forward_batch, path)
+        drafter.observe(_target_step(batch, view, index, path, output.features, row_tokens, counts_device)
+                        if drafter.reads_target_features else TargetStep(view))
     prompt_scores = _score_prompts(batch, logits[num_rows:])
     done = None
     if runner.device.type == "cuda":
@@ -138,27 +143,100 @@ def _row_starts(sampled: list[BatchPart]) -> list[int]:
     return list(itertools.accumulate((1 + p.num_draft for p in sampled), initial=0))[:-1]
 
 
-def _target_step(batch: ScheduledBatch, forward_batch: ForwardBatch, features: Optional[torch.Tensor],
-                 row_tokens: Optional[torch.Tensor], counts: Optional[torch.Tensor]) -> TargetStep:
-    """The target's step as an EAGLE head reads it: each token's successor (the next input token within a part,
-    the drawn token after a sampled row, the next prompt token after a chunk) and each sampled part's last
+def _target_step(batch: ScheduledBatch, view: ForwardBatch, index: Optional[torch.Tensor],
+                 path: Optional[torch.Tensor], features: Optional[torch.Tensor], row_tokens: Optional[torch.Tensor],
+                 counts: Optional[torch.Tensor]) -> TargetStep:
+    """The target's step as an EAGLE head reads it, over `view` (the forward's tokens, or with trees the accepted
+    paths', `index` giving their tokens in the forward): each token's successor (the next input token within a
+    part, the drawn token after a sampled row, the next prompt token after a chunk) and each sampled part's last
     committed token (its accepted drafts' last, or its last input token)."""
-    device = forward_batch.device
-    next_ids = torch.roll(forward_batch.input_ids, -1)
-    sampled_rows = forward_batch.logits_indices[:0 if row_tokens is None else row_tokens.numel()]
-    if row_tokens is not None:
-        next_ids[sampled_rows] = row_tokens
-    ends = list(itertools.accumulate(p.extend_len for p in batch.parts))
+    device = view.device
+    lengths = _view_lengths(batch, path)
+    ends = list(itertools.accumulate(lengths))
     chunk_ends = [(end - 1, p.req.token_ids(p.seq_len, p.seq_len + 1)[0]) for p, end in zip(batch.parts, ends)
                   if not p.samples]
-    sampled = batch.sampled
-    starts = _row_starts(sampled)
-    chunk_rows, chunk_tokens, starts_t, req_rows = columns_to_device(
+    sampled = [(p, end, n) for p, end, n in zip(batch.parts, ends, lengths) if p.samples]
+    emitted = [n if p.num_draft else 1 for p, _, n in sampled]  # each sampled part's rows in the view
+    view_rows = [end - e + i for (_, end, _), e in zip(sampled, emitted) for i in range(e)]
+    token_rows = [start + i for start, e in zip(_row_starts(batch.sampled), emitted) for i in range(e)]
+    chunk_rows, chunk_tokens, view_rows_t, token_rows_t, first_t = columns_to_device(
         [([r for r, _ in chunk_ends], torch.int64), ([t for _, t in chunk_ends], torch.int64),
-         (starts, torch.int64), ([p.row for p in sampled], torch.int64)], device)
+         (view_rows, torch.int64), (token_rows, torch.int64),
+         (list(itertools.accumulate(emitted, initial=0))[:-1], torch.int64)], device)
+    next_ids = torch.roll(view.input_ids, -1)
+    if row_tokens is not None:
+        next_ids[view_rows_t] = row_tokens[token_rows_t]
     next_ids[chunk_rows] = chunk_tokens
-    last = starts_t + (counts - 1 if counts is not None else 0)
-    return TargetStep(forward_batch, features, next_ids, sampled_rows[last], req_rows)
+    last = first_t + (counts - 1 if counts is not None else 0)
+    req_rows = to_device([p.row for p in batch.sampled], torch.int64, device)
+    if features is not None and index is not None:
+        features = features[index]
+    return TargetStep(view, features, next_ids, view_rows_t[last], req_rows)
+
+
+def _view_lengths(batch: ScheduledBatch, path: Optional[torch.Tensor]) -> list[int]:
+    """Tokens of each part in the committed view: a drafted tree's accepted path is at most its depth + 1."""
+    if path is None:
+        return [p.extend_len for p in batch.parts]
+    return [path.shape[1] if p.num_draft else p.extend_len for p in batch.parts]
+
+
+def _root_tokens(batch: ScheduledBatch) -> list[int]:
+    """Each sampled part's last committed token (its drafts' root), as a token index of the forward."""
+    ends = itertools.accumulate(p.extend_len for p in batch.parts)
+    return [end - 1 - p.num_draft for p, end in zip(batch.parts, ends) if p.samples]
+
+
+def _move_accepted_kv(runner: ModelRunner, batch: ScheduledBatch, forward_batch: ForwardBatch,
+                      path: torch.Tensor) -> None:
+    """Trees: the target's KV of each accepted path, written where its nodes sat, moved to the positions after the
+    root, where the next steps read it (the slots of the other nodes go back with the rejected drafts)."""
+    drafted = [(i, root) for i, (p, root) in enumerate(zip(batch.sampled, _root_tokens(batch))) if p.num_draft]
+    if not drafted or runner.kv_pool is None:
+        return
+    parts, roots = columns_to_device([([i for i, _ in drafted], torch.int64), ([r for _, r in drafted], torch.int64)],
+                                     runner.device)
+    depth = torch.arange(1, path.shape[1], device=runner.device)
+    slots = forward_batch.out_cache_loc
+    runner.kv_pool.copy_slots(slots[roots[:, None] + path[parts, 1:]], slots[roots[:, None] + depth])
+
+
+def _committed_view(batch: ScheduledBatch, forward_batch: ForwardBatch,
+                    path: torch.Tensor) -> tuple[ForwardBatch, torch.Tensor]:
+    """The forward as if it had run only what it committed: each drafted tree's root and accepted path, at the
+    positions and slots after the root (the KV a drafter must mirror), with the path's tokens (junk past its end,
+    in slots freed with the rejected drafts). Returns it and, per token, its token index in the forward."""
+    lengths = _view_lengths(batch, path)
+    base: list[int] = []  # each view token's positional token index in the forward (a path: its root's and after)
+    positions: list[int] = []
+    tree_rows: list[int] = []  # view rows of drafted paths
+    token_start = 0
+    for part, length in zip(batch.parts, lengths):
+        if part.num_draft:
+            tree_rows += range(len(base), len(base) + length)
+        base += range(token_start, token_start + length)  # a drafted part's root is its first token
+        positions += range(part.seq_len - part.extend_len, part.seq_len - part.extend_len + length)
+        token_start += part.extend_len
+    device = forward_batch.device
+    drafted = [i for i, p in enumerate(batch.sampled) if p.num_draft]
+    roots = [r for r, p in zip(_root_tokens(batch), batch.sampled) if p.num_draft]
+    base_t, positions_t, tree_rows_t, drafted_t, roots_t = columns_to_device(
+        [(base, torch.int64), (positions, torch.int64), (tree_rows, torch.int64), (drafted, torch.int64),
+         (roots, torch.int64)], device)
+    index = base_t.clone()
+    index[tree_rows_t] = (roots_t[:, None] + path[drafted_t]).reshape(-1)
+    if forward_batch.mode.is_decode:
+        seq_lens = tuple(forward_batch.seq_lens_cpu[i] for i in base)
+        extend_lens, req_rows = (1,) * len(base), forward_batch.req_rows[base_t]
+        seq_lens_t = forward_batch.seq_lens[base_t]
+    else:
+        seq_lens = tuple(p.seq_len - p.extend_len + n for p, n in zip(batch.parts, lengths))
+        extend_lens, req_rows = tuple(lengths), forward_batch.req_rows
+        seq_lens_t = to_device(list(seq_lens), torch.int64, device)
+    view = ForwardBatch(forward_batch.mode, device, seq_lens, extend_lens, forward_batch.input_ids[index],
+                        positions_t, req_rows, seq_lens_t, forward_batch.out_cache_loc[base_t],
+                        forward_batch.logits_indices[:0])
+    return view, index
 
 
 def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart], drafts: DraftTokens) -> Verified:
@@ -170,6 +248,11 @@ def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart
     draft_rows = [drafts.rows.get(p.req.rid, 0) for p in parts]  # parts without drafts: any row, all masked
     starts_t, num_draft_t, draft_rows_t = columns_to_device(
         [(starts, torch.int64), ([p.num_draft for p in parts], torch.int64), (draft_rows, torch.int64)], device)
+    if drafts.tree is not None:
+        tree = drafts.tree
+        return verify_tree(logits, sampling, starts_t, num_draft_t, drafts.token_ids[draft_rows_t],
+                           DraftTree(tree.parents[draft_rows_t], tree.depths[draft_rows_t], tree.bits[draft_rows_t],
+                                     tree.max_depth))
     probs = drafts.probs[draft_rows_t] if drafts.probs is not None else None
     return verify(logits, sampling, starts_t, num_draft_t, drafts.token_ids[draft_rows_t], probs)
 

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from keel.kernels.online_softmax import online_softmax_step
+from keel.kernels.online_softmax import in_tree_path, online_softmax_step
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
+from keel.runner.forward_batch import TreeMask
 
 MAX_SPLITS = 16  # the partial buffers hold this many splits per (request, head)
 # Shorter contexts get fewer splits. Small, because a lone request's decode is latency-bound: on an H200,
@@ -51,11 +52,11 @@ def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Option
 @triton.jit
 def _decode_partial_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, num_splits_ptr,
-        part_out_ptr, part_lse_ptr, out_ptr,
+        part_out_ptr, part_lse_ptr, out_ptr, tree_starts_ptr, tree_bits_ptr,
         stride_qb, stride_qh, stride_ct, stride_ch, stride_rt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
         stride_ob, stride_oh, scale, window,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr):
+        IEEE: tl.constexpr, PDL: tl.constexpr, TREE: tl.constexpr):
     pdl_wait(PDL)  # before the early exit: every program must wait
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,13 +81,19 @@ def _decode_partial_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    if TREE:
+        tree_start = tl.load(tree_starts_ptr + b).to(tl.int32)
+        tree_bits = tl.load(tree_bits_ptr + b)
     for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < hi
         slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=valid, other=0).to(tl.int64)
         kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
-        m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, valid, valid[None, :],
-                                            m_i, l_i, acc, scale, IEEE)
+        visible = valid
+        if TREE:
+            visible = visible & in_tree_path(offs, tree_start, tree_bits)
+        m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, valid,
+                                            visible[None, :], m_i, l_i, acc, scale, IEEE)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:  # the whole answer: stored as is, and the combine kernel skips this request
@@ -125,11 +132,12 @@ def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, num_splits: torch.Tensor,
                      partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float,
-                     window: Optional[int]) -> torch.Tensor:
+                     window: Optional[int], tree: Optional[TreeMask] = None) -> torch.Tensor:
     """q: [batch, heads, head_dim]; caches: [slots, kv_heads, head_dim]; returns [batch, heads, head_dim].
 
     partial_out [batch, heads, MAX_SPLITS, head_dim] and partial_lse [batch, heads, MAX_SPLITS] (float32) are
-    scratch sized from the planner's cap; num_splits is the planner's decision.
+    scratch sized from the planner's cap; num_splits is the planner's decision. `tree`: one entry per row, the
+    draft-tree keys each row sees (no sliding window then: a tree's positions are not its table positions).
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -137,18 +145,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_head_dim(head_dim)
     assert partial_out.shape == (batch, heads, MAX_SPLITS, head_dim) and partial_lse.shape == (batch, heads, MAX_SPLITS)
     assert num_splits.shape == (batch,)
+    assert tree is None or (window is None and tree.starts.shape == (batch,) and tree.bits.shape == (batch,))
     out = torch.empty_like(q)
     if batch == 0:
         return out
     ieee = k_cache.dtype == torch.float32
     pdl = pdl_launch_args(q.device)
+    tree_starts, tree_bits = (tree.starts, tree.bits) if tree is not None else (seq_lens, seq_lens)  # unread then
     _decode_partial_kernel[(batch, kv_heads, MAX_SPLITS)](
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse, out,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+        tree_starts, tree_bits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee,
-        **pdl)
+        TREE=tree is not None, **pdl)
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from keel.kernels.decode_attention import check_head_dim
-from keel.kernels.online_softmax import online_softmax_step
+from keel.kernels.online_softmax import in_tree_path, online_softmax_step
+from keel.runner.forward_batch import TreeMask
 from keel.transfer import columns_to_device
 
 BLOCK_M = 32
@@ -49,11 +50,11 @@ def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device) -> Ex
 @triton.jit
 def _extend_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, extend_lens_ptr,
-        q_starts_ptr, block_req_ptr, block_start_ptr,
+        q_starts_ptr, block_req_ptr, block_start_ptr, tree_starts_ptr, tree_bits_ptr,
         stride_qt, stride_qh, stride_ct, stride_ch, stride_rt, stride_ot, stride_oh,
         scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr):
+        IEEE: tl.constexpr, TREE: tl.constexpr):
     block = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -74,6 +75,9 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    if TREE:
+        tree_start = tl.load(tree_starts_ptr + first_token + m, mask=q_ok, other=0).to(tl.int32)
+        tree_bits = tl.load(tree_bits_ptr + first_token + m, mask=q_ok, other=0)
     hi = prefix + tl.minimum(m0 + BLOCK_Q, extend)  # past the block's last query: nothing is visible
     lo = 0
     if window > 0:
@@ -86,6 +90,8 @@ def _extend_kernel(
         visible = k_ok[None, :] & (offs[None, :] <= q_pos[:, None])
         if window > 0:
             visible = visible & (offs[None, :] > q_pos[:, None] - window)
+        if TREE:
+            visible = visible & in_tree_path(offs[None, :], tree_start[:, None], tree_bits[:, None])
         m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, k_ok, visible,
                                             m_i, l_i, acc, scale, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -95,19 +101,22 @@ def _extend_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, blocks: ExtendBlocks, scale: float,
-                     window: Optional[int]) -> torch.Tensor:
-    """q: [tokens, heads, head_dim] (the batch's new tokens back to back); returns the same shape."""
+                     window: Optional[int], tree: Optional[TreeMask] = None) -> torch.Tensor:
+    """q: [tokens, heads, head_dim] (the batch's new tokens back to back); returns the same shape. `tree`: per
+    token, the draft-tree keys it sees (no sliding window then: a tree's positions are not its table positions)."""
     tokens, heads, head_dim = q.shape
     check_head_dim(head_dim)
+    assert tree is None or (window is None and tree.starts.shape == (tokens,) and tree.bits.shape == (tokens,))
     out = torch.empty_like(q)
     num_blocks = blocks.block_req.numel()
     if tokens == 0 or num_blocks == 0:
         return out
+    tree_starts, tree_bits = (tree.starts, tree.bits) if tree is not None else (seq_lens, seq_lens)  # unread then
     _extend_kernel[(num_blocks, heads)](
         q, k_cache, v_cache, out, req_to_token, req_rows, seq_lens, blocks.extend_lens, blocks.q_starts,
-        blocks.block_req, blocks.block_start,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+        blocks.block_req, blocks.block_start, tree_starts, tree_bits, q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1), scale, window or 0,
         GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N,
-        IEEE=k_cache.dtype == torch.float32)
+        IEEE=k_cache.dtype == torch.float32, TREE=tree is not None)
     return out

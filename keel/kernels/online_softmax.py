@@ -1,4 +1,5 @@
-"""One step of the online (streaming) softmax that both Triton attention kernels run per key block.
+"""One step of the online (streaming) softmax that both Triton attention kernels run per key block, and the
+draft-tree visibility rule both apply.
 
 Decode and extend attention differ only in which (query, key) pairs are visible and in how they find
 their keys; the update of the running max, running sum and accumulator is this one function.
@@ -38,3 +39,13 @@ def online_softmax_step(q, k_ptrs, v_ptrs, key_ok, visible, m_i, l_i, acc, scale
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     # the loop-carried state stays float32 whatever the cache dtype (a no-op cast where it already is)
     return m_new.to(tl.float32), l_i.to(tl.float32), acc.to(tl.float32)
+
+
+@triton.jit
+def in_tree_path(key_pos, tree_start, tree_bits):
+    """Which keys (table positions `key_pos`) a draft-tree token sees: all before its tree's root (`tree_start`),
+    and within the tree those whose bit is set in `tree_bits` (its ancestors and itself). Shapes broadcast."""
+    rel = key_pos - tree_start
+    in_tree = rel >= 0
+    bit = (tree_bits >> tl.where(in_tree, rel, 0).to(tl.int64)) & 1
+    return (~in_tree) | (bit != 0)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from keel.debug.guards import guard_on
-from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from keel.runner.forward_batch import NOT_IN_TREE, ForwardBatch, ForwardMode, TreeMask
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,10 @@ class RunnerOutput:
 
 class CudaGraphRunner:
     def __init__(self, forward: Callable[[ForwardBatch], RunnerOutput], max_bs: int, device: torch.device,
-                 input_features: Optional[tuple[int, torch.dtype]] = None) -> None:
+                 input_features: Optional[tuple[int, torch.dtype]] = None, tree: bool = False) -> None:
         """`input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
-        head)."""
+        head); `tree`: capture with a TreeMask input, so that draft trees replay too (rows outside a tree get the
+        mask that hides nothing)."""
         self.device = device
         self.sizes = capture_sizes(max_bs)
         self.max_bs = max_bs
@@ -52,6 +53,8 @@ class CudaGraphRunner:
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=device)  # logits of every row are sampled
         self.features = (torch.zeros(max_bs, input_features[0], dtype=input_features[1], device=device)
                          if input_features is not None else None)
+        self.tree = (TreeMask(torch.full((max_bs,), NOT_IN_TREE, dtype=torch.int64, device=device), buffer())
+                     if tree else None)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, RunnerOutput] = {}
         self._capture(forward)
@@ -60,7 +63,8 @@ class CudaGraphRunner:
         return ForwardBatch(ForwardMode.DECODE, self.device, (1,) * size, (1,) * size, self.input_ids[:size],
                             self.positions[:size], self.req_rows[:size], self.seq_lens[:size],
                             self.out_cache_loc[:size], self.rows[:size],
-                            self.features[:size] if self.features is not None else None)
+                            self.features[:size] if self.features is not None else None,
+                            TreeMask(self.tree.starts[:size], self.tree.bits[:size]) if self.tree is not None else None)
 
     def _capture(self, forward: Callable[[ForwardBatch], RunnerOutput]) -> None:
         start = time.perf_counter()
@@ -81,7 +85,8 @@ class CudaGraphRunner:
                     time.perf_counter() - start)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode.is_decode and 0 < batch.batch_size <= self.max_bs
+        return batch.mode.is_decode and 0 < batch.batch_size <= self.max_bs and (batch.tree is None or
+                                                                                  self.tree is not None)
 
     def replay(self, batch: ForwardBatch) -> RunnerOutput:
         """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
@@ -93,6 +98,12 @@ class CudaGraphRunner:
             _write_rows(static, real, size, pad)
         if self.features is not None and batch.input_features is not None:
             _write_rows(self.features, batch.input_features, size, 0)
+        if self.tree is not None:
+            if batch.tree is None:
+                self.tree.starts[:size].fill_(NOT_IN_TREE)
+            else:
+                _write_rows(self.tree.starts, batch.tree.starts, size, NOT_IN_TREE)
+                _write_rows(self.tree.bits, batch.tree.bits, size, 0)
         self.graphs[size].replay()
         out = self.outputs[size]
         return RunnerOutput(out.logits[:bs], out.features[:bs] if out.features is not None else None)

@@ -36,6 +36,19 @@ class ForwardMode(enum.Enum):
         return self in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_DECODE)
 
 
+NOT_IN_TREE = 2**31 - 1  # TreeMask.starts of a token outside any draft tree: every key before it is visible
+
+
+@dataclass(frozen=True)
+class TreeMask:
+    """Which tokens of a draft tree each token sees. A tree's tokens sit at consecutive table positions from its
+    root's; a key at position starts[t] + j is visible to token t only if bit j of bits[t] is set (its ancestors
+    and itself), a key before starts[t] always is (causally). Tokens outside trees have starts == NOT_IN_TREE."""
+
+    starts: torch.Tensor  # [num_tokens] int64, the table position of the token's tree root
+    bits: torch.Tensor  # [num_tokens] int64
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     mode: ForwardMode
@@ -53,6 +66,7 @@ class ForwardBatch:
     # [num_tokens, dim]: hidden states an EAGLE head reads with each token (the target's, or its own); None
     # for every other model, and the runner refuses a head's batch without them (guard optional-explicit)
     input_features: Optional[torch.Tensor] = None
+    tree: Optional[TreeMask] = None  # draft trees being verified or drafted; None when no token is in one
 
     def __post_init__(self) -> None:
         for name in _DEVICE_FIELDS:
@@ -67,9 +81,14 @@ class ForwardBatch:
         if features is not None and (features.shape[0] != num_tokens or not _placed_on(features, self.device)):
             raise ValueError(f"ForwardBatch.input_features is {list(features.shape)} on {features.device}, "
                              f"expected {num_tokens} rows on {self.device}")
-        for name in ("input_ids", "positions", "out_cache_loc"):
-            if getattr(self, name).numel() != num_tokens:
-                raise ValueError(f"ForwardBatch.{name} has {getattr(self, name).numel()} entries, "
+        tensors = {name: getattr(self, name) for name in ("input_ids", "positions", "out_cache_loc")}
+        if self.tree is not None:
+            tensors.update({"tree.starts": self.tree.starts, "tree.bits": self.tree.bits})
+            if not (_placed_on(self.tree.starts, self.device) and _placed_on(self.tree.bits, self.device)):
+                raise ValueError(f"ForwardBatch.tree is not on {self.device}")
+        for name, tensor in tensors.items():
+            if tensor.numel() != num_tokens:
+                raise ValueError(f"ForwardBatch.{name} has {tensor.numel()} entries, "
                                  f"expected {num_tokens} (sum of extend_lens_cpu)")
 
     @property

@@ -98,10 +98,9 @@ class ModelRunner:
                               self.dtype, self.device)
         self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
-            max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+            max_bs = min(config.cuda_graph_max_bs, config.max_running_requests * config.rows_per_request)
             features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
-            self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device, features)
-
+            self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device, features, config.draft_tree)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from keel.runner.forward_batch import NOT_IN_TREE, ForwardBatch, ForwardMode, TreeMask
 from keel.runner.sampler import PenaltyInputs, SamplingBatch
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
@@ -23,8 +23,19 @@ class PendingTokens:
 
 
 @dataclass(frozen=True)
+class DraftTree:
+    """The shape of each drafted part's tree of T tokens, on the device. Node 0 is the root (the part's last token),
+    node i > 0 is draft token i - 1; a parent comes before its children, siblings hold distinct tokens."""
+
+    parents: torch.Tensor  # [drafted parts, T] int64 (the root is its own parent)
+    depths: torch.Tensor  # [drafted parts, T] int64 (the root's is 0)
+    bits: torch.Tensor  # [drafted parts, T] int64: bit j of node i is set iff node j is i or an ancestor of it
+    max_depth: int  # no node is deeper (known on the host: the draft steps)
+
+
+@dataclass(frozen=True)
 class DraftTokens:
-    """Draft tokens proposed for a step's parts with num_draft > 0, on the device."""
+    """Draft tokens proposed for a step's parts with num_draft > 0, on the device: a chain each, or a tree."""
 
     token_ids: torch.Tensor  # [number of drafted parts, drafts per part] int64
     rows: dict[int, int]  # request id -> its row in token_ids
@@ -32,6 +43,8 @@ class DraftTokens:
     # must hold the distributions they were drawn from: [drafted parts, drafts per part, vocab] float32.
     random: bool = False
     probs: Optional[torch.Tensor] = None
+    # Drafted as a tree (topk > 1): every drafted part has all the tree's tokens, each a deterministic candidate
+    tree: Optional[DraftTree] = None
 
 
 def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Optional[PendingTokens] = None,
@@ -48,6 +61,8 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
     fill_from: list[int] = []
     draft_rows: list[int] = []  # input positions whose id comes from `drafts`
     draft_from: list[int] = []
+    tree_roots: list[int] = []  # input position of each drafted part's root (its last token), trees only
+    tree_parts: list[BatchPart] = []
     for part in batch.parts:
         start = part.seq_len - part.extend_len
         first_index = len(input_ids)
@@ -60,6 +75,9 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
             input_ids.append(0)
         if part.num_draft:
             row = _draft_row(part, drafts)
+            if drafts is not None and drafts.tree is not None:
+                tree_roots.append(len(input_ids) - 1)
+                tree_parts.append(part)
             draft_rows += range(len(input_ids), len(input_ids) + part.num_draft)
             draft_from += range(row, row + part.num_draft)
             input_ids += [0] * part.num_draft
@@ -87,6 +105,10 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
     if draft_rows:
         assert drafts is not None  # _draft_row checked it
         input_ids_t[draft_rows_t] = drafts.token_ids.reshape(-1)[draft_from_t]
+    tree = None
+    if tree_parts:
+        assert drafts is not None and drafts.tree is not None
+        tree = _tree_mask(tree_parts, tree_roots, drafts, positions_t, device)
     return ForwardBatch(
         mode=batch.mode,
         device=device,
@@ -98,7 +120,29 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
         seq_lens=seq_lens_t,
         out_cache_loc=slots_t,
         logits_indices=logits_t,
+        tree=tree,
     )
+
+
+def _tree_mask(parts: list[BatchPart], roots: list[int], drafts: DraftTokens, positions: torch.Tensor,
+               device: torch.device) -> TreeMask:
+    """The tree mask of a batch whose drafted parts carry trees; also sets each tree token's position (its root's
+    plus its depth: the table positions of a tree's tokens are in node order, not depth order)."""
+    assert drafts.tree is not None
+    size = drafts.tree.depths.shape[1]
+    if any(p.num_draft != size - 1 for p in parts):
+        raise ValueError(f"a draft tree has {size} tokens, but a part was scheduled "
+                         f"{[p.num_draft for p in parts]} drafts")
+    tokens, tree_rows, root_positions = columns_to_device(
+        [([r + i for r in roots for i in range(size)], torch.int64),
+         ([drafts.rows[p.req.rid] for p in parts], torch.int64),
+         ([p.seq_len - size for p in parts], torch.int64)], device)
+    starts = torch.full_like(positions, NOT_IN_TREE)
+    bits = torch.zeros_like(positions)
+    starts[tokens] = root_positions.repeat_interleave(size)
+    bits[tokens] = drafts.tree.bits[tree_rows].reshape(-1)
+    positions[tokens] = (root_positions[:, None] + drafts.tree.depths[tree_rows]).reshape(-1)
+    return TreeMask(starts, bits)
 
 
 def _pending_row(part: BatchPart, known_end: int, pending: Optional[PendingTokens]) -> int:

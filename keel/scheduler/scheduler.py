@@ -127,11 +127,13 @@ class Scheduler:
             self._retract(self._retraction_victim(ready))
             ready = self._decodable()
         drafts: list[int] = []
+        held: list[int] = []  # KV slots each holds past its last token: its drafts' (and a tree drafter's)
         while ready:
             drafts = [self._draft_budget(r) for r in ready]
-            slots = self.kv.grow([r.rid for r in ready], [r.seq_len + d for r, d in zip(ready, drafts)])
+            held = [self.config.draft_reserve if d and self.config.draft_tree else d for d in drafts]
+            slots = self.kv.grow([r.rid for r in ready], [r.seq_len + h for r, h in zip(ready, held)])
             if slots is None and any(drafts):  # short of pages: decode without drafts before retracting anyone
-                drafts = [0] * len(ready)
+                drafts = held = [0] * len(ready)
                 slots = self.kv.grow([r.rid for r in ready], [r.seq_len for r in ready])
             if slots is not None:
                 break
@@ -146,17 +148,21 @@ class Scheduler:
         if not ready:
             return []
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        split = torch.split(slots, [1 + d for d in drafts])
-        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, split[i], True, d)
+        split = torch.split(slots, [1 + h for h in held])
+        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, split[i][:1 + d], True, d)
                 for i, (r, d) in enumerate(zip(ready, drafts))]
 
     def _draft_budget(self, req: Req) -> int:
         """Draft tokens `req` gets this step: the configured number, but none past its max_new_tokens or the
-        context, and none with penalties (they count each output token on the host before the next is drawn)."""
+        context, and none with penalties (they count each output token on the host before the next is drawn).
+        A tree is drafted whole or not at all, and needs room for its drafter's reserve too."""
         if req.params.has_penalties:
             return 0
-        room = min(req.params.max_new_tokens - req.num_generated, self.kv.context_length - req.seq_len + 1) - 1
-        return max(0, min(self.config.num_draft_tokens, room))
+        keepable = req.params.max_new_tokens - req.num_generated - 1  # drafts that could still be kept
+        room = self.kv.context_length - req.seq_len  # KV slots past the last token
+        if self.config.draft_tree:
+            return self.config.num_draft_tokens if keepable >= 1 and room >= self.config.draft_reserve else 0
+        return max(0, min(self.config.num_draft_tokens, keepable, room))
 
     def _decodable(self) -> list[Req]:
         """Running requests whose KV is one token behind and that still owe tokens (a request whose last token

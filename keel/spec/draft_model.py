@@ -25,11 +25,12 @@ import torch
 
 from keel.cache.req_table import ReqToTokenTable
 from keel.models.eagle import EagleHead
-from keel.runner.forward_batch import ForwardBatch, ForwardMode
+from keel.runner.cuda_graph import RunnerOutput
+from keel.runner.forward_batch import ForwardBatch, ForwardMode, TreeMask
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch, filtered_probs, sample_from
-from keel.scheduler.batch import DraftTokens, build_sampling_batch
-from keel.scheduler.scheduler import ScheduledBatch
+from keel.scheduler.batch import DraftTokens, DraftTree, build_sampling_batch
+from keel.scheduler.scheduler import BatchPart, ScheduledBatch
 from keel.spec.drafter import TargetStep
 from keel.transfer import columns_to_device
 
@@ -37,9 +38,11 @@ DRAFT_SEED_KEY = 0x2545F4914F6CDD1D  # mixed into request seeds: the drafter's d
 
 
 class DraftModelDrafter:
-    def __init__(self, runner: ModelRunner, num_draft: int, table: ReqToTokenTable) -> None:
+    def __init__(self, runner: ModelRunner, num_draft: int, table: ReqToTokenTable, steps: int, topk: int) -> None:
+        """num_draft: draft tokens per drafted request (a chain: one per step; a tree: its best candidates)."""
         self.runner = runner
         self.num_draft = num_draft
+        self.steps, self.topk = steps, topk
         self.vocab_size = runner.model_config.vocab_size  # the target's: EngineCore checks they are equal
         self.table = table
         self.head: Optional[EagleHead] = runner.model if isinstance(runner.model, EagleHead) else None
@@ -53,6 +56,8 @@ class DraftModelDrafter:
         parts = [p for p in batch.sampled if p.num_draft]
         if not parts:
             return None
+        if self.topk > 1:
+            return self._propose_tree(parts)
         device = self.runner.device
         n, k = len(parts), self.num_draft
         behind = 1 if self.head is not None else 0  # an EAGLE head drafts one position behind the tokens
@@ -96,6 +101,73 @@ class DraftModelDrafter:
                 probs[who, step] = q
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=not greedy, probs=probs)
 
+    def _propose_tree(self, parts: list[BatchPart]) -> DraftTokens:
+        """EAGLE-2's dynamic tree. Step 0 runs each root and keeps its top-k tokens as candidates; each later step
+        runs the k best candidates so far (the frontier, by cumulative log-probability), each seeing its own
+        ancestors through a tree mask, and adds their top-k children as candidates. The tree verified is the
+        num_draft best candidates: scores fall along every path, so it holds each chosen node's parent.
+
+        Frontier tokens write the draft model's KV at the table positions after the root's, in step order (the
+        scheduler holds config.draft_reserve slots there), so no write leaves the request's own allocation."""
+        device = self.runner.device
+        n, k, size = len(parts), self.topk, self.num_draft + 1
+        behind = 1 if self.head is not None else 0
+        roots = [p.seq_len - p.num_draft - 1 - behind for p in parts]  # the table position each root row writes
+        last_tokens, rows, root_pos = columns_to_device(
+            [([p.req.token_ids(p.seq_len - p.num_draft - 1, p.seq_len - p.num_draft)[0] for p in parts],
+              torch.int64), ([p.row for p in parts], torch.int64), (roots, torch.int64)], device)
+        features = self.features[rows] if self.features is not None else None
+        out = self._forward_rows([r + 1 for r in roots], last_tokens, root_pos, rows, root_pos + 1, features, None)
+        top_tokens, top_scores = _top_log_probs(out.logits, k)
+        num_candidates = k + (self.steps - 1) * k * k
+        tokens = torch.zeros(n, num_candidates, dtype=torch.int64, device=device)
+        scores = torch.full((n, num_candidates), float("-inf"), dtype=torch.float64, device=device)
+        parents = torch.full((n, num_candidates), -1, dtype=torch.int64, device=device)  # -1: the root
+        tokens[:, :k], scores[:, :k] = top_tokens, top_scores
+        frontier = torch.arange(k, device=device).repeat(n, 1)  # candidate ids
+        above = torch.ones(n, k, dtype=torch.int64, device=device)  # mask bits of each frontier node's ancestors
+        hidden = out.features[:, None].expand(n, k, -1) if out.features is not None else None
+        branch = torch.arange(k, device=device)
+        for step in range(1, self.steps):
+            first = 1 + (step - 1) * k  # the frontier's tree index (its offset from the root's table position)
+            table_pos = root_pos[:, None] + first + branch
+            bits = above | (1 << (first + branch))
+            req_rows = rows.repeat_interleave(k)
+            out = self._forward_rows(
+                [r + first + j + 1 for r in roots for j in range(k)], tokens.gather(1, frontier).reshape(-1),
+                (root_pos + step).repeat_interleave(k), req_rows, table_pos.reshape(-1) + 1,
+                hidden.reshape(n * k, -1) if hidden is not None else None,
+                TreeMask(root_pos.repeat_interleave(k), bits.reshape(-1)), table_pos.reshape(-1))
+            top_tokens, top_scores = _top_log_probs(out.logits, k)
+            offset = k + (step - 1) * k * k
+            children = slice(offset, offset + k * k)
+            tokens[:, children] = top_tokens.reshape(n, k * k)
+            scores[:, children] = (scores.gather(1, frontier)[:, :, None] + top_scores.reshape(n, k, k)).reshape(n, -1)
+            parents[:, children] = frontier.repeat_interleave(k, dim=1)
+            best = scores[:, children].topk(k, dim=1).indices
+            frontier, above = offset + best, bits.gather(1, best // k)
+            if out.features is not None:
+                hidden = out.features.reshape(n, k, -1).gather(
+                    1, (best // k)[:, :, None].expand(n, k, out.features.shape[-1]))
+        chosen = scores.topk(size - 1, dim=1).indices.sort(dim=1).values
+        node_of = torch.zeros(n, num_candidates + 1, dtype=torch.int64, device=device)  # column 0: the root
+        node_of.scatter_(1, chosen + 1, torch.arange(1, size, device=device).repeat(n, 1))
+        tree_parents = torch.cat([node_of.new_zeros(n, 1), node_of.gather(1, parents.gather(1, chosen) + 1)], dim=1)
+        return DraftTokens(tokens.gather(1, chosen), {p.req.rid: i for i, p in enumerate(parts)},
+                           tree=tree_shape(tree_parents, min(self.steps, size - 1)))
+
+    def _forward_rows(self, seq_lens: list[int], input_ids: torch.Tensor, positions: torch.Tensor,
+                      req_rows: torch.Tensor, seq_lens_t: torch.Tensor, features: Optional[torch.Tensor],
+                      tree: Optional[TreeMask], table_pos: Optional[torch.Tensor] = None) -> RunnerOutput:
+        """One DRAFT_DECODE forward of single-token rows, each writing its KV at table position `table_pos` of its
+        request (default: its own position)."""
+        m = len(seq_lens)
+        device = self.runner.device
+        slots = self.table.slots[req_rows, positions if table_pos is None else table_pos].to(torch.int64)
+        return self.runner.forward_full(ForwardBatch(
+            ForwardMode.DRAFT_DECODE, device, tuple(seq_lens), (1,) * m, input_ids, positions, req_rows, seq_lens_t,
+            slots, torch.arange(m, device=device), features, tree))
+
     @torch.inference_mode()
     def observe(self, step: TargetStep) -> None:
         batch = step.batch
@@ -111,6 +183,25 @@ class DraftModelDrafter:
         self.runner.forward_full(dataclasses.replace(draft_batch, input_ids=step.next_token_ids,
                                                      input_features=features))
         self.features[step.last_req_rows] = features[step.last_tokens]
+
+
+def tree_shape(parents: torch.Tensor, max_depth: int) -> DraftTree:
+    """Depths and ancestor bits of trees given by their parents ([n, T], parents before children)."""
+    nodes = torch.arange(parents.shape[1], device=parents.device)
+    depths = torch.zeros_like(parents)
+    bits = (1 << nodes).repeat(parents.shape[0], 1)
+    own = bits.clone()
+    for _ in range(max_depth):  # each round settles one more level
+        depths = torch.where(nodes == 0, 0, depths.gather(1, parents) + 1)
+        bits = own | bits.gather(1, parents)
+    return DraftTree(parents, depths, bits, max_depth)
+
+
+def _top_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k likeliest tokens and their log-probabilities (float64, finite and below 0, so that a child
+    always scores strictly below its parent and the best candidates always include their ancestors)."""
+    top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return top.indices, top.values.to(torch.float64).clamp(min=-1e4) - 1e-9
 
 
 def _rows_of(sampling: SamplingBatch, index: torch.Tensor, step: int) -> SamplingBatch:

@@ -53,4 +53,5 @@ def create_drafter(config: EngineConfig, device: torch.device, draft_runner: Opt
     from keel.spec.draft_model import DraftModelDrafter
 
     assert draft_runner is not None  # EngineCore loads it for STANDALONE, EAGLE and EAGLE3
-    return DraftModelDrafter(draft_runner, config.num_draft_tokens, table)
+    return DraftModelDrafter(draft_runner, config.num_draft_tokens, table, config.speculative_num_steps,
+                             config.speculative_eagle_topk)

@@ -1,4 +1,5 @@
-"""Verification: which draft tokens the target accepts, and the one token it adds after them.
+"""Verification: which draft tokens the target accepts, and the one token it adds after them (chains, and
+trees with `verify_tree`).
 
 Each drafted request contributes 1 + d logits rows: its last token's and each draft token's. Greedy rows
 accept the longest run of drafts equal to the target's argmax and add the argmax after it, so the output is
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from keel.runner.sampler import SamplingBatch, apply_penalties, filtered_probs, sample_from, uniform_noise
+from keel.scheduler.batch import DraftTree
 from keel.spec import SIMULATE_ACCEPT_ENV
 
 ACCEPT_KEY = 0xFFFFFFFF  # the "token id" that keys each position's accept draw (no real token has it)
@@ -36,8 +38,13 @@ def simulated_accept_len() -> Optional[float]:
 
 @dataclass(frozen=True)
 class Verified:
-    row_tokens: torch.Tensor  # [rows] int64: the token each verified row emits (rows past a part's count: junk)
+    row_tokens: torch.Tensor  # [rows] int64: part i emits row_tokens[starts[i] + j] for j < counts[i] (rest: junk)
     counts: torch.Tensor  # [parts] int64: tokens each part emits, its accepted drafts + 1
+    # Trees: [parts, max depth + 1] the node at each depth of the accepted path (entries past it: their own
+    # depth), and [rows] the logits row each entry of row_tokens was drawn from. None for chains, whose accepted
+    # path is their first counts[i] rows.
+    path: Optional[torch.Tensor] = None
+    source_rows: Optional[torch.Tensor] = None
 
 
 def verify(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_draft: torch.Tensor,
@@ -67,6 +74,95 @@ def verify(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_
     used = offsets[None] <= num_draft[:, None]
     row_tokens[position_rows[used]] = emitted[used]
     return Verified(row_tokens, accepted + 1)
+
+
+def verify_tree(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_draft: torch.Tensor,
+                tokens: torch.Tensor, tree: DraftTree) -> Verified:
+    """Trees: part i's rows at starts[i] are its root's and, when num_draft[i] > 0, its T - 1 nodes' (node
+    order). Greedy rows accept the deepest node whose path matches the target's argmax at every step. Sampled rows
+    walk down from the root: at a node, its children (deterministic candidates) are tried in turn, each accepted
+    with its probability under the residual distribution, which loses each rejected candidate's mass; at the
+    first node none of whose children is accepted, the token is drawn from that residual. This keeps the target's
+    distribution exactly (recursive rejection sampling with one-hot proposals). tokens: [parts, T - 1]."""
+    n, size = tree.parents.shape
+    device = logits.device
+    if rows.penalties is not None:  # only on rows of requests without drafts (the scheduler sees to that)
+        logits = apply_penalties(logits, rows.penalties)
+    nodes = torch.arange(size, device=device)
+    valid = nodes[None] <= num_draft[:, None]  # a part without drafts has its root only
+    node_rows = starts[:, None] + torch.minimum(nodes[None], num_draft[:, None])
+    node_tokens = torch.cat([tokens.new_zeros(n, 1), tokens], dim=1)
+    argmax = logits.argmax(dim=-1)
+    matches = (node_tokens == argmax[node_rows.gather(1, tree.parents)]) & valid
+    accepted = torch.ones_like(matches)
+    for _ in range(tree.max_depth):  # a node is accepted when it matches and its parent is accepted
+        accepted = matches & accepted.gather(1, tree.parents)
+        accepted[:, 0] = True
+    end = torch.where(accepted, tree.depths, -1).argmax(dim=1)  # the deepest accepted node (siblings differ)
+    if (simulate := simulated_accept_len()) is not None:
+        depth = _simulated_accepts(simulate - 1.0, torch.full_like(starts, tree.max_depth), rows.seeds[starts],
+                                   rows.steps[starts])
+        end = _deepest_within(tree, valid, depth)
+    final = argmax[starts + end]
+    if not rows.all_greedy and simulate is None:
+        sampled_end, sampled_final = _tree_sample(logits, rows, starts, valid, node_rows, node_tokens, tree)
+        greedy = rows.greedy[starts]
+        end = torch.where(greedy, end, sampled_end)
+        final = torch.where(greedy, final, sampled_final)
+    path = _path_to(end, tree)
+    depth_of_end = tree.depths.gather(1, end[:, None])[:, 0]
+    emitted = node_tokens.gather(1, torch.cat([path[:, 1:], path[:, :1]], dim=1))  # each path node's child's token
+    emitted = emitted.scatter(1, depth_of_end[:, None], final[:, None])
+    depth = torch.arange(path.shape[1], device=device)
+    used = depth[None] <= num_draft[:, None]  # a part's entries stay within its own rows
+    at = (starts[:, None] + depth)[used]
+    row_tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=device)
+    row_tokens[at] = emitted[used]
+    source_rows = torch.arange(logits.shape[0], device=device)
+    source_rows[at] = (starts[:, None] + path)[used]
+    return Verified(row_tokens, depth_of_end + 1, path, source_rows)
+
+
+def _deepest_within(tree: DraftTree, valid: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """The first of the deepest nodes no deeper than `depth` (a simulated acceptance: a tree may be too shallow
+    to reach it, like a real one)."""
+    size = tree.parents.shape[1]
+    rank = tree.depths * size - torch.arange(size, device=depth.device)  # deeper first, then earlier
+    return torch.where(valid & (tree.depths <= depth[:, None]), rank, -1).argmax(dim=1)
+
+
+def _path_to(end: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+    """[parts, max depth + 1]: the ancestors of `end` by depth (its own at its depth); deeper entries: the depth."""
+    n, size = tree.parents.shape
+    width = tree.max_depth + 1
+    device = end.device
+    ancestors = ((tree.bits.gather(1, end[:, None]) >> torch.arange(size, device=device)) & 1).bool()
+    column = torch.where(ancestors, tree.depths, width)  # non-ancestors land in a column dropped below
+    path = torch.arange(width + 1, device=device).repeat(n, 1)
+    path.scatter_(1, column, torch.arange(size, device=device).expand(n, size).contiguous())
+    return path[:, :width]
+
+
+def _tree_sample(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, valid: torch.Tensor,
+                 node_rows: torch.Tensor, node_tokens: torch.Tensor,
+                 tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+    n, size = tree.parents.shape
+    p = filtered_probs(logits, rows)
+    seeds, steps = rows.seeds[starts], rows.steps[starts]
+    node = torch.zeros(n, dtype=torch.int64, device=logits.device)
+    residual = p[starts].clone()
+    for i in range(1, size):  # children come after their parents, so one pass in node order walks the tree
+        token = node_tokens[:, i]
+        keys = (ACCEPT_KEY - i) + torch.zeros_like(token)  # one independent draw per node
+        u = uniform_noise(seeds, steps + tree.depths[:, i] - 1, keys[:, None])[:, 0]
+        mass = residual.gather(1, token[:, None])[:, 0]
+        tried = valid[:, i] & (tree.parents[:, i] == node)
+        accept = tried & (u * residual.sum(dim=1) < mass)
+        residual = residual.scatter(1, token[:, None], torch.where(tried & ~accept, 0.0, mass)[:, None])
+        residual = torch.where(accept[:, None], p[node_rows[:, i]], residual)
+        node = torch.where(accept, i, node)
+    residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p[starts + node])  # rounding
+    return node, sample_from(residual, seeds, steps + tree.depths.gather(1, node[:, None])[:, 0])
 
 
 def _simulated_accepts(mean: float, num_draft: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:

@@ -21,17 +21,19 @@ from tests.helpers import KERNEL_DEVICE
 HEAD_DIM = 16
 
 
-def reference(q, keys, values, prefix, window, scale):
-    """q: [ext, H, D] at positions prefix.., keys/values: [seq, KVH, D] -> [ext, H*D]."""
+def reference(q, keys, values, prefix, window, scale, visible=None):
+    """q: [ext, H, D] at positions prefix.., keys/values: [seq, KVH, D] -> [ext, H*D]; `visible` ([ext, seq])
+    replaces the causal (and window) mask."""
     group = q.shape[1] // keys.shape[1]
     k = keys.repeat_interleave(group, dim=1).transpose(0, 1)
     v = values.repeat_interleave(group, dim=1).transpose(0, 1)
     scores = (q.transpose(0, 1) @ k.transpose(1, 2)) * scale  # [H, ext, seq]
-    qpos = torch.arange(prefix, prefix + q.shape[0], device=q.device)[:, None]
-    kpos = torch.arange(keys.shape[0], device=q.device)[None, :]
-    visible = kpos <= qpos
-    if window is not None:
-        visible &= kpos > qpos - window
+    if visible is None:
+        qpos = torch.arange(prefix, prefix + q.shape[0], device=q.device)[:, None]
+        kpos = torch.arange(keys.shape[0], device=q.device)[None, :]
+        visible = kpos <= qpos
+        if window is not None:
+            visible &= kpos > qpos - window
     scores = scores.masked_fill(~visible, float("-inf"))
     return (scores.softmax(-1) @ v).transpose(0, 1).reshape(q.shape[0], -1)
 
@@ -168,3 +170,71 @@ def test_decode_planner_is_one_decision_per_request():
     assert plan_decode_splits(seq_lens, 1, window=3 * m + 1).tolist() == [1, 1, 2, 4, 4]
     # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it
     assert plan_decode_splits(torch.full((256,), 100000), 8, None).max() == 1
+
+
+def random_tree_bits(size: int, g: torch.Generator) -> list[int]:
+    """Ancestor bits of a random tree of `size` nodes in parent-first order (node 0 the root)."""
+    bits = [1]
+    for i in range(1, size):
+        bits.append(bits[int(torch.randint(0, i, (1,), generator=g))] | (1 << i))
+    return bits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("decode_layout", [False, True])
+def test_draft_tree_mask(backend, page_size, decode_layout):
+    """Draft trees after cached prefixes: each tree token sees the whole prefix and, of its tree, only its ancestors
+    and itself. Extend layout (a tree per request, as in a MIXED batch) and decode layout (a row per tree token, as
+    in TARGET_VERIFY and the drafter's tree steps); a request without a tree rides along (NOT_IN_TREE)."""
+    from keel.runner.forward_batch import NOT_IN_TREE, TreeMask
+
+    device = KERNEL_DEVICE if backend == "triton" else torch.device("cpu")
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads = 8, 2
+    layer = AttentionLayer(0, heads, kv_heads, HEAD_DIM, HEAD_DIM ** -0.5, None)
+    prefix_lens, sizes = [5, 40, 16, 9], [8, 13, 64, 1]  # the last: one plain decode token
+    trees = [random_tree_bits(n, g) if n > 1 else [] for n in sizes]
+    seqs = [p + n for p, n in zip(prefix_lens, sizes)]
+    kv = KVCacheManager(num_pages=sum(seqs) + 8, page_size=page_size, max_requests=8, context_length=max(seqs) + 16,
+                        device=device, prefix_cache=False)
+    pool = KVPool(1, kv.pages.capacity, page_size, kv_heads, HEAD_DIM, torch.float32, device)
+    owners = [1, 2, 3, 4]
+    for owner in owners:
+        kv.admit(owner, PrefixMatch([], None))
+    keys = [torch.randn(s, kv_heads, HEAD_DIM, generator=g).to(device) for s in seqs]
+    values = [torch.randn(s, kv_heads, HEAD_DIM, generator=g).to(device) for s in seqs]
+    pool.write(0, kv.grow(owners, prefix_lens).to(device), torch.cat([k[:p] for k, p in zip(keys, prefix_lens)]),
+               torch.cat([v[:p] for v, p in zip(values, prefix_lens)]))
+    new_slots = kv.grow(owners, seqs).to(device)
+    q = [torch.randn(n, heads, HEAD_DIM, generator=g).to(device) for n in sizes]
+    starts = [p if tree else NOT_IN_TREE for p, tree in zip(prefix_lens, trees) for _ in range(len(tree) or 1)]
+    bits = [b - (b >> 63 << 64) for tree in trees for b in (tree or [0])]  # as int64: bit 63 is the sign
+    rows = [kv.row(o) for o in owners]
+    if decode_layout:
+        row_of = [r for r, n in zip(rows, sizes) for _ in range(n)]
+        seq_lens = [p + i + 1 for p, n in zip(prefix_lens, sizes) for i in range(n)]
+        extend_lens = [1] * len(seq_lens)
+    else:
+        row_of, seq_lens, extend_lens = rows, seqs, sizes
+    batch = ForwardBatch(
+        ForwardMode.TARGET_VERIFY if decode_layout else ForwardMode.MIXED, device, tuple(seq_lens),
+        tuple(extend_lens),
+        torch.zeros(sum(sizes), dtype=torch.int64, device=device),
+        torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seqs)]).to(device),
+        torch.tensor(row_of, device=device), torch.tensor(seq_lens, device=device), new_slots,
+        torch.zeros(0, dtype=torch.int64, device=device),
+        tree=TreeMask(torch.tensor(starts, device=device), torch.tensor(bits, device=device)))
+    backend = create_backend(backend, kv.table, [layer])
+    out = backend.forward(layer, torch.cat(q), torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]),
+                          torch.cat([v[p:] for v, p in zip(values, prefix_lens)]), pool, backend.build_metadata(batch),
+                          None)
+    expected = []
+    for qi, k, v, p, tree in zip(q, keys, values, prefix_lens, trees):
+        visible = torch.ones(len(qi), len(k), dtype=torch.bool, device=device)
+        for i, b in enumerate(tree):
+            visible[i, p:] = torch.tensor([bool(b >> j & 1) for j in range(len(k) - p)], device=device)
+        expected.append(reference(qi, k, v, p, None, layer.scale, visible))
+    torch.testing.assert_close(out, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    for owner in owners:
+        kv.release(owner)

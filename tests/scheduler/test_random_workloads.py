@@ -7,8 +7,8 @@ and forced retraction. The engine checks every KV invariant after every step
 (KEEL_STRICT_CHECKS=1) and at the end the pool must be free once the prefix cache is flushed.
 
 The same workloads run again with speculative decoding (an n-gram drafter, the target as its own draft
-model, an unrelated one, or a random EAGLE-3 head), 3 draft tokens per step: outputs must still equal each
-request's solo run.
+model, an unrelated one, or a random EAGLE-3 head, drafting chains of 3 tokens; or the target or the EAGLE-3
+head drafting trees): outputs must still equal each request's solo run.
 
 Replay one seed: KEEL_WORKLOAD_SEED=17 pytest tests/scheduler/test_random_workloads.py
 More seeds:      KEEL_WORKLOADS=2000 KEEL_SPEC_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
@@ -57,7 +57,8 @@ def report_stats():
         yield
     print(f"\nrandom workloads: {STATS['workloads']} workloads, {STATS['requests']} requests "
           f"({STATS['aborted']} aborted), {STATS['steps']} steps, {STATS['checks']} invariant checks, "
-          f"{STATS['retractions']} retractions")
+          f"{STATS['retractions']} retractions, {STATS['chains verified']} chains and {STATS['trees verified']} "
+          "draft trees verified")
 
 
 def run_workload(core, workload: Workload) -> tuple[dict[int, keel.RequestOutput], set[int]]:
@@ -80,6 +81,7 @@ def run_workload(core, workload: Workload) -> tuple[dict[int, keel.RequestOutput
             result.token_ids += out.token_ids
             result.logprobs += out.logprobs or []
             result.finish_reason = out.finish_reason
+            STATS["verified"] += bool(out.num_draft_tokens)
         step += 1
         STATS["steps"] += 1
     return outputs, aborted
@@ -102,8 +104,12 @@ def test_random_workload_speculative(seed, tiny_model, solo_engine, eagle3_head,
     drafter = [dict(speculative_algorithm="NGRAM"),
                dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target)),
                dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(tiny_model("llama2")[0])),
-               dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3_head))]
-    workload.options.update(drafter[seed % 4])
+               dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3_head)),
+               dict(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target),
+                    speculative_num_steps=3, speculative_eagle_topk=4, speculative_num_draft_tokens=8),
+               dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3_head),
+                    speculative_num_steps=4, speculative_eagle_topk=2, speculative_num_draft_tokens=6)]
+    workload.options.update(drafter[seed % len(drafter)])
     check_workload(workload, seed, tiny_model, solo_engine, monkeypatch)
 
 
@@ -115,6 +121,7 @@ def check_workload(workload: Workload, seed: int, tiny_model, solo_engine, monke
     original = engine.core.scheduler._retract
     engine.core.scheduler._retract = lambda req: (retractions.update([1]), original(req))[1]
     replay = f"replay: KEEL_WORKLOAD_SEED={seed} pytest {__file__}\n{workload.describe()}"
+    verified_before = STATS["verified"]
     try:
         outputs, aborted = run_workload(engine.core, workload)
     except Exception as e:
@@ -129,3 +136,6 @@ def check_workload(workload: Workload, seed: int, tiny_model, solo_engine, monke
     assert engine.core.kv_cache.pages.num_free == engine.core.kv_cache.pages.capacity, replay
     STATS.update(workloads=1, requests=len(workload.requests), aborted=len(aborted),
                  retractions=sum(retractions.values()))
+    if workload.options.get("speculative_algorithm"):
+        kind = "trees" if workload.options.get("speculative_eagle_topk", 1) > 1 else "chains"
+        STATS[f"{kind} verified"] += STATS["verified"] - verified_before

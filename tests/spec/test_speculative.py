@@ -6,7 +6,6 @@ are checked after each test: drained, invariants intact, every page free."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,23 +61,37 @@ def assert_greedy_equal(outputs: list[keel.RequestOutput], expected: list[keel.R
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4, f"request {i}"
 
 
+TREE = dict(speculative_num_steps=3, speculative_eagle_topk=4, speculative_num_draft_tokens=8)
+MODEL_DRAFTERS = ["self", "noisy", "unrelated", "eagle3", "eagle"]
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("drafter", ["ngram", "self", "noisy", "unrelated", "eagle3", "eagle"])
-def test_greedy_output_equals_non_speculative(drafter, page_size, drafters, reference, tiny_model, make_engine):
+@pytest.mark.parametrize("drafter, topk",
+                         [(d, 1) for d in ["ngram"] + MODEL_DRAFTERS] + [(d, 4) for d in MODEL_DRAFTERS])
+def test_greedy_output_equals_non_speculative(drafter, topk, page_size, drafters, reference, tiny_model,
+                                              make_engine):
     target, _ = tiny_model("llama3")
-    engine = make_engine(target, page_size=page_size, **drafters[drafter])
+    engine = make_engine(target, page_size=page_size, **drafters[drafter], **(TREE if topk > 1 else {}))
     outputs = engine.generate(PROMPTS, GREEDY)
     assert_greedy_equal(outputs, reference)
     drafted = sum(o.spec_draft_tokens for o in outputs)
     accepted = sum(o.spec_accepted_tokens for o in outputs)
     assert drafted > 0
-    if drafter == "self":
+    if drafter == "self" and topk == 1:
         assert accepted == drafted  # the drafter is the target: every draft is the target's own choice
+    if drafter == "self" and topk > 1:  # the target's own choice is the best-scored candidate: always verified
+        assert accepted >= sum(o.spec_verify_ct for o in outputs)
     if drafter in ("noisy", "ngram", "eagle"):  # (the EAGLE head here drafts the last token again)
         assert 0 < accepted < drafted
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "noisy", "eagle3"])
+def options(drafter: str, drafters: dict[str, dict]) -> dict:
+    """A drafter by name; "tree:NAME" is NAME drafting trees (topk 4, 8 tokens verified)."""
+    tree, _, name = drafter.rpartition(":")
+    return {**drafters[name], **(TREE if tree else {})}
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "noisy", "eagle3", "tree:noisy", "tree:eagle3"])
 def test_chunked_prefill_prefix_hits_and_retraction(drafter, drafters, reference, tiny_model, make_engine,
                                                     monkeypatch):
     """Chunks of 8 tokens, every prompt twice (the second time mostly from the prefix cache, with the draft
@@ -86,22 +99,24 @@ def test_chunked_prefill_prefix_hits_and_retraction(drafter, drafters, reference
     monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", "3")
     target, _ = tiny_model("llama3")
     engine = make_engine(target, page_size=4, chunked_prefill_size=8, max_prefill_tokens=8, kv_cache_tokens=400,
-                         **drafters[drafter])
+                         **options(drafter, drafters))
     assert_greedy_equal(engine.generate(PROMPTS, GREEDY), reference)
     again = engine.generate(PROMPTS, GREEDY)
     assert_greedy_equal(again, reference)
     assert sum(o.num_cached_tokens for o in again) > 0
 
 
-def test_mixed_chunk_batches(drafters, reference, tiny_model, make_engine):
+@pytest.mark.parametrize("drafter", ["noisy", "tree:noisy", "tree:eagle"])
+def test_mixed_chunk_batches(drafter, drafters, reference, tiny_model, make_engine):
     target, _ = tiny_model("llama3")
-    engine = make_engine(target, chunked_prefill_size=16, enable_mixed_chunk=True, **drafters["noisy"])
+    engine = make_engine(target, chunked_prefill_size=16, enable_mixed_chunk=True, **options(drafter, drafters))
     assert_greedy_equal(engine.generate(PROMPTS, GREEDY), reference)
 
 
-def test_abort_between_verify_steps_releases_everything(drafters, tiny_model, make_engine):
+@pytest.mark.parametrize("drafter", ["self", "tree:self"])
+def test_abort_between_verify_steps_releases_everything(drafter, drafters, tiny_model, make_engine):
     target, _ = tiny_model("llama3")
-    engine = make_engine(target, page_size=4, **drafters["self"])
+    engine = make_engine(target, page_size=4, **options(drafter, drafters))
     core = engine.core
     rids = [core.add_request(p, GREEDY) for p in PROMPTS]
     for _ in range(3):
@@ -112,11 +127,12 @@ def test_abort_between_verify_steps_releases_everything(drafters, tiny_model, ma
         core.step()  # the rest finish; make_engine checks that every page comes back
 
 
-def test_requests_near_their_limits_get_fewer_drafts(drafters, reference, tiny_model, make_engine):
+@pytest.mark.parametrize("drafter", ["self", "tree:self"])
+def test_requests_near_their_limits_get_fewer_drafts(drafter, drafters, reference, tiny_model, make_engine):
     """max_new_tokens 1 and 2, a stop token among the accepted drafts, and penalties (no drafts), batched with
     drafted requests: each stops exactly where it would without speculation, with the tokens it would get."""
     target, _ = tiny_model("llama3")
-    engine = make_engine(target, **drafters["self"])
+    engine = make_engine(target, **options(drafter, drafters))
     stop = reference[4].token_ids[5]
     cases = [keel.SamplingParams(temperature=0.0, max_new_tokens=1),
              keel.SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True),
@@ -137,6 +153,14 @@ def test_options_are_checked():
         keel.EngineConfig(speculative_algorithm="NGRAM", speculative_eagle_topk=4)
     with pytest.raises(ValueError, match="speculative_num_draft_tokens"):
         keel.EngineConfig(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=8)
+    tree = dict(speculative_algorithm="EAGLE", speculative_draft_model_path="head", speculative_eagle_topk=4)
+    assert keel.EngineConfig(**tree, speculative_num_steps=3).speculative_num_draft_tokens == 13
+    assert keel.EngineConfig(**tree, speculative_num_steps=3).draft_reserve == 12
+    assert keel.EngineConfig(**tree, speculative_num_steps=5, speculative_num_draft_tokens=8).draft_reserve == 16
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens"):  # more than the candidates and root
+        keel.EngineConfig(**tree, speculative_num_steps=1, speculative_num_draft_tokens=6)
+    with pytest.raises(ValueError, match="at most 64"):
+        keel.EngineConfig(**tree, speculative_num_steps=30)
 
 
 def test_a_drafter_of_another_vocabulary_is_refused(tiny_model, tmp_path):
@@ -188,13 +212,13 @@ def sampled_reference(tiny_model) -> list[tuple[int, ...]]:
     return first_tokens(engine, PROMPTS[3])
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "noisy", "eagle3"])
+@pytest.mark.parametrize("drafter", ["ngram", "noisy", "eagle3", "tree:noisy", "tree:eagle3"])
 def test_sampling_keeps_the_target_distribution(drafter, drafters, sampled_reference, tiny_model, make_engine):
     """The first 3 tokens of 2,000 seeded requests, with and without speculation: the token at each position
     passes a chi-square test of equal distributions at p > 0.001 (the triples themselves are too many distinct
     values for 2,000 samples to test)."""
     target, _ = tiny_model("llama3")
-    engine = make_engine(target, max_running_requests=512, **drafters[drafter])
+    engine = make_engine(target, max_running_requests=512, **options(drafter, drafters))
     ours = first_tokens(engine, PROMPTS[3])
     for position in range(3):
         p = chi_square_p([t[position] for t in ours], [t[position] for t in sampled_reference])
@@ -215,6 +239,24 @@ def test_the_distribution_test_catches_a_verifier_that_trusts_the_drafter(drafte
     monkeypatch.setattr(verify_module, "_speculative_sample", trusting)
     target, _ = tiny_model("llama3")
     engine = make_engine(target, max_running_requests=512, **drafters["unrelated"])
+    ours = first_tokens(engine, PROMPTS[3])
+    assert min(chi_square_p([t[i] for t in ours], [t[i] for t in sampled_reference]) for i in range(3)) < 1e-3
+
+
+def test_the_distribution_test_catches_a_tree_verifier_that_trusts_the_drafter(drafters, sampled_reference,
+                                                                              tiny_model, make_engine, monkeypatch):
+    """The same for trees: accept the drafter's deepest candidate path (as if it were the target's choice)."""
+    import keel.spec.verify as verify_module
+
+    def trusting(logits, rows, starts, valid, node_rows, node_tokens, tree):
+        node = verify_module._deepest_within(tree, valid, torch.full_like(starts, tree.max_depth))
+        p = verify_module.filtered_probs(logits, rows)
+        depth = tree.depths.gather(1, node[:, None])[:, 0]
+        return node, verify_module.sample_from(p[starts + node], rows.seeds[starts], rows.steps[starts] + depth)
+
+    monkeypatch.setattr(verify_module, "_tree_sample", trusting)
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, max_running_requests=512, **options("tree:unrelated", drafters))
     ours = first_tokens(engine, PROMPTS[3])
     assert min(chi_square_p([t[i] for t in ours], [t[i] for t in sampled_reference]) for i in range(3)) < 1e-3
 
@@ -241,10 +283,11 @@ def test_seed_004_missing_draft_distribution_is_an_error_naming_it(drafters, tin
     engine.core.abort_many(list(engine.core._live))
 
 
-def test_simulated_acceptance_accepts_the_asked_mean(drafters, tiny_model, make_engine, monkeypatch):
+@pytest.mark.parametrize("drafter", ["unrelated", "tree:unrelated"])
+def test_simulated_acceptance_accepts_the_asked_mean(drafter, drafters, tiny_model, make_engine, monkeypatch):
     """KEEL_SIMULATE_ACCEPT_LEN (benchmarks): a drafter that is never right still gets the asked mean."""
     monkeypatch.setenv("KEEL_SIMULATE_ACCEPT_LEN", "2.5")
     target, _ = tiny_model("llama3")
-    outputs = make_engine(target, **drafters["unrelated"]).generate(PROMPTS, GREEDY)
+    outputs = make_engine(target, **options(drafter, drafters)).generate(PROMPTS, GREEDY)
     steps = sum(o.spec_verify_ct for o in outputs)
     assert 2.2 < 1 + sum(o.spec_accepted_tokens for o in outputs) / steps < 2.8
