@@ -67,6 +67,10 @@ class EngineConfig:
         None, "tokens the target verifies per request and step: the last token and its drafts; for a chain "
         "speculative_num_steps + 1 (the default), for a tree the best of its candidates (default: "
         "speculative_num_steps * speculative_eagle_topk + 1, at most 64)")
+    disable_speculative_backoff: bool = option(
+        False, "draft for every request on every step. By default a request whose drafts keep failing (a running "
+        "mean of accepted drafts per step below 0.5) drafts only every 2nd, 4th, ... 64th step until they pay "
+        "again, and steps without drafts run with overlap scheduling")
     speculative_ngram_min_match_window_size: int = option(1, "NGRAM: shortest suffix looked up")
     speculative_ngram_max_match_window_size: int = option(12, "NGRAM: longest suffix looked up (longer matches "
                                                               "are tried first)")
@@ -147,9 +151,9 @@ class EngineConfig:
 
     @property
     def overlap(self) -> bool:
-        """Overlap scheduling: on unless disabled, and off with speculative decoding, whose next step depends on
-        how many draft tokens the last one accepted."""
-        return not self.disable_overlap and self.speculative_algorithm is None
+        """Overlap scheduling: on unless disabled. A step that verifies drafts is read before the next is
+        scheduled (the next depends on how many were accepted), and so is any step before one that drafts."""
+        return not self.disable_overlap
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "EngineConfig":

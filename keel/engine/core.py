@@ -4,7 +4,9 @@ Overlap scheduling (on unless disable_overlap): step() launches batch N+1 before
 N's results, so the host's scheduling and bookkeeping run while the device computes. Tokens of N
 that N+1 needs come from the device (Req.pending); pages and rows freed meanwhile are fenced by
 the event of the latest launched forward (OwnedIdAllocator). Penalties count output tokens on
-the host, so a step with penalised requests is read before the next is scheduled.
+the host, so a step with penalised requests is read before the next is scheduled; so is a step that
+verified drafts (the next depends on how many were accepted), and any step before one that drafts (the
+drafter reads the tokens on the host).
 
 It takes token ids in and gives token ids out; text (tokenization, detokenization, stop
 strings) belongs to the front end (the offline Engine, or the API server process).
@@ -177,7 +179,8 @@ class EngineCore:
         (and requests that failed). With overlap, a step's results are read after the next step is launched,
         so the device never waits for the host between them."""
         outputs: list[CoreOutput] = []
-        if self._launched is not None and (not self.overlap or self._launched.needs_host_tokens):
+        if self._launched is not None and (not self.overlap or self._launched.needs_host_tokens
+                                           or self.scheduler.wants_drafts()):
             outputs += self._read_launched()
         batch = self.scheduler.schedule()
         outputs = self._take_failed() + outputs

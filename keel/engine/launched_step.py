@@ -69,8 +69,9 @@ class LaunchedStep:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """The next step cannot be built before these tokens are known: penalties count them on the host."""
-        return any(p.req.params.has_penalties for p in self.batch.sampled)
+        """The next step cannot be built before these tokens are known: penalties count them on the host, and
+        after a verify the next step's lengths depend on how many drafts were accepted."""
+        return any(p.req.params.has_penalties or p.num_draft for p in self.batch.sampled)
 
     def read(self) -> StepResults:
         """Wait for the results and append prompt log-probs to their requests; returns the sampled tokens."""

@@ -32,6 +32,10 @@ class Req:
     # Tokens sampled by a forward whose results the host has not read yet (overlap scheduling): they count
     # in seq_len, so the next step can be built around them, but their ids exist only on the device.
     pending: int = 0
+    # Speculative decoding: a running mean of the drafts accepted per verify step, and how often the request
+    # drafts (on every draft_every-th decode step; more rarely while its drafts keep failing)
+    draft_accept_mean: float = 1.0
+    draft_every: int = 1
 
     @property
     def seq_len(self) -> int:

@@ -41,6 +41,11 @@ NEW_TOKEN_RATIO_DECAY = 0.001  # per decode step
 # After a retraction, running requests are assumed to decode this many more steps each (SGLang's estimate).
 RETRACT_LOOKAHEAD_STEPS = 20
 RETRACT_EVERY_ENV = "KEEL_DEBUG_RETRACT_EVERY"  # fault injection: force a retraction every N decode steps
+# Speculative backoff: below this mean of accepted drafts per verify, drafting costs more than it saves (a verify
+# of 4 tokens takes ~1.2x a decode step at batch 1, more at larger batches), so the request drafts half as often
+# (every 2nd, 4th, ... step, at most every MAX_DRAFT_INTERVAL-th) until its drafts pay again.
+MIN_ACCEPTED_DRAFTS = 0.5
+MAX_DRAFT_INTERVAL = 64
 
 
 @dataclass(frozen=True)
@@ -152,11 +157,24 @@ class Scheduler:
         return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, split[i][:1 + d], True, d)
                 for i, (r, d) in enumerate(zip(ready, drafts))]
 
+    def wants_drafts(self) -> bool:
+        """Whether the next decode step would draft for some request: its drafter reads the request's tokens on
+        the host, so the step in flight must be read first."""
+        step = self._decode_steps + 1
+        return self.config.speculative_algorithm is not None and any(
+            self._drafts_in(r, step) and r.num_generated + 1 < r.params.max_new_tokens for r in self.running)
+
+    def _drafts_in(self, req: Req, step: int) -> bool:
+        """Whether `req` may draft in decode step `step`: not with penalties (they count each output token on the
+        host before the next is drawn), and not on the steps its backoff skips."""
+        return self.config.num_draft_tokens > 0 and not req.params.has_penalties and step % req.draft_every == 0
+
     def _draft_budget(self, req: Req) -> int:
-        """Draft tokens `req` gets this step: the configured number, but none past its max_new_tokens or the
-        context, and none with penalties (they count each output token on the host before the next is drawn).
-        A tree is drafted whole or not at all, and needs room for its drafter's reserve too."""
-        if req.params.has_penalties:
+        """Draft tokens `req` gets in the decode step being scheduled: the configured number when it may draft
+        (`_drafts_in`), but none past its max_new_tokens or the context, and none while it has a pending token
+        (overlap: the drafter reads its tokens on the host). A tree is drafted whole or not at all, and needs room
+        for its drafter's reserve too."""
+        if req.pending or not self._drafts_in(req, self._decode_steps):
             return 0
         keepable = req.params.max_new_tokens - req.num_generated - 1  # drafts that could still be kept
         room = self.kv.context_length - req.seq_len  # KV slots past the last token
@@ -325,11 +343,20 @@ class Scheduler:
         if verified:  # keep the KV of every kept token but the newest; the rejected drafts' pages go back
             self.kv.truncate([r.rid for r in verified], [r.seq_len - 1 for r in verified])
         for index, part, count, reason in kept:
+            if part.num_draft:
+                self._update_draft_rate(part.req, len(token_ids[index]) - 1)
             if reason is not None:
                 self._finish(part.req, reason)
             appended.append(TokenAppended(index, part.req, token_ids[index][:count], reason, part.num_draft,
                                           len(token_ids[index]) - 1))
         return appended
+
+    def _update_draft_rate(self, req: Req, accepted: int) -> None:
+        if self.config.disable_speculative_backoff:
+            return
+        req.draft_accept_mean = 0.5 * req.draft_accept_mean + 0.5 * accepted
+        failing = req.draft_accept_mean < MIN_ACCEPTED_DRAFTS
+        req.draft_every = min(MAX_DRAFT_INTERVAL, 2 * req.draft_every) if failing else 1
 
     def abort_many(self, rids: set[int], reason: FinishReason = "abort") -> list[Req]:
         """Finish these requests wherever they are, in one pass over the queues; returns those found unfinished."""

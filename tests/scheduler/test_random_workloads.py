@@ -8,7 +8,8 @@ and forced retraction. The engine checks every KV invariant after every step
 
 The same workloads run again with speculative decoding (an n-gram drafter, the target as its own draft
 model, an unrelated one, or a random EAGLE-3 head, drafting chains of 3 tokens; or the target or the EAGLE-3
-head drafting trees): outputs must still equal each request's solo run.
+head drafting trees; backoff on or off, overlap as the workload draws it): outputs must still equal each
+request's solo run.
 
 Replay one seed: KEEL_WORKLOAD_SEED=17 pytest tests/scheduler/test_random_workloads.py
 More seeds:      KEEL_WORKLOADS=2000 KEEL_SPEC_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
@@ -109,7 +110,7 @@ def test_random_workload_speculative(seed, tiny_model, solo_engine, eagle3_head,
                     speculative_num_steps=3, speculative_eagle_topk=4, speculative_num_draft_tokens=8),
                dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3_head),
                     speculative_num_steps=4, speculative_eagle_topk=2, speculative_num_draft_tokens=6)]
-    workload.options.update(drafter[seed % len(drafter)])
+    workload.options.update(drafter[seed % len(drafter)], disable_speculative_backoff=bool(seed // len(drafter) % 2))
     check_workload(workload, seed, tiny_model, solo_engine, monkeypatch)
 
 

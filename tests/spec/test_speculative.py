@@ -291,3 +291,27 @@ def test_simulated_acceptance_accepts_the_asked_mean(drafter, drafters, tiny_mod
     outputs = make_engine(target, **options(drafter, drafters)).generate(PROMPTS, GREEDY)
     steps = sum(o.spec_verify_ct for o in outputs)
     assert 2.2 < 1 + sum(o.spec_accepted_tokens for o in outputs) / steps < 2.8
+
+
+# ---- backoff: drafts that keep failing are made rarely, and the steps between run with overlap
+
+def test_failing_drafts_back_off_and_good_ones_do_not(drafters, tiny_model, make_engine, monkeypatch):
+    """Every draft rejected (simulated accept length 1): with backoff, each request soon drafts only every 64th
+    step, and the steps between are plain decodes; without it, every decode step verifies drafts. Outputs are
+    the target's either way (a rejected draft leaves the target's own token). The target drafting for itself
+    never backs off."""
+    target, _ = tiny_model("llama3")
+    params = dataclasses.replace(GREEDY, max_new_tokens=96)
+    reference = keel.Engine(str(target), dtype="float32", device="cpu").generate(PROMPTS[:3], params)
+    monkeypatch.setenv("KEEL_SIMULATE_ACCEPT_LEN", "1")
+    verify_steps = {}
+    for backoff in (True, False):
+        engine = make_engine(target, disable_speculative_backoff=not backoff, **drafters["noisy"])
+        outputs = engine.generate(PROMPTS[:3], params)
+        assert_greedy_equal(outputs, reference)
+        verify_steps[backoff] = sum(o.spec_verify_ct for o in outputs)
+    assert verify_steps[False] == 3 * 94  # every decode step of every request but its last (nothing to keep)
+    assert verify_steps[True] <= 3 * 8  # each: 2 steps to fall below 0.5, then every 2nd, 4th, ... 64th
+    monkeypatch.delenv("KEEL_SIMULATE_ACCEPT_LEN")
+    outputs = make_engine(target, **drafters["self"]).generate(PROMPTS[:3], params)
+    assert [o.spec_verify_ct for o in outputs] == [24] * 3  # 95 tokens after the first: 23 x 4, then 3
