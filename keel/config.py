@@ -137,6 +137,11 @@ class EngineConfig:
         return self.speculative_algorithm is not None and self.speculative_eagle_topk > 1
 
     @property
+    def drafter_reads_host_tokens(self) -> bool:
+        """NGRAM drafts from the tokens on the host, so a request it drafts for must have none pending."""
+        return self.speculative_algorithm == "NGRAM"
+
+    @property
     def rows_per_request(self) -> int:
         """Most single-token rows a request fills in one forward: its verified tokens, or a tree's frontier."""
         return max(1 + self.num_draft_tokens, self.speculative_eagle_topk)

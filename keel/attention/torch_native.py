@@ -41,16 +41,18 @@ class TorchNativeBackend:
         self.windows = tuple(set(windows))
 
     def build_metadata(self, batch: ForwardBatch) -> TorchNativeMetadata:
-        max_len = max(batch.seq_lens_cpu, default=0)
+        # lengths known only on the device are read back: this backend loops over requests on the host anyway
+        seq_lens = batch.seq_lens_cpu if batch.seq_lens_cpu is not None else tuple(batch.seq_lens.tolist())
+        max_len = max(seq_lens, default=0)
         kv_slots = self.req_table.slots[batch.req_rows, :max_len].to(torch.int64)
         starts = tuple(itertools.accumulate(batch.extend_lens_cpu, initial=0))[:-1]
         if batch.tree is not None:
-            tree = _tree_masks(batch)
+            tree = _tree_masks(batch, seq_lens)
             masks = {w: tree for w in self.windows}
         else:
-            masks = {w: [_mask(e, s, w, batch.device) for e, s in zip(batch.extend_lens_cpu, batch.seq_lens_cpu)]
+            masks = {w: [_mask(e, s, w, batch.device) for e, s in zip(batch.extend_lens_cpu, seq_lens)]
                      for w in self.windows}
-        return TorchNativeMetadata(batch.out_cache_loc, kv_slots, batch.seq_lens_cpu, starts,
+        return TorchNativeMetadata(batch.out_cache_loc, kv_slots, seq_lens, starts,
                                    batch.extend_lens_cpu, masks)
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,13 +77,13 @@ class TorchNativeBackend:
         return out
 
 
-def _tree_masks(batch: ForwardBatch) -> list[Optional[torch.Tensor]]:
+def _tree_masks(batch: ForwardBatch, seq_lens: HostInts) -> list[Optional[torch.Tensor]]:
     """Per request, which keys each new token sees when some tokens belong to draft trees (see TreeMask): keys up
     to its own table position, those inside its tree only if they are its ancestors or itself."""
     assert batch.tree is not None
     masks: list[Optional[torch.Tensor]] = []
     start = 0
-    for extend, seq in zip(batch.extend_lens_cpu, batch.seq_lens_cpu):
+    for extend, seq in zip(batch.extend_lens_cpu, seq_lens):
         tokens = slice(start, start + extend)
         start += extend
         query_pos = torch.arange(seq - extend, seq, device=batch.device)[:, None]

@@ -111,7 +111,7 @@ def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -
         token_ids = runner.sample(runner.forward(forward_batch), sampling).token_ids.tolist()
         if prefilled:
             times.append(time.perf_counter() - start)
-            kv_tokens.append(sum(forward_batch.seq_lens_cpu))
+            kv_tokens.append(sum(p.seq_len for p in batch.parts))
         prefilled = True
         core.scheduler.launched(batch)
         core.scheduler.process(batch, [[t] for t in token_ids])

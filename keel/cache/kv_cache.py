@@ -152,6 +152,14 @@ class KVCacheManager:
         del self.held[owner]
         self._kv_lens[row] = 0
 
+    def slots(self, owner: int, start: int, end: int) -> torch.Tensor:
+        """Host int64 slots of positions [start, end) of `owner`'s KV, which must be held."""
+        row = self._held(owner).row
+        if not 0 <= start <= end <= int(self._kv_lens[row]):
+            raise ValueError(f"positions [{start}, {end}) of owner {owner}, which holds {int(self._kv_lens[row])}")
+        positions = torch.arange(start, end)
+        return self._page_table[row, positions // self.page_size] * self.page_size + positions % self.page_size
+
     def row_pages(self, owner: int) -> torch.Tensor:
         """The pages of `owner`'s row covering its KV (cached prefix first, then its own)."""
         row = self._held(owner).row

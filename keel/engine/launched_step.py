@@ -8,6 +8,7 @@ the sampled ids it needs from `pending` on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +20,7 @@ from keel.engine.outputs import TokenLogprob
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch
 from keel.scheduler.batch import (DraftTokens, DraftTree, PendingTokens, build_forward_batch,
-                                  build_sampling_batch, prompt_logprob_rows)
+                                  build_sampling_batch, draft_roots, prompt_logprob_rows)
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
 from keel.runner.forward_batch import ForwardBatch
@@ -69,9 +70,8 @@ class LaunchedStep:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """The next step cannot be built before these tokens are known: penalties count them on the host, and
-        after a verify the next step's lengths depend on how many drafts were accepted."""
-        return any(p.req.params.has_penalties or p.num_draft for p in self.batch.sampled)
+        """The next step cannot be built before these tokens are known: penalties count them on the host."""
+        return any(p.req.params.has_penalties for p in self.batch.sampled)
 
     def read(self) -> StepResults:
         """Wait for the results and append prompt log-probs to their requests; returns the sampled tokens."""
@@ -98,8 +98,11 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     """Queue `batch`'s forward, sampling and prompt scoring; `previous` holds the ids of the step before it
     when the host has not read them yet. With a drafter, parts with num_draft > 0 get their draft tokens from it
     and are verified; the drafter also sees the target's forward (a draft model writes its KV for it)."""
-    drafts = drafter.propose(batch) if drafter is not None else None
-    forward_batch = build_forward_batch(batch, runner.device, previous, drafts)
+    drafts = None
+    if drafter is not None and any(p.num_draft for p in batch.sampled):
+        drafts = drafter.propose(batch, draft_roots(batch, runner.device, previous))
+    table = runner.req_table.slots if runner.req_table is not None else None
+    forward_batch = build_forward_batch(batch, runner.device, previous, drafts, table)
     output = runner.forward_full(forward_batch)
     logits = output.logits
     sampled_parts = batch.sampled
@@ -110,6 +113,8 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
         reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
         offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
         sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
+        if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
+            sampling = dataclasses.replace(sampling, steps=sampling.steps - _row_shifts(sampled_parts, previous))
         if drafts is None:
             sampled = runner.sample(logits[:num_rows], sampling)
             pending = PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)})
@@ -122,6 +127,7 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
             if verified.path is not None:
                 _move_accepted_kv(runner, batch, forward_batch, verified.path)
             row_tokens, counts_device = verified.row_tokens, verified.counts
+            pending = _pending_after_verify(sampled_parts, verified, runner.device)
             token_ids, counts = to_host(verified.row_tokens), to_host(verified.counts)
             if sampling.wants_logprobs:
                 rows = logits[:num_rows] if verified.source_rows is None else logits[verified.source_rows]
@@ -137,6 +143,23 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
         done = torch.cuda.Event()
         done.record()
     return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done)
+
+
+def _row_shifts(parts: list[BatchPart], previous: PendingTokens) -> torch.Tensor:
+    """Per sampling row of `parts`, how many tokens the verify in flight emitted less than its request counts."""
+    assert previous.shifts is not None
+    rows = [previous.rows.get(p.req.rid, -1) for p in parts for _ in range(1 + p.num_draft)]  # (-1: none)
+    rows_t = to_device(rows, torch.int64, previous.shifts.device)  # (a device repeat count would make the host wait)
+    return torch.where(rows_t >= 0, previous.shifts[rows_t.clamp(min=0)], 0)
+
+
+def _pending_after_verify(parts: list[BatchPart], verified: Verified, device: torch.device) -> PendingTokens:
+    """A verify step's results as the next step reads them before the host does: each part's last token, and how
+    many fewer tokens than counted (1 + its drafts) it emitted."""
+    starts, launched = columns_to_device([(_row_starts(parts), torch.int64),
+                                          ([1 + p.num_draft for p in parts], torch.int64)], device)
+    last = verified.row_tokens[starts + verified.counts - 1]
+    return PendingTokens(last, {p.req.rid: i for i, p in enumerate(parts)}, launched - verified.counts)
 
 
 def _row_starts(sampled: list[BatchPart]) -> list[int]:
@@ -209,33 +232,34 @@ def _committed_view(batch: ScheduledBatch, forward_batch: ForwardBatch,
     in slots freed with the rejected drafts). Returns it and, per token, its token index in the forward."""
     lengths = _view_lengths(batch, path)
     base: list[int] = []  # each view token's positional token index in the forward (a path: its root's and after)
-    positions: list[int] = []
     tree_rows: list[int] = []  # view rows of drafted paths
     token_start = 0
     for part, length in zip(batch.parts, lengths):
         if part.num_draft:
             tree_rows += range(len(base), len(base) + length)
         base += range(token_start, token_start + length)  # a drafted part's root is its first token
-        positions += range(part.seq_len - part.extend_len, part.seq_len - part.extend_len + length)
         token_start += part.extend_len
     device = forward_batch.device
     drafted = [i for i, p in enumerate(batch.sampled) if p.num_draft]
     roots = [r for r, p in zip(_root_tokens(batch), batch.sampled) if p.num_draft]
-    base_t, positions_t, tree_rows_t, drafted_t, roots_t = columns_to_device(
-        [(base, torch.int64), (positions, torch.int64), (tree_rows, torch.int64), (drafted, torch.int64),
-         (roots, torch.int64)], device)
+    cuts = [p.extend_len - n for p, n in zip(batch.parts, lengths)]  # rejected nodes past each part's path
+    base_t, tree_rows_t, drafted_t, roots_t, cut_t = columns_to_device(
+        [(base, torch.int64), (tree_rows, torch.int64), (drafted, torch.int64), (roots, torch.int64),
+         (cuts, torch.int64)], device)
     index = base_t.clone()
     index[tree_rows_t] = (roots_t[:, None] + path[drafted_t]).reshape(-1)
-    if forward_batch.mode.is_decode:
-        seq_lens = tuple(forward_batch.seq_lens_cpu[i] for i in base)
-        extend_lens, req_rows = (1,) * len(base), forward_batch.req_rows[base_t]
-        seq_lens_t = forward_batch.seq_lens[base_t]
+    positions = forward_batch.positions[base_t]  # a path's: its root's and the next ones (not its nodes' depths)
+    positions[tree_rows_t] = (forward_batch.positions[roots_t][:, None] + torch.arange(path.shape[1], device=device)
+                              ).reshape(-1)
+    if forward_batch.mode.is_decode:  # a row per token, each seeing the keys up to itself
+        seq_lens = None if forward_batch.seq_lens_cpu is None else tuple(forward_batch.seq_lens_cpu[i] for i in base)
+        extend_lens, req_rows, seq_lens_t = (1,) * len(base), forward_batch.req_rows[base_t], positions + 1
     else:
-        seq_lens = tuple(p.seq_len - p.extend_len + n for p, n in zip(batch.parts, lengths))
-        extend_lens, req_rows = tuple(lengths), forward_batch.req_rows
-        seq_lens_t = to_device(list(seq_lens), torch.int64, device)
+        seq_lens = None if forward_batch.seq_lens_cpu is None else tuple(
+            s - c for s, c in zip(forward_batch.seq_lens_cpu, cuts))
+        extend_lens, req_rows, seq_lens_t = tuple(lengths), forward_batch.req_rows, forward_batch.seq_lens - cut_t
     view = ForwardBatch(forward_batch.mode, device, seq_lens, extend_lens, forward_batch.input_ids[index],
-                        positions_t, req_rows, seq_lens_t, forward_batch.out_cache_loc[base_t],
+                        positions, req_rows, seq_lens_t, forward_batch.out_cache_loc[base_t],
                         forward_batch.logits_indices[:0])
     return view, index
 

@@ -54,7 +54,9 @@ class ForwardBatch:
     mode: ForwardMode
     device: torch.device
     # host, one entry per request (per row, in decode layouts)
-    seq_lens_cpu: HostInts  # KV length of each request after this forward (of each row: up to its token)
+    # KV length of each request after this forward (of each row: up to its token); None when only the device
+    # knows them (after a verify step in flight, see PendingTokens.shifts)
+    seq_lens_cpu: Optional[HostInts]
     extend_lens_cpu: HostInts  # tokens each request adds in this forward (1 when decoding)
     # device
     input_ids: DeviceTensor  # [num_tokens] int64, the requests' new tokens back to back
@@ -73,8 +75,9 @@ class ForwardBatch:
             tensor = getattr(self, name)
             if not _placed_on(tensor, self.device):
                 raise ValueError(f"ForwardBatch.{name} is on {tensor.device}, expected {self.device}")
-        bs = len(self.seq_lens_cpu)
-        if len(self.extend_lens_cpu) != bs or self.req_rows.numel() != bs or self.seq_lens.numel() != bs:
+        bs = len(self.extend_lens_cpu)
+        if ((self.seq_lens_cpu is not None and len(self.seq_lens_cpu) != bs) or self.req_rows.numel() != bs
+                or self.seq_lens.numel() != bs):
             raise ValueError("ForwardBatch per-request fields disagree on the batch size")
         num_tokens = sum(self.extend_lens_cpu)
         features = self.input_features
@@ -93,15 +96,11 @@ class ForwardBatch:
 
     @property
     def batch_size(self) -> int:
-        return len(self.seq_lens_cpu)
+        return len(self.extend_lens_cpu)
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
-
-    @property
-    def prefix_lens_cpu(self) -> HostInts:
-        return tuple(s - e for s, e in zip(self.seq_lens_cpu, self.extend_lens_cpu))
 
     @classmethod
     def idle(cls, device: torch.device) -> "ForwardBatch":

@@ -82,6 +82,7 @@ class ModelRunner:
                     sum(p.numel() * p.element_size() for p in parameters) / 2**30, self.attention_backend,
                     self.dtype, self.device, time.perf_counter() - start)
         self.kv_pool: Optional[KVPool] = None
+        self.req_table: Optional[ReqToTokenTable] = None
         self.attn_backend: Optional[AttentionBackend] = None
         self.cuda_graph: Optional[CudaGraphRunner] = None
 
@@ -94,6 +95,7 @@ class ModelRunner:
         """Give the model its KV pool (num_pages pages, slots addressed through `table`), then capture its
         CUDA graphs, which read both."""
         mc, config = self.model_config, self.config
+        self.req_table = table
         self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
                               self.dtype, self.device)
         self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers)

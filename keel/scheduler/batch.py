@@ -18,8 +18,46 @@ from keel.transfer import columns_to_device, to_device
 class PendingTokens:
     """The sampled ids of a launched step the host has not read yet: still on the device."""
 
-    token_ids: torch.Tensor  # [number of sampled parts] int64, on the device
+    token_ids: torch.Tensor  # [number of sampled parts] int64, on the device: each part's last token
     rows: dict[int, int]  # request id -> its row in token_ids
+    # A verify step: [sampled parts] int64, the tokens each part may have emitted (counted in Req.pending) minus
+    # those it did, by which the next step's positions shift back. None: one token each, as counted.
+    shifts: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class DraftRoots:
+    """Where the drafts of a step's drafted parts start (in the order of batch.sampled), on the device: the last
+    token, its position, and how far the host's count of generated tokens is ahead (see PendingTokens.shifts)."""
+
+    token_ids: torch.Tensor  # [drafted parts] int64
+    positions: torch.Tensor  # [drafted parts] int64
+    shifts: torch.Tensor  # [drafted parts] int64
+
+
+def draft_roots(batch: ScheduledBatch, device: torch.device, pending: Optional[PendingTokens]) -> DraftRoots:
+    parts = [p for p in batch.sampled if p.num_draft]
+    known, pending_rows, roots = [], [], []
+    for i, part in enumerate(parts):
+        root = part.seq_len - part.num_draft - 1
+        roots.append(root)
+        if part.req.known_len > root:
+            known.append((i, part.req.token_ids(root, root + 1)[0]))
+        else:
+            pending_rows.append((i, _pending_row(part, pending)))
+    known_t, known_ids, at_t, from_t, roots_t = columns_to_device(
+        [([i for i, _ in known], torch.int64), ([t for _, t in known], torch.int64),
+         ([i for i, _ in pending_rows], torch.int64), ([r for _, r in pending_rows], torch.int64),
+         (roots, torch.int64)], device)
+    tokens = torch.zeros(len(parts), dtype=torch.int64, device=device)
+    shifts = torch.zeros_like(tokens)
+    tokens[known_t] = known_ids
+    if pending_rows:
+        assert pending is not None  # _pending_row checked it
+        tokens[at_t] = pending.token_ids[from_t]
+        if pending.shifts is not None:
+            shifts[at_t] = pending.shifts[from_t]
+    return DraftRoots(tokens, roots_t - shifts, shifts)
 
 
 @dataclass(frozen=True)
@@ -48,11 +86,14 @@ class DraftTokens:
 
 
 def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Optional[PendingTokens] = None,
-                        drafts: Optional[DraftTokens] = None) -> ForwardBatch:
+                        drafts: Optional[DraftTokens] = None,
+                        slot_table: Optional[torch.Tensor] = None) -> ForwardBatch:
     """Logits rows: first those of each sampled part in order (its last token's; with drafts, also each draft
     token's), then one per prompt position owed a prompt log-prob (in the order of `prompt_logprob_rows`). A
     request whose last token is still pending (overlap scheduling) gets it from `pending` on the device, with
-    no host round trip; draft tokens come from `drafts`, also on the device."""
+    no host round trip; draft tokens come from `drafts`, also on the device. After a verify step in flight, a
+    request's positions, lengths and slots (read from `slot_table`, the request->token table) shift back on
+    the device by what the verify did not emit; the batch's host lengths are then unknown (None)."""
     input_ids: list[int] = []
     positions: list[int] = []
     sampled_rows: list[int] = []
@@ -63,16 +104,24 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
     draft_from: list[int] = []
     tree_roots: list[int] = []  # input position of each drafted part's root (its last token), trees only
     tree_parts: list[BatchPart] = []
-    for part in batch.parts:
+    shifted_rows: list[int] = []  # tokens (and parts) whose positions shift back by a verify's unused count
+    shifted_from: list[int] = []
+    shifted_parts: list[int] = []
+    for index, part in enumerate(batch.parts):
         start = part.seq_len - part.extend_len
         first_index = len(input_ids)
         last = part.seq_len - part.num_draft  # the request's length without its drafts
         known_end = min(last, part.req.known_len)
         input_ids += part.req.token_ids(start, known_end)
         if known_end < last:
+            row = _pending_row(part, pending)
             fill_rows.append(len(input_ids))
-            fill_from.append(_pending_row(part, known_end, pending))
+            fill_from.append(row)
             input_ids.append(0)
+            if pending is not None and pending.shifts is not None:
+                shifted_rows += range(first_index, first_index + part.extend_len)
+                shifted_from += [row] * part.extend_len
+                shifted_parts.append(index)
         if part.num_draft:
             row = _draft_row(part, drafts)
             if drafts is not None and drafts.tree is not None:
@@ -86,7 +135,8 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
             sampled_rows += range(len(input_ids) - 1 - part.num_draft, len(input_ids))
         prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
-    if batch.mode == ForwardMode.TARGET_VERIFY:  # decode layout: one row per token, seeing the KV up to itself
+    decode_layout = batch.mode == ForwardMode.TARGET_VERIFY  # one row per token, seeing the KV up to itself
+    if decode_layout:
         req_rows = [p.row for p in batch.parts for _ in range(p.extend_len)]
         seq_lens = [n for p in batch.parts for n in range(p.seq_len - p.extend_len + 1, p.seq_len + 1)]
         extend_lens = [1] * len(seq_lens)
@@ -94,14 +144,25 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
         req_rows, seq_lens = [p.row for p in batch.parts], [p.seq_len for p in batch.parts]
         extend_lens = [p.extend_len for p in batch.parts]
     slots = torch.cat([p.slots for p in batch.parts])
+    token_req_rows = [p.row for p in batch.parts for _ in range(p.extend_len)]
     (input_ids_t, positions_t, rows_t, seq_lens_t, slots_t, logits_t, fill_rows_t, fill_from_t, draft_rows_t,
-     draft_from_t) = columns_to_device(
+     draft_from_t, shifted_rows_t, shifted_from_t, shifted_parts_t, token_rows_t) = columns_to_device(
         [(values, torch.int64) for values in (input_ids, positions, req_rows, seq_lens, slots,
                                               sampled_rows + prompt_rows, fill_rows, fill_from, draft_rows,
-                                              draft_from)], device)
+                                              draft_from, shifted_rows, shifted_from, shifted_parts,
+                                              token_req_rows if shifted_rows else [])], device)
     if fill_rows:
         assert pending is not None  # _pending_row checked it
         input_ids_t[fill_rows_t] = pending.token_ids[fill_from_t]
+    if shifted_rows:
+        assert pending is not None and pending.shifts is not None and slot_table is not None
+        shift = pending.shifts[shifted_from_t]
+        positions_t[shifted_rows_t] -= shift
+        if decode_layout:
+            seq_lens_t[shifted_rows_t] -= shift
+        else:
+            seq_lens_t[shifted_parts_t] -= pending.shifts[fill_from_t]
+        slots_t[shifted_rows_t] = slot_table[token_rows_t[shifted_rows_t], positions_t[shifted_rows_t]].to(torch.int64)
     if draft_rows:
         assert drafts is not None  # _draft_row checked it
         input_ids_t[draft_rows_t] = drafts.token_ids.reshape(-1)[draft_from_t]
@@ -112,7 +173,7 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
     return ForwardBatch(
         mode=batch.mode,
         device=device,
-        seq_lens_cpu=tuple(seq_lens),
+        seq_lens_cpu=None if shifted_rows else tuple(seq_lens),
         extend_lens_cpu=tuple(extend_lens),
         input_ids=input_ids_t,
         positions=positions_t,
@@ -133,10 +194,10 @@ def _tree_mask(parts: list[BatchPart], roots: list[int], drafts: DraftTokens, po
     if any(p.num_draft != size - 1 for p in parts):
         raise ValueError(f"a draft tree has {size} tokens, but a part was scheduled "
                          f"{[p.num_draft for p in parts]} drafts")
-    tokens, tree_rows, root_positions = columns_to_device(
+    tokens, tree_rows, roots_t = columns_to_device(
         [([r + i for r in roots for i in range(size)], torch.int64),
-         ([drafts.rows[p.req.rid] for p in parts], torch.int64),
-         ([p.seq_len - size for p in parts], torch.int64)], device)
+         ([drafts.rows[p.req.rid] for p in parts], torch.int64), (roots, torch.int64)], device)
+    root_positions = positions[roots_t]  # on the device: shifted back after a verify in flight
     starts = torch.full_like(positions, NOT_IN_TREE)
     bits = torch.zeros_like(positions)
     starts[tokens] = root_positions.repeat_interleave(size)
@@ -145,12 +206,13 @@ def _tree_mask(parts: list[BatchPart], roots: list[int], drafts: DraftTokens, po
     return TreeMask(starts, bits)
 
 
-def _pending_row(part: BatchPart, known_end: int, pending: Optional[PendingTokens]) -> int:
-    """The row in `pending` of the one token `part` needs that the host does not know yet."""
+def _pending_row(part: BatchPart, pending: Optional[PendingTokens]) -> int:
+    """The row in `pending` of the one token `part` needs that the host does not know yet: its last (a decode
+    part's root, drafts aside), which the step in flight sampled."""
     rid = part.req.rid
-    if known_end != part.seq_len - 1 or pending is None or rid not in pending.rows:
-        raise ValueError(f"request {rid} needs tokens [{known_end}, {part.seq_len}) that are neither known on "
-                         "the host nor pending from the step in flight")
+    if part.extend_len != 1 + part.num_draft or pending is None or rid not in pending.rows:
+        raise ValueError(f"request {rid} needs tokens [{part.req.known_len}, {part.seq_len - part.num_draft}) that "
+                         "are neither known on the host nor pending from the step in flight")
     return pending.rows[rid]
 
 

@@ -30,8 +30,14 @@ class Req:
     num_cached_tokens: Optional[int] = None  # prompt tokens served by the prefix cache at first admission
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.. (when asked)
     # Tokens sampled by a forward whose results the host has not read yet (overlap scheduling): they count
-    # in seq_len, so the next step can be built around them, but their ids exist only on the device.
+    # in seq_len, so the next step can be built around them, but their ids exist only on the device. A verify
+    # step counts all it may emit (its drafts + 1); how many it did is on the device too, so while one is in
+    # flight seq_len and num_generated are upper bounds, and a step built on them shifts its positions back on
+    # the device (PendingTokens.shifts).
     pending: int = 0
+    # Per launched, unread decode step (oldest first): the KV slots it holds past its root (its drafts', or a
+    # tree drafter's reserve), so that reading one step keeps what the next still writes
+    held_in_flight: list[int] = field(default_factory=list)
     # Speculative decoding: a running mean of the drafts accepted per verify step, and how often the request
     # drafts (on every draft_every-th decode step; more rarely while its drafts keep failing)
     draft_accept_mean: float = 1.0
@@ -70,13 +76,15 @@ class Req:
             return self.output_ids[start - p:end - p]
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
-    def append_tokens(self, token_ids: list[int]) -> tuple[int, Optional[FinishReason]]:
+    def append_tokens(self, token_ids: list[int], launched: int = 1) -> tuple[int, Optional[FinishReason]]:
         """Record the tokens of the oldest pending result, now read back (one, or a speculative step's accepted
-        drafts and the target's own token). Tokens past a stop token or max_new_tokens are dropped. Returns how
-        many were kept and why the request is now finished, if it is."""
-        if self.pending < 1:
-            raise ValueError(f"request {self.rid}: tokens arrived that no launched forward owed it")
-        self.pending -= 1
+        drafts and the target's own token), which was launched counting `launched` pending tokens. Tokens past a
+        stop token or max_new_tokens are dropped. Returns how many were kept and why the request is now finished,
+        if it is."""
+        if self.pending < launched or not 1 <= len(token_ids) <= launched:
+            raise ValueError(f"request {self.rid}: {len(token_ids)} tokens arrived for a step that owed it "
+                             f"{launched} of its {self.pending} pending")
+        self.pending -= launched
         for kept, token_id in enumerate(token_ids, 1):
             self.output_ids.append(token_id)
             if token_id in self.stop_token_ids:

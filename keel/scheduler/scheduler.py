@@ -13,8 +13,10 @@ continues exactly where they stopped.
 
 With overlap scheduling the next step is scheduled before the last one's tokens are read: a
 sampled request carries a pending token (counted in its length, its id still on the device), a
-request whose pending token is its last is not decoded again, and one retracted with a pending
-token is re-admitted only once that token is known.
+request with two steps in flight is not decoded again, and one retracted with a pending token is
+re-admitted only once that token is known. A verify step in flight counts every token it may emit:
+lengths are then upper bounds, KV is allocated for them, and the next step finds its true positions
+on the device; reading the verify gives back what neither it nor the step after it uses.
 
 A request is always in exactly one place: `waiting`, `chunked` (mid-prefill), `running`
 (prefilled or prefilling this step, then decoding), or finished; so abort() finds it anywhere.
@@ -61,6 +63,7 @@ class BatchPart:
     # Speculative decoding: the last `num_draft` of the extend_len tokens are draft tokens, proposed after
     # scheduling (their ids come from the drafter); every one of the extend_len positions is scored.
     num_draft: int = 0
+    held: int = 0  # decoding: KV slots it holds past its first (root) token, the drafts' and a tree drafter's
 
 
 @dataclass(frozen=True)
@@ -153,15 +156,16 @@ class Scheduler:
         if not ready:
             return []
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        split = torch.split(slots, [1 + h for h in held])
-        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, split[i][:1 + d], True, d)
-                for i, (r, d) in enumerate(zip(ready, drafts))]
+        # (after a verify in flight the lengths are upper bounds and the device shifts these slots back)
+        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d,
+                          self.kv.slots(r.rid, r.seq_len - 1, r.seq_len + d), True, d, h)
+                for r, d, h in zip(ready, drafts, held)]
 
     def wants_drafts(self) -> bool:
-        """Whether the next decode step would draft for some request: its drafter reads the request's tokens on
-        the host, so the step in flight must be read first."""
+        """Whether the next decode step would draft for some request with a drafter that reads its tokens on the
+        host (NGRAM): then the step in flight must be read first. Draft models start from the device."""
         step = self._decode_steps + 1
-        return self.config.speculative_algorithm is not None and any(
+        return self.config.drafter_reads_host_tokens and any(
             self._drafts_in(r, step) and r.num_generated + 1 < r.params.max_new_tokens for r in self.running)
 
     def _drafts_in(self, req: Req, step: int) -> bool:
@@ -171,10 +175,10 @@ class Scheduler:
 
     def _draft_budget(self, req: Req) -> int:
         """Draft tokens `req` gets in the decode step being scheduled: the configured number when it may draft
-        (`_drafts_in`), but none past its max_new_tokens or the context, and none while it has a pending token
-        (overlap: the drafter reads its tokens on the host). A tree is drafted whole or not at all, and needs room
-        for its drafter's reserve too."""
-        if req.pending or not self._drafts_in(req, self._decode_steps):
+        (`_drafts_in`), but none past its max_new_tokens or the context (as far as the host knows), and none while
+        it has a pending token if the drafter reads tokens on the host. A tree is drafted whole or not at all, and
+        needs room for its drafter's reserve too."""
+        if (req.pending and self.config.drafter_reads_host_tokens) or not self._drafts_in(req, self._decode_steps):
             return 0
         keepable = req.params.max_new_tokens - req.num_generated - 1  # drafts that could still be kept
         room = self.kv.context_length - req.seq_len  # KV slots past the last token
@@ -183,10 +187,11 @@ class Scheduler:
         return max(0, min(self.config.num_draft_tokens, keepable, room))
 
     def _decodable(self) -> list[Req]:
-        """Running requests whose KV is one token behind and that still owe tokens (a request whose last token
-        is pending is not decoded again)."""
+        """Running requests with at most one step in flight, whose KV covers all but their last token, and that
+        may still owe tokens."""
         return [r for r in self.running
-                if self.kv.kv_len(r.rid) == r.seq_len - 1 and r.num_generated < r.params.max_new_tokens]
+                if len(r.held_in_flight) <= 1 and self.kv.kv_len(r.rid) >= r.seq_len - 1
+                and r.num_generated < r.params.max_new_tokens]
 
     def _prefill_parts(self) -> list[BatchPart]:
         budget = self.config.max_prefill_tokens
@@ -323,7 +328,8 @@ class Scheduler:
         """`batch`'s forward is on its way: each sampled request now has one more (pending) token, so the
         next step can be scheduled before the host reads it (overlap scheduling)."""
         for part in batch.sampled:
-            part.req.pending += 1
+            part.req.pending += 1 + part.num_draft
+            part.req.held_in_flight.append(part.held)
 
     def process(self, batch: ScheduledBatch, token_ids: list[list[int]]) -> list[TokenAppended]:
         """Apply a launched step's results: chunks go into the prefix cache, sampled tokens replace the pending
@@ -338,10 +344,12 @@ class Scheduler:
         kept = []  # (index, part, tokens kept, finish reason)
         for index, part in enumerate(batch.sampled):
             if part.req.status != ReqStatus.FINISHED:
-                kept.append((index, part, *part.req.append_tokens(token_ids[index])))
+                part.req.held_in_flight.pop(0)
+                kept.append((index, part, *part.req.append_tokens(token_ids[index], 1 + part.num_draft)))
         verified = [p.req for _, p, _, _ in kept if p.num_draft and p.req.status == ReqStatus.RUNNING]
-        if verified:  # keep the KV of every kept token but the newest; the rejected drafts' pages go back
-            self.kv.truncate([r.rid for r in verified], [r.seq_len - 1 for r in verified])
+        if verified:  # keep the KV of every kept token but the newest, and what a step in flight writes; the
+            # rejected drafts' pages go back
+            self.kv.truncate([r.rid for r in verified], [_kv_in_use(r) for r in verified])
         for index, part, count, reason in kept:
             if part.num_draft:
                 self._update_draft_rate(part.req, len(token_ids[index]) - 1)
@@ -352,6 +360,7 @@ class Scheduler:
         return appended
 
     def _update_draft_rate(self, req: Req, accepted: int) -> None:
+        """Backoff: how often `req` drafts, from a running mean of its accepted drafts."""
         if self.config.disable_speculative_backoff:
             return
         req.draft_accept_mean = 0.5 * req.draft_accept_mean + 0.5 * accepted
@@ -372,7 +381,8 @@ class Scheduler:
         if req.rid in self.kv.held:
             # Only a request that finished normally has all of its KV written; only that goes to the cache.
             normal = reason in ("stop", "length") and error is None
-            self.kv.release(req.rid, req.token_ids(0, self.kv.kv_len(req.rid)) if normal else None)
+            cached = min(self.kv.kv_len(req.rid), req.known_len)  # a step in flight may hold KV past them
+            self.kv.release(req.rid, req.token_ids(0, cached) if normal else None)
         if req in self.running:
             self.running.remove(req)
         if req is self.chunked:
@@ -380,3 +390,11 @@ class Scheduler:
         if remove_from_queue and req in self.waiting:  # abort_many filters the queue once instead
             self.waiting.remove(req)
         req.status, req.finish_reason, req.error = ReqStatus.FINISHED, reason, error
+
+
+def _kv_in_use(req: Req) -> int:
+    """The KV a verified request keeps: every known token's but the last, and, with a step in flight, the slots
+    that step writes from the last token on."""
+    if req.held_in_flight:
+        return req.known_len + req.held_in_flight[0]
+    return req.seq_len - 1

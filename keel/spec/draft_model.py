@@ -29,10 +29,10 @@ from keel.runner.cuda_graph import RunnerOutput
 from keel.runner.forward_batch import ForwardBatch, ForwardMode, TreeMask
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch, filtered_probs, sample_from
-from keel.scheduler.batch import DraftTokens, DraftTree, build_sampling_batch
+from keel.scheduler.batch import DraftRoots, DraftTokens, DraftTree, build_sampling_batch
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
 from keel.spec.drafter import TargetStep
-from keel.transfer import columns_to_device
+from keel.transfer import columns_to_device, to_device
 
 DRAFT_SEED_KEY = 0x2545F4914F6CDD1D  # mixed into request seeds: the drafter's draws are not the verifier's
 
@@ -52,12 +52,12 @@ class DraftModelDrafter:
                                      device=runner.device) if self.head is not None else None)
 
     @torch.inference_mode()
-    def propose(self, batch: ScheduledBatch) -> Optional[DraftTokens]:
+    def propose(self, batch: ScheduledBatch, roots: DraftRoots) -> Optional[DraftTokens]:
         parts = [p for p in batch.sampled if p.num_draft]
         if not parts:
             return None
         if self.topk > 1:
-            return self._propose_tree(parts)
+            return self._propose_tree(parts, roots)
         device = self.runner.device
         n, k = len(parts), self.num_draft
         behind = 1 if self.head is not None else 0  # an EAGLE head drafts one position behind the tokens
@@ -65,19 +65,17 @@ class DraftModelDrafter:
         active = [[i for i, p in enumerate(parts) if p.num_draft > step] for step in range(k)]
         active = [rows for rows in active if rows]
         entries = [(step, i) for step, rows in enumerate(active) for i in rows]
-        lengths = [parts[i].seq_len - parts[i].num_draft + step - behind for step, i in entries]  # KV after it
-        slot_of = [int(parts[i].slots[step - behind]) if step >= behind else 0 for step, i in entries]
-        last_tokens, index, positions, rows, seq_lens, slots = columns_to_device(
-            [([p.req.token_ids(p.seq_len - p.extend_len, p.seq_len - p.num_draft)[0] for p in parts], torch.int64),
-             ([i for _, i in entries], torch.int64), ([m - 1 for m in lengths], torch.int64),
-             ([parts[i].row for _, i in entries], torch.int64), (lengths, torch.int64), (slot_of, torch.int64)],
-            device)
-        features = None
-        if self.features is not None:  # step 0 rewrites the last committed position: its slot is in the table
-            slots[:n] = self.table.slots[rows[:n], positions[:n]].to(torch.int64)
-            features = self.features[rows[:n]]
+        index, offsets, rows = columns_to_device(
+            [([i for _, i in entries], torch.int64), ([step - behind for step, _ in entries], torch.int64),
+             ([parts[i].row for _, i in entries], torch.int64)], device)
+        positions = roots.positions[index] + offsets  # step s writes the position s after the root (EAGLE: s - 1)
+        slots = self.table.slots[rows, positions].to(torch.int64)
+        features = self.features[rows[:n]] if self.features is not None else None
         greedy = all(p.req.params.is_greedy for p in parts)
-        sampling = None if greedy else build_sampling_batch([p.req for p in parts], self.vocab_size, device)
+        sampling = None
+        if not greedy:
+            sampling = build_sampling_batch([p.req for p in parts], self.vocab_size, device)
+            sampling = dataclasses.replace(sampling, steps=sampling.steps - roots.shifts)
         tokens = torch.zeros(n, k, dtype=torch.int64, device=device)
         probs = None if greedy else torch.zeros(n, k, self.vocab_size, dtype=torch.float32, device=device)
         start = 0
@@ -86,10 +84,8 @@ class DraftModelDrafter:
             at = slice(start, start + m)
             start += m
             who = index[at]
-            out = self.runner.forward_full(ForwardBatch(
-                ForwardMode.DRAFT_DECODE, device, tuple(lengths[at]), (1,) * m,
-                last_tokens[who] if step == 0 else tokens[who, step - 1], positions[at], rows[at], seq_lens[at],
-                slots[at], torch.arange(m, device=device), features[who] if features is not None else None))
+            out = self._forward_rows(roots.token_ids[who] if step == 0 else tokens[who, step - 1], positions[at],
+                                     rows[at], features[who] if features is not None else None, None, slots[at])
             if features is not None and out.features is not None:
                 features[who] = out.features  # the next step's input hidden states
             if sampling is None:
@@ -101,7 +97,7 @@ class DraftModelDrafter:
                 probs[who, step] = q
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=not greedy, probs=probs)
 
-    def _propose_tree(self, parts: list[BatchPart]) -> DraftTokens:
+    def _propose_tree(self, parts: list[BatchPart], roots: DraftRoots) -> DraftTokens:
         """EAGLE-2's dynamic tree. Step 0 runs each root and keeps its top-k tokens as candidates; each later step
         runs the k best candidates so far (the frontier, by cumulative log-probability), each seeing its own
         ancestors through a tree mask, and adds their top-k children as candidates. The tree verified is the
@@ -112,12 +108,10 @@ class DraftModelDrafter:
         device = self.runner.device
         n, k, size = len(parts), self.topk, self.num_draft + 1
         behind = 1 if self.head is not None else 0
-        roots = [p.seq_len - p.num_draft - 1 - behind for p in parts]  # the table position each root row writes
-        last_tokens, rows, root_pos = columns_to_device(
-            [([p.req.token_ids(p.seq_len - p.num_draft - 1, p.seq_len - p.num_draft)[0] for p in parts],
-              torch.int64), ([p.row for p in parts], torch.int64), (roots, torch.int64)], device)
+        rows = to_device([p.row for p in parts], torch.int64, device)
+        root_pos = roots.positions - behind  # the table position each root row writes
         features = self.features[rows] if self.features is not None else None
-        out = self._forward_rows([r + 1 for r in roots], last_tokens, root_pos, rows, root_pos + 1, features, None)
+        out = self._forward_rows(roots.token_ids, root_pos, rows, features, None)
         top_tokens, top_scores = _top_log_probs(out.logits, k)
         num_candidates = k + (self.steps - 1) * k * k
         tokens = torch.zeros(n, num_candidates, dtype=torch.int64, device=device)
@@ -134,10 +128,10 @@ class DraftModelDrafter:
             bits = above | (1 << (first + branch))
             req_rows = rows.repeat_interleave(k)
             out = self._forward_rows(
-                [r + first + j + 1 for r in roots for j in range(k)], tokens.gather(1, frontier).reshape(-1),
-                (root_pos + step).repeat_interleave(k), req_rows, table_pos.reshape(-1) + 1,
+                tokens.gather(1, frontier).reshape(-1), (root_pos + step).repeat_interleave(k), req_rows,
                 hidden.reshape(n * k, -1) if hidden is not None else None,
-                TreeMask(root_pos.repeat_interleave(k), bits.reshape(-1)), table_pos.reshape(-1))
+                TreeMask(root_pos.repeat_interleave(k), bits.reshape(-1)),
+                self.table.slots[req_rows, table_pos.reshape(-1)].to(torch.int64), table_pos.reshape(-1) + 1)
             top_tokens, top_scores = _top_log_probs(out.logits, k)
             offset = k + (step - 1) * k * k
             children = slice(offset, offset + k * k)
@@ -156,17 +150,18 @@ class DraftModelDrafter:
         return DraftTokens(tokens.gather(1, chosen), {p.req.rid: i for i, p in enumerate(parts)},
                            tree=tree_shape(tree_parents, min(self.steps, size - 1)))
 
-    def _forward_rows(self, seq_lens: list[int], input_ids: torch.Tensor, positions: torch.Tensor,
-                      req_rows: torch.Tensor, seq_lens_t: torch.Tensor, features: Optional[torch.Tensor],
-                      tree: Optional[TreeMask], table_pos: Optional[torch.Tensor] = None) -> RunnerOutput:
-        """One DRAFT_DECODE forward of single-token rows, each writing its KV at table position `table_pos` of its
-        request (default: its own position)."""
-        m = len(seq_lens)
+    def _forward_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, req_rows: torch.Tensor,
+                      features: Optional[torch.Tensor], tree: Optional[TreeMask], slots: Optional[torch.Tensor] = None,
+                      seq_lens: Optional[torch.Tensor] = None) -> RunnerOutput:
+        """One DRAFT_DECODE forward of single-token rows (lengths on the device only), each writing its KV at its
+        own position's slot and seeing the keys before it, unless `slots` and `seq_lens` say otherwise."""
+        m = input_ids.numel()
         device = self.runner.device
-        slots = self.table.slots[req_rows, positions if table_pos is None else table_pos].to(torch.int64)
+        if slots is None:
+            slots = self.table.slots[req_rows, positions].to(torch.int64)
         return self.runner.forward_full(ForwardBatch(
-            ForwardMode.DRAFT_DECODE, device, tuple(seq_lens), (1,) * m, input_ids, positions, req_rows, seq_lens_t,
-            slots, torch.arange(m, device=device), features, tree))
+            ForwardMode.DRAFT_DECODE, device, None, (1,) * m, input_ids, positions, req_rows,
+            positions + 1 if seq_lens is None else seq_lens, slots, torch.arange(m, device=device), features, tree))
 
     @torch.inference_mode()
     def observe(self, step: TargetStep) -> None:

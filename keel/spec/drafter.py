@@ -11,7 +11,7 @@ from keel.cache.req_table import ReqToTokenTable
 from keel.config import EngineConfig
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.model_runner import ModelRunner
-from keel.scheduler.batch import DraftTokens
+from keel.scheduler.batch import DraftRoots, DraftTokens
 from keel.scheduler.scheduler import ScheduledBatch
 
 
@@ -30,9 +30,10 @@ class TargetStep:
 class Drafter(Protocol):
     reads_target_features: bool  # observe needs TargetStep's optional fields (EAGLE)
 
-    def propose(self, batch: ScheduledBatch) -> Optional[DraftTokens]:
-        """Draft tokens for the batch's parts with num_draft > 0 (None when it has none); their KV slots are
-        already allocated, so a draft model may write into them."""
+    def propose(self, batch: ScheduledBatch, roots: DraftRoots) -> Optional[DraftTokens]:
+        """Draft tokens for the batch's parts with num_draft > 0 (None when it has none), from `roots` (their
+        last tokens and positions, on the device); their KV slots are already allocated, so a draft model may
+        write into them."""
         ...
 
     def observe(self, step: TargetStep) -> None:

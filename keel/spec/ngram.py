@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from keel.scheduler.batch import DraftTokens
+from keel.scheduler.batch import DraftRoots, DraftTokens
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import ScheduledBatch
 from keel.spec.drafter import TargetStep
@@ -55,7 +55,8 @@ class NgramDrafter:
         self.device = device
         self._indexes: weakref.WeakKeyDictionary[Req, _NgramIndex] = weakref.WeakKeyDictionary()
 
-    def propose(self, batch: ScheduledBatch) -> Optional[DraftTokens]:
+    def propose(self, batch: ScheduledBatch, roots: DraftRoots) -> Optional[DraftTokens]:
+        """From the tokens on the host (the scheduler drafts only for requests with none pending)."""
         parts = [p for p in batch.sampled if p.num_draft]
         if not parts:
             return None

@@ -70,10 +70,24 @@ def verify(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_
         accepted = torch.where(greedy, accepted, sampled_accepted)
         final = torch.where(greedy, final, sampled_final)
     emitted = torch.cat([drafts, drafts.new_zeros(n, 1)], dim=1).scatter(1, accepted[:, None], final[:, None])
-    row_tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
-    used = offsets[None] <= num_draft[:, None]
-    row_tokens[position_rows[used]] = emitted[used]
-    return Verified(row_tokens, accepted + 1)
+    rows_of = _own_rows(starts[:, None] + offsets, offsets[None] <= num_draft[:, None], logits.shape[0])
+    return Verified(_scatter_rows(emitted, rows_of, logits.shape[0]), accepted + 1)
+
+
+def _own_rows(rows: torch.Tensor, used: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """`rows`, with entries past a part's own rows sent to row num_rows (a scratch row): a boolean selection would
+    make the host wait for the device."""
+    return torch.where(used, rows, num_rows)
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, num_rows: int, base: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """[num_rows]: `base` (default zeros) with values written at `rows` (from _own_rows)."""
+    out = torch.zeros(num_rows + 1, dtype=values.dtype, device=values.device)
+    if base is not None:
+        out[:num_rows] = base
+    out[rows.reshape(-1)] = values.reshape(-1)
+    return out[:num_rows]
 
 
 def verify_tree(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_draft: torch.Tensor,
@@ -114,13 +128,10 @@ def verify_tree(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor,
     emitted = node_tokens.gather(1, torch.cat([path[:, 1:], path[:, :1]], dim=1))  # each path node's child's token
     emitted = emitted.scatter(1, depth_of_end[:, None], final[:, None])
     depth = torch.arange(path.shape[1], device=device)
-    used = depth[None] <= num_draft[:, None]  # a part's entries stay within its own rows
-    at = (starts[:, None] + depth)[used]
-    row_tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=device)
-    row_tokens[at] = emitted[used]
-    source_rows = torch.arange(logits.shape[0], device=device)
-    source_rows[at] = (starts[:, None] + path)[used]
-    return Verified(row_tokens, depth_of_end + 1, path, source_rows)
+    num_rows = logits.shape[0]
+    rows_of = _own_rows(starts[:, None] + depth, depth[None] <= num_draft[:, None], num_rows)
+    source_rows = _scatter_rows(starts[:, None] + path, rows_of, num_rows, torch.arange(num_rows, device=device))
+    return Verified(_scatter_rows(emitted, rows_of, num_rows), depth_of_end + 1, path, source_rows)
 
 
 def _deepest_within(tree: DraftTree, valid: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:

@@ -62,18 +62,25 @@ def test_seed_003_padded_graph_rows_cannot_write_into_live_kv(tiny_model):
     itself at page size 16, so corrupted draft KV shows as rejected drafts, and corrupted target KV as changed
     tokens."""
     directory, _ = tiny_model("llama3")
-    options = dict(page_size=16, cuda_graph_max_bs=8, max_running_requests=8, kv_cache_tokens=8 * 16 * 8,
-                   speculative_algorithm="STANDALONE", speculative_draft_model_path=str(directory))
-    first, second = random_prompts([30] * 8, seed=5), random_prompts([20] * 5, seed=6)
-    engine = keel.Engine(str(directory), **OPTIONS, **options)
-    engine.generate(first, GREEDY)
-    outputs = engine.generate(second, GREEDY)
-    engine.core.check_idle()
-    reference = run(directory, second)
-    for i, (ours, ref) in enumerate(zip(outputs, reference)):
-        assert_same_greedy(ours, ref, f"request {i}")
+    outputs = five_after_eight(directory, cuda_graph_max_bs=8)
     drafted, accepted = sum(o.spec_draft_tokens for o in outputs), sum(o.spec_accepted_tokens for o in outputs)
     assert accepted >= 0.95 * drafted, (accepted, drafted)
+
+
+def five_after_eight(directory, **options) -> list[keel.RequestOutput]:
+    """Eight requests at page size 16, the target drafting for itself, then five more on their freed pages; the
+    five must equal their run without speculation."""
+    engine = keel.Engine(str(directory), **OPTIONS, page_size=16, max_running_requests=8, kv_cache_tokens=8 * 16 * 8,
+                         speculative_algorithm="STANDALONE", speculative_draft_model_path=str(directory), **options)
+    assert engine.core.runner.cuda_graph is not None
+    assert engine.core.runner.cuda_graph.max_bs == options["cuda_graph_max_bs"]
+    second = random_prompts([20] * 5, seed=6)
+    engine.generate(random_prompts([30] * 8, seed=5), GREEDY)
+    outputs = engine.generate(second, GREEDY)
+    engine.core.check_idle()
+    for i, (ours, ref) in enumerate(zip(outputs, run(directory, second))):
+        assert_same_greedy(ours, ref, f"request {i}")
+    return outputs
 
 
 def test_seed_003_draft_tree_rows_stay_in_their_graph_rows(tiny_model):
@@ -85,16 +92,6 @@ def test_seed_003_draft_tree_rows_stay_in_their_graph_rows(tiny_model):
     and write into the new requests' draft KV, which then drafts worse. The target drafts for itself, so its best
     candidate is always the target's choice: with intact KV every verify step accepts at least one token."""
     directory, _ = tiny_model("llama3")
-    options = dict(page_size=16, cuda_graph_max_bs=64, max_running_requests=8, kv_cache_tokens=8 * 16 * 8,
-                   speculative_algorithm="STANDALONE", speculative_draft_model_path=str(directory), **TREE)
-    first, second = random_prompts([30] * 8, seed=5), random_prompts([20] * 5, seed=6)
-    engine = keel.Engine(str(directory), **OPTIONS, **options)
-    assert engine.core.runner.cuda_graph is not None and engine.core.runner.cuda_graph.max_bs == 64
-    engine.generate(first, GREEDY)
-    outputs = engine.generate(second, GREEDY)
-    engine.core.check_idle()
-    reference = run(directory, second)
-    for i, (ours, ref) in enumerate(zip(outputs, reference)):
-        assert_same_greedy(ours, ref, f"request {i}")
+    outputs = five_after_eight(directory, cuda_graph_max_bs=64, **TREE)
     verified, accepted = sum(o.spec_verify_ct for o in outputs), sum(o.spec_accepted_tokens for o in outputs)
     assert accepted >= verified, (accepted, verified)

@@ -268,12 +268,12 @@ def test_abort_of_a_retracted_request(tiny_model, make_engine, monkeypatch):
 
 def test_pending_tokens_count_in_length_but_are_not_readable():
     req = Req(1, [5, 6, 7], GREEDY, seed=0, stop_token_ids=frozenset([9]))
-    req.pending = 1
-    assert req.seq_len == 4 and req.known_len == 3 and req.num_generated == 1
+    req.pending = 3  # a verify step of 2 drafts in flight: up to 3 tokens
+    assert req.seq_len == 6 and req.known_len == 3 and req.num_generated == 3
     with pytest.raises(ValueError, match="still on the device"):
         req.token_ids(0, 4)
-    assert req.append_tokens([9, 4]) == (1, "stop") and req.pending == 0 and req.output_ids == [9]
-    with pytest.raises(ValueError, match="no launched forward owed it"):
+    assert req.append_tokens([9, 4], launched=3) == (1, "stop") and req.pending == 0 and req.output_ids == [9]
+    with pytest.raises(ValueError, match="owed it 1 of its 0 pending"):
         req.append_tokens([3])
 
 

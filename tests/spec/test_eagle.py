@@ -31,12 +31,11 @@ def test_a_head_reads_the_hidden_state_of_the_right_position(eagle3, page_size, 
     proposals = []
     propose = engine.core.drafter.propose
 
-    def recording(batch):
-        drafts = propose(batch)
-        for part in batch.sampled:
-            if part.num_draft:
-                last = part.req.token_ids(part.seq_len - part.num_draft - 1, part.seq_len - part.num_draft)[0]
-                proposals.append((last, drafts.token_ids[drafts.rows[part.req.rid], :part.num_draft].tolist()))
+    def recording(batch, roots):
+        drafts = propose(batch, roots)
+        for i, part in enumerate(p for p in batch.sampled if p.num_draft):  # (overlap: the last may be pending)
+            last = int(roots.token_ids[i])
+            proposals.append((last, drafts.token_ids[drafts.rows[part.req.rid], :part.num_draft].tolist()))
         return drafts
 
     engine.core.drafter.propose = recording
