@@ -183,16 +183,16 @@ def _target_step(batch: ScheduledBatch, view: ForwardBatch, index: Optional[torc
     emitted = [n if p.num_draft else 1 for p, _, n in sampled]  # each sampled part's rows in the view
     view_rows = [end - e + i for (_, end, _), e in zip(sampled, emitted) for i in range(e)]
     token_rows = [start + i for start, e in zip(_row_starts(batch.sampled), emitted) for i in range(e)]
-    chunk_rows, chunk_tokens, view_rows_t, token_rows_t, first_t = columns_to_device(
+    chunk_rows, chunk_tokens, view_rows_t, token_rows_t, first_t, req_rows = columns_to_device(
         [([r for r, _ in chunk_ends], torch.int64), ([t for _, t in chunk_ends], torch.int64),
          (view_rows, torch.int64), (token_rows, torch.int64),
-         (list(itertools.accumulate(emitted, initial=0))[:-1], torch.int64)], device)
+         (list(itertools.accumulate(emitted, initial=0))[:-1], torch.int64),
+         ([p.row for p in batch.sampled], torch.int64)], device)
     next_ids = torch.roll(view.input_ids, -1)
     if row_tokens is not None:
         next_ids[view_rows_t] = row_tokens[token_rows_t]
     next_ids[chunk_rows] = chunk_tokens
     last = first_t + (counts - 1 if counts is not None else 0)
-    req_rows = to_device([p.row for p in batch.sampled], torch.int64, device)
     if features is not None and index is not None:
         features = features[index]
     return TargetStep(view, features, next_ids, view_rows_t[last], req_rows)
