@@ -144,3 +144,12 @@ def test_free_after_the_fence_fired_is_immediate():
     alloc = OwnedIdAllocator(3, "page")
     free_under_fence(alloc, alloc.alloc(owners(1, 1)), 1, fired=True)
     assert alloc.num_fenced == 0 and alloc.num_free == 2
+
+
+def test_consistency_check_catches_a_free_list_holding_an_id_twice():
+    """The free list names one id twice and leaves another out, counts intact: only a distinctness check sees it."""
+    alloc = OwnedIdAllocator(6, "page")
+    alloc.check_consistent()
+    alloc._free[0] = alloc._free[1]
+    with pytest.raises(KVAccountingError, match="free list disagrees"):
+        alloc.check_consistent()
