@@ -30,6 +30,7 @@ class AttentionLayer:
     head_dim: int
     scale: float
     sliding_window: Optional[int]  # None: full causal attention
+    softcap: Optional[float] = None  # scores become softcap * tanh(score / softcap) (Gemma 2); None: as they are
 
 
 @dataclass(frozen=True)

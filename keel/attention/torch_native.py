@@ -70,11 +70,30 @@ class TorchNativeBackend:
             values = v_cache[slots].transpose(0, 1)[None]
             query = q[start:start + length].transpose(0, 1)[None]  # [1, heads, extend, head_dim]
             mask = masks[i]
-            attn = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=layer.scale,
-                enable_gqa=layer.num_heads != layer.num_kv_heads)
+            if layer.softcap is not None:
+                attn = _softcapped_attention(query, keys, values, mask, layer)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=layer.scale,
+                    enable_gqa=layer.num_heads != layer.num_kv_heads)
             out[start:start + length] = attn[0].transpose(0, 1).reshape(length, -1)
         return out
+
+
+def _softcapped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: Optional[torch.Tensor], layer: AttentionLayer) -> torch.Tensor:
+    """Attention with Gemma 2's capped scores (SDPA has no soft-capping), as transformers computes it: scores in
+    the input dtype, capped, masked, softmax in float32. query [1, heads, n, d], keys/values [1, kv_heads, s, d]."""
+    group = layer.num_heads // layer.num_kv_heads
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = (query @ keys.transpose(-1, -2)) * layer.scale
+    assert layer.softcap is not None
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    n, s = scores.shape[-2:]
+    if mask is None:  # as SDPA's is_causal: the n new tokens are the last n of the s keys
+        mask = torch.ones(n, s, dtype=torch.bool, device=scores.device).tril(s - n)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ values
 
 
 def _tree_masks(batch: ForwardBatch, seq_lens: HostInts) -> list[Optional[torch.Tensor]]:

@@ -78,8 +78,8 @@ class TritonBackend:
         if isinstance(metadata, TritonDecodeMetadata):
             out = decode_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
                                    metadata.num_splits[layer.sliding_window], metadata.partial_out,
-                                   metadata.partial_lse, layer.scale, layer.sliding_window, metadata.tree)
+                                   metadata.partial_lse, layer.scale, layer.sliding_window, metadata.tree, layer.softcap)
         else:
             out = extend_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
-                                   metadata.blocks, layer.scale, layer.sliding_window, metadata.tree)
+                                   metadata.blocks, layer.scale, layer.sliding_window, metadata.tree, layer.softcap)
         return out.reshape(q.shape[0], layer.num_heads * layer.head_dim)

@@ -54,9 +54,10 @@ def _decode_partial_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, num_splits_ptr,
         part_out_ptr, part_lse_ptr, out_ptr, tree_starts_ptr, tree_bits_ptr,
         stride_qb, stride_qh, stride_ct, stride_ch, stride_rt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-        stride_ob, stride_oh, scale, window,
+        stride_ob, stride_oh, scale, window, softcap,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr, TREE: tl.constexpr):
+        IEEE: tl.constexpr, PDL: tl.constexpr, TREE: tl.constexpr,
+        SOFTCAP: tl.constexpr):
     pdl_wait(PDL)  # before the early exit: every program must wait
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -93,7 +94,7 @@ def _decode_partial_kernel(
         if TREE:
             visible = visible & in_tree_path(offs, tree_start, tree_bits)
         m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, valid,
-                                            visible[None, :], m_i, l_i, acc, scale, IEEE)
+                                            visible[None, :], m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:  # the whole answer: stored as is, and the combine kernel skips this request
@@ -132,7 +133,8 @@ def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, num_splits: torch.Tensor,
                      partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float,
-                     window: Optional[int], tree: Optional[TreeMask] = None) -> torch.Tensor:
+                     window: Optional[int], tree: Optional[TreeMask] = None,
+                     softcap: Optional[float] = None) -> torch.Tensor:
     """q: [batch, heads, head_dim]; caches: [slots, kv_heads, head_dim]; returns [batch, heads, head_dim].
 
     partial_out [batch, heads, MAX_SPLITS, head_dim] and partial_lse [batch, heads, MAX_SPLITS] (float32) are
@@ -156,9 +158,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse, out,
         tree_starts, tree_bits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
-        partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0,
+        partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee,
-        TREE=tree is not None, **pdl)
+        TREE=tree is not None, SOFTCAP=softcap is not None, **pdl)
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),

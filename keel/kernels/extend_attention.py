@@ -52,9 +52,9 @@ def _extend_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, extend_lens_ptr,
         q_starts_ptr, block_req_ptr, block_start_ptr, tree_starts_ptr, tree_bits_ptr,
         stride_qt, stride_qh, stride_ct, stride_ch, stride_rt, stride_ot, stride_oh,
-        scale, window,
+        scale, window, softcap,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, TREE: tl.constexpr):
+        IEEE: tl.constexpr, TREE: tl.constexpr, SOFTCAP: tl.constexpr):
     block = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -93,7 +93,7 @@ def _extend_kernel(
         if TREE:
             visible = visible & in_tree_path(offs[None, :], tree_start[:, None], tree_bits[:, None])
         m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, k_ok, visible,
-                                            m_i, l_i, acc, scale, IEEE)
+                                            m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (first_token + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
@@ -101,7 +101,8 @@ def _extend_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, blocks: ExtendBlocks, scale: float,
-                     window: Optional[int], tree: Optional[TreeMask] = None) -> torch.Tensor:
+                     window: Optional[int], tree: Optional[TreeMask] = None,
+                     softcap: Optional[float] = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] (the batch's new tokens back to back); returns the same shape. `tree`: per
     token, the draft-tree keys it sees (no sliding window then: a tree's positions are not its table positions)."""
     tokens, heads, head_dim = q.shape
@@ -116,7 +117,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, req_to_token, req_rows, seq_lens, blocks.extend_lens, blocks.q_starts,
         blocks.block_req, blocks.block_start, tree_starts, tree_bits, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), req_to_token.stride(0),
-        out.stride(0), out.stride(1), scale, window or 0,
+        out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
         GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N,
-        IEEE=k_cache.dtype == torch.float32, TREE=tree is not None)
+        IEEE=k_cache.dtype == torch.float32, TREE=tree is not None,
+        SOFTCAP=softcap is not None)
     return out

@@ -12,21 +12,26 @@ import triton.language as tl
 
 
 @triton.jit
-def online_softmax_step(q, k_ptrs, v_ptrs, key_ok, visible, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+def online_softmax_step(q, k_ptrs, v_ptrs, key_ok, visible, m_i, l_i, acc, scale, softcap, IEEE: tl.constexpr,
+                        SOFTCAP: tl.constexpr):
     """Fold one block of keys into the running state and return the new (m_i, l_i, acc), all float32.
 
     q: [rows, head_dim]; k_ptrs / v_ptrs: [keys, head_dim] addresses of the block's K and V; key_ok: [keys],
     which keys exist (the others load as zeros); visible: [rows, keys], which scores count (the others are
     -inf). m_i / l_i: [rows] running max and sum of exp; acc: [rows, head_dim] running sum of p @ v. A row that
     has seen no visible key keeps m_i == -inf, l_i == 0 and acc == 0 (its exponentials are taken against 0).
-    IEEE: float32 caches, dot products in full float32 precision rather than TF32.
+    IEEE: float32 caches, dot products in full float32 precision rather than TF32. SOFTCAP: scores become
+    softcap * tanh(score / softcap) (Gemma 2), before the mask.
     """
     k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))
-    qk = tl.where(visible, qk * scale, float("-inf"))
+    qk = qk * scale
+    if SOFTCAP:
+        qk = softcap * (2.0 * tl.sigmoid(2.0 * qk / softcap) - 1.0)  # tanh, in terms every Triton version has
+    qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(qk - m_safe[:, None])

@@ -46,6 +46,9 @@ class ModelConfig:
     # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma); None: head_dim ** -0.5.
     query_pre_attn_scalar: Optional[float] = None
     hidden_act: str = "silu"
+    # Gemma 2: attention scores become cap * tanh(score / cap), and so do the final logits; None: no capping
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig, eos_token_ids: Optional[tuple[int, ...]] = None) -> "ModelConfig":
@@ -76,6 +79,8 @@ class ModelConfig:
             sliding_rope=sliding_rope,
             query_pre_attn_scalar=_optional_float(getattr(hf, "query_pre_attn_scalar", None)),
             hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu",
+            attn_logit_softcapping=_optional_float(getattr(hf, "attn_logit_softcapping", None)),
+            final_logit_softcapping=_optional_float(getattr(hf, "final_logit_softcapping", None)),
         )
 
 
@@ -84,9 +89,6 @@ def _check_supported(hf: PretrainedConfig) -> None:
     if getattr(hf, "text_config", None) is not None:
         raise ValueError(f"{type(hf).__name__} (model_type {hf.model_type!r}) is a multimodal config; keel runs "
                          "text-only checkpoints (for Gemma 3: Gemma3ForCausalLM with model_type 'gemma3_text')")
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(hf, name, None) is not None:
-            raise ValueError(f"{name}={getattr(hf, name)} is not supported (keel applies no logit soft-capping)")
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError("use_bidirectional_attention=True is not supported; keel attends causally")
 

@@ -1,10 +1,12 @@
-"""Gemma 3, text only (`Gemma3ForCausalLM`, model_type "gemma3_text").
+"""Gemma 3, text only (`Gemma3ForCausalLM`, model_type "gemma3_text"), and Gemma 2 (`Gemma2ForCausalLM`).
 
 Against the Llama decoder: Gemma's RMSNorm (scale 1 + weight, applied in float32) everywhere, also
 on each head of q and k before the rotation; "sandwich" norms, so the attention and MLP outputs
 are normalised before their residual adds; a GELU-tanh gated MLP; embeddings scaled by
 sqrt(hidden_size); attention scale query_pre_attn_scalar ** -0.5; tied embeddings; and per layer
-type (`layer_types`) a sliding window or full attention, each with its own RoPE.
+type (`layer_types`) a sliding window or full attention, each with its own RoPE. Gemma 2 is the same
+decoder without the q/k norms, with one RoPE, and with soft-capping: attention scores and the final logits
+become cap * tanh(x / cap) (the attention backends apply the first).
 
 Keel's fused paths (llama.py) apply a norm inside the projection after it and the residual add
 inside the projection before it. Here a norm sits between a projection and its residual add, and
@@ -32,17 +34,19 @@ SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
-        self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, scale, config.sliding_windows[layer_id])
+        self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, scale, config.sliding_windows[layer_id],
+                                    config.attn_logit_softcapping)
         self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size),
                                     bias=config.attention_bias, fused=fused)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias, fused=fused)
-        self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps) if qk_norm else nn.Identity()
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -70,11 +74,12 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
-        self.self_attn = Gemma3Attention(config, layer_id, rotary, fused)
+        self.self_attn = Gemma3Attention(config, layer_id, rotary, fused, qk_norm)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
         self.mlp = Gemma3MLP(config, fused)
@@ -87,7 +92,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, fused: bool) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, fused: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # In the weights' dtype, as transformers has it: sqrt(3072) is 55.5 in bfloat16, not 55.43.
@@ -96,7 +101,7 @@ class Gemma3Model(nn.Module):
         full = RotaryEmbedding(config.head_dim, config.rope, max_positions)
         local = RotaryEmbedding(config.head_dim, config.sliding_rope, max_positions) if config.sliding_rope else full
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, i, full if window is None else local, fused)
+            Gemma3DecoderLayer(config, i, full if window is None else local, fused, qk_norm)
             for i, window in enumerate(config.sliding_windows))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -109,10 +114,20 @@ class Gemma3Model(nn.Module):
 
 class Gemma3ForCausalLM(CausalLM):
     FUSED_WEIGHTS = LlamaForCausalLM.FUSED_WEIGHTS  # the same q/k/v and gate/up checkpoint names
+    QK_NORM = True
 
     def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma3Model(config, max_positions, fused)
+        self.model = Gemma3Model(config, max_positions, fused, self.QK_NORM)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied, fused=fused)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class Gemma2ForCausalLM(Gemma3ForCausalLM):
+    QK_NORM = False

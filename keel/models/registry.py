@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from keel.models.eagle import LlamaForCausalLMEagle, LlamaForCausalLMEagle3
-from keel.models.gemma3 import Gemma3ForCausalLM
+from keel.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from keel.models.llama import LlamaForCausalLM
 from keel.models.mistral import MistralForCausalLM
 from keel.models.qwen2 import Qwen2ForCausalLM
 from keel.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "LlamaForCausalLMEagle": LlamaForCausalLMEagle,  # EAGLE draft heads (--speculative-algorithm EAGLE, EAGLE3)

@@ -1,8 +1,10 @@
-"""Gemma 3 (text) against transformers on a tiny random-weight checkpoint.
+"""Gemma 3 (text) and Gemma 2 against transformers on tiny random-weight checkpoints.
 
 The window (8) is much shorter than the longer prompts and generations, so sliding and full
 layers see different keys; the two RoPE bases, the attention scale and the norm weights all
-differ from their Llama defaults, so a mix-up of any of them changes the tokens.
+differ from their Llama defaults, so a mix-up of any of them changes the tokens. Gemma 2's
+soft-capping is set low enough (scores capped at 1.5, logits at 4) to change the tokens if it were
+skipped, in either attention backend.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig
 
 import keel
 from keel.models.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, save_byte_tokenizer
@@ -40,11 +42,30 @@ def tiny_config(**overrides) -> Gemma3TextConfig:
     return Gemma3TextConfig(**{**options, **overrides})
 
 
+def tiny_gemma2_config(**overrides) -> Gemma2Config:
+    options = dict(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID, sliding_window=WINDOW, query_pre_attn_scalar=24, rope_theta=1000.0,
+        attn_logit_softcapping=1.5, final_logit_softcapping=4.0, architectures=["Gemma2ForCausalLM"])
+    return Gemma2Config(**{**options, **overrides})
+
+
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """(checkpoint directory, the transformers model it holds)."""
-    directory = tmp_path_factory.mktemp("hf-gemma3")
-    model = Gemma3ForCausalLM(tiny_config()).eval()
+    return write_gemma(tmp_path_factory.mktemp("hf-gemma3"), Gemma3ForCausalLM(tiny_config()))
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    model = Gemma2ForCausalLM(tiny_gemma2_config())
+    model.set_attn_implementation("eager")  # the one that applies soft-capping
+    return write_gemma(tmp_path_factory.mktemp("hf-gemma2"), model)
+
+
+def write_gemma(directory: Path, model: torch.nn.Module) -> tuple[Path, torch.nn.Module]:
+    model.eval()
     init_random_weights(model, seed=0, std=WEIGHT_STD)
     # Gemma stores norm scales as offsets from 1: random offsets, so (1 + w) vs w and per-channel
     # order both show.
@@ -59,10 +80,9 @@ def gemma3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mod
 
 
 @pytest.fixture(scope="module")
-def hf_reference(gemma3) -> Callable[[tuple[int, ...]], tuple[list[int], torch.Tensor]]:
-    """transformers' greedy tokens and per-step log-probs for a prompt, computed once per prompt."""
-    _, model = gemma3
-    return functools.cache(lambda prompt: hf_greedy(model, list(prompt), NEW_TOKENS))
+def hf_reference() -> Callable[[torch.nn.Module, tuple[int, ...]], tuple[list[int], torch.Tensor]]:
+    """transformers' greedy tokens and per-step log-probs for a model and prompt, computed once each."""
+    return functools.cache(lambda model, prompt: hf_greedy(model, list(prompt), NEW_TOKENS))
 
 
 def make_gemma_engine(make_engine, directory: Path, backend: str, **options) -> keel.Engine:
@@ -73,8 +93,9 @@ def make_gemma_engine(make_engine, directory: Path, backend: str, **options) -> 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_greedy_tokens_and_logprobs_match_transformers(page_size, backend, gemma3, hf_reference, make_engine):
-    directory, _ = gemma3
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_greedy_tokens_and_logprobs_match_transformers(kind, page_size, backend, hf_reference, make_engine, request):
+    directory, hf_model = request.getfixturevalue(kind)
     prompts = random_prompts(PROMPT_LENGTHS, seed=3)
     # chunks shorter than the longer prompts, so a chunk's window reaches into the previous chunk
     engine = make_gemma_engine(make_engine, directory, backend, page_size=page_size, chunked_prefill_size=16)
@@ -83,7 +104,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(page_size, backend, gemma
     outputs = engine.generate(prompts, params)
 
     for prompt, out in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = hf_reference(tuple(prompt))
+        ref_tokens, ref_logprobs = hf_reference(hf_model, tuple(prompt))
         assert out.token_ids == ref_tokens, f"prompt of {len(prompt)} tokens diverged"
         for step, entry in enumerate(out.logprobs):
             ref = ref_logprobs[step]
@@ -94,8 +115,9 @@ def test_greedy_tokens_and_logprobs_match_transformers(page_size, backend, gemma
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prompt_logprobs_match_transformers(backend, gemma3, make_engine):
-    directory, hf_model = gemma3
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_prompt_logprobs_match_transformers(kind, backend, make_engine, request):
+    directory, hf_model = request.getfixturevalue(kind)
     prompts = random_prompts([40, 2, 19], seed=4)
     engine = make_gemma_engine(make_engine, directory, backend, page_size=4, chunked_prefill_size=16)
     outputs = engine.generate(prompts, keel.SamplingParams(max_new_tokens=1, prompt_logprobs=3))
@@ -111,10 +133,11 @@ def test_config_reads_windows_ropes_and_scale():
     assert config.hidden_act == "gelu_pytorch_tanh"
 
 
-@pytest.mark.parametrize("option", ["final_logit_softcapping", "attn_logit_softcapping"])
-def test_softcapping_is_refused(option):
-    with pytest.raises(ValueError, match=f"{option}=30.0 is not supported"):
-        ModelConfig.from_hf(tiny_config(**{option: 30.0}))
+def test_gemma2_config_reads_alternating_windows_and_caps():
+    config = ModelConfig.from_hf(tiny_gemma2_config())
+    assert config.sliding_windows == (WINDOW, None, WINDOW, None)
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (1.5, 4.0)
+    assert config.sliding_rope is None and config.query_pre_attn_scalar == 24
 
 
 def test_multimodal_config_is_refused():
