@@ -33,6 +33,9 @@ TINY_MODELS: dict[str, tuple[type, type, dict]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=True)),
     # A window shorter than most test prompts, so the sliding-window mask matters.
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=8, tie_word_embeddings=False)),
+    # Qwen2's own switch: layers from max_window_layers on slide (here the second), the first attends fully.
+    "qwen2-window": (Qwen2Config, Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=8,
+                                                         max_window_layers=1, tie_word_embeddings=False)),
 }
 
 
