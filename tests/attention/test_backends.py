@@ -21,13 +21,15 @@ from tests.helpers import KERNEL_DEVICE
 HEAD_DIM = 16
 
 
-def reference(q, keys, values, prefix, window, scale, visible=None):
+def reference(q, keys, values, prefix, window, scale, visible=None, softcap=None):
     """q: [ext, H, D] at positions prefix.., keys/values: [seq, KVH, D] -> [ext, H*D]; `visible` ([ext, seq])
-    replaces the causal (and window) mask."""
+    replaces the causal (and window) mask; `softcap` caps the scores (cap * tanh(score / cap))."""
     group = q.shape[1] // keys.shape[1]
     k = keys.repeat_interleave(group, dim=1).transpose(0, 1)
     v = values.repeat_interleave(group, dim=1).transpose(0, 1)
     scores = (q.transpose(0, 1) @ k.transpose(1, 2)) * scale  # [H, ext, seq]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if visible is None:
         qpos = torch.arange(prefix, prefix + q.shape[0], device=q.device)[:, None]
         kpos = torch.arange(keys.shape[0], device=q.device)[None, :]
@@ -42,14 +44,14 @@ BACKENDS = ["torch", "triton"]
 
 
 def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode, backend_name="torch", seed=0,
-             device=None, dtype=torch.float32, head_dim=HEAD_DIM, rotate=False):
+             device=None, dtype=torch.float32, head_dim=HEAD_DIM, rotate=False, softcap=None):
     """Random paged K/V and queries through a backend, against dense float32 attention on the same values.
     float32 must agree to 1e-5; other dtypes to a relative error (norm of the difference) under 1e-2.
     With `rotate`, the backend also applies a rotary embedding to q and the new keys (the reference
     rotates them in float32 first)."""
     device = device or (KERNEL_DEVICE if backend_name == "triton" else torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
-    layer = AttentionLayer(0, heads, kv_heads, head_dim, head_dim ** -0.5, window)
+    layer = AttentionLayer(0, heads, kv_heads, head_dim, head_dim ** -0.5, window, softcap)
     context = max(p + e for p, e in zip(prefix_lens, extend_lens)) + page_size
     kv = KVCacheManager(num_pages=sum(prefix_lens) // page_size + sum(extend_lens) + 2 * len(prefix_lens) + 8,
                         page_size=page_size, max_requests=8, context_length=context, device=device,
@@ -89,7 +91,7 @@ def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode,
     out = backend.forward(layer, queries.clone(), new_keys.clone(),
                           torch.cat([v[p:] for v, p in zip(values, prefix_lens)]), pool,
                           backend.build_metadata(batch), rotation)
-    expected = torch.cat([reference(qi.float(), k.float(), v.float(), p, window, layer.scale)
+    expected = torch.cat([reference(qi.float(), k.float(), v.float(), p, window, layer.scale, softcap=softcap)
                           for qi, k, v, p in zip(q, keys, values, prefix_lens)])
     if dtype == torch.float32:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -123,6 +125,15 @@ def test_decode(page_size, heads, kv_heads, window, backend):
 @pytest.mark.parametrize("rotate", [False, True])
 def test_mixed_batch_of_decode_and_extend(backend, rotate):
     run_case([12, 0, 7], [1, 9, 1], 4, 8, 2, None, ForwardMode.MIXED, backend, rotate=rotate)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [ForwardMode.DECODE, ForwardMode.EXTEND])
+@pytest.mark.parametrize("window", [None, 5])
+def test_softcapped_scores(backend, mode, window):
+    """Gemma 2's soft-capping (cap 0.5, far below these random scores, so every score is bent)."""
+    extend = [1, 1, 1, 1] if mode == ForwardMode.DECODE else [1, 9, 17, 4]
+    run_case([0, 3, 16, 40], extend, 4, 8, 2, window, mode, backend, softcap=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
