@@ -10,6 +10,7 @@ step) / step time, against the HBM bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import time
@@ -37,14 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     options = dataclass_kwargs(args, EngineConfig)
-    if options["speculative_algorithm"] is not None:
-        raise ValueError("keel bench latency times plain decode steps; measure speculative decoding with keel bench "
-                         "offline, which also runs the same prompts without it and prints the speed-up")
     largest = max(args.batch_sizes) * (max(args.input_lens) + args.output_len)
     options.update(max_running_requests=max(options["max_running_requests"], max(args.batch_sizes)),
                    kv_cache_tokens=options["kv_cache_tokens"] or largest + 4096, chunked_prefill_size=None,
                    max_prefill_tokens=max(options["max_prefill_tokens"], largest))
+    baseline = None
+    if options["speculative_algorithm"] is not None:  # the same cases without speculation, first
+        plain = {k: v for k, v in options.items() if not k.startswith("speculative_")}
+        baseline = time_decoding(keel.Engine(plain.pop("model"), **plain), args)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the baseline's KV pool goes back before the measured engine sizes its own
     engine = keel.Engine(options.pop("model"), **options)
+    if baseline is not None:
+        return run_speculative(engine, args, baseline)
     runner = engine.core.runner
     hbm = measure_hbm_bandwidth(runner.device)
     results = []
@@ -58,6 +65,38 @@ def run(args: argparse.Namespace) -> list[dict]:
             append_result(args.result_file, record)
             results.append(record)
             print(format_record(record))
+    return results
+
+
+def time_decoding(engine: keel.Engine, args: argparse.Namespace) -> dict[tuple[int, int], dict]:
+    """Per (batch size, input length): the median run of the engine alone (`time_engine`)."""
+    cases = {}
+    for bs in args.batch_sizes:
+        for input_len in args.input_lens:
+            runs = [time_engine(engine, bs, input_len, args.output_len) for _ in range(args.runs)]
+            cases[bs, input_len] = sorted(runs, key=lambda r: r["decode_s"])[len(runs) // 2]
+    return cases
+
+
+def run_speculative(engine: keel.Engine, args: argparse.Namespace, baseline: dict[tuple[int, int], dict]) -> list[dict]:
+    """A speculative step emits a varying number of tokens, so the figure is decode time per output token, against
+    the same cases without speculation measured in this run; with the mean accept length."""
+    results = []
+    for (bs, input_len), ours in time_decoding(engine, args).items():
+        plain = baseline[bs, input_len]
+        tokens = bs * (args.output_len - 1)  # decoded after the prefill's first token
+        record = {**environment(engine.core.runner.device), "bench": "latency", "model": engine.config.model,
+                  "speculative_algorithm": engine.config.speculative_algorithm, "batch_size": bs,
+                  "input_len": input_len, "output_len": args.output_len, "runs": args.runs,
+                  "prefill_s": ours["prefill_s"], "decode_s_per_token": ours["decode_s"] / tokens,
+                  "decode_tok_s": tokens / ours["decode_s"], "accept_length": ours["accept_length"],
+                  "baseline_decode_tok_s": tokens / plain["decode_s"],
+                  "speedup_vs_no_speculation": plain["decode_s"] / ours["decode_s"]}
+        append_result(args.result_file, record)
+        results.append(record)
+        print(f"{record['model']} {record['speculative_algorithm']} bs={bs} in={input_len} out={args.output_len}: "
+              f"{record['decode_tok_s']:.0f} decode tok/s, accept length {record['accept_length']:.2f}; without "
+              f"speculation {record['baseline_decode_tok_s']:.0f} tok/s: {record['speedup_vs_no_speculation']:.2f}x")
     return results
 
 
@@ -76,7 +115,8 @@ def add_requests(engine: keel.Engine, bs: int, input_len: int, output_len: int) 
 
 
 def time_engine(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
-    """Prefill (its step, synchronized), then the wall time between successive engine steps."""
+    """Prefill (its step, synchronized), then the wall time between successive engine steps (their median, and
+    all of them), and the mean accept length where steps verified drafts."""
     core, device = engine.core, engine.core.runner.device
     add_requests(engine, bs, input_len, output_len)
     sync(device)
@@ -85,14 +125,18 @@ def time_engine(engine: keel.Engine, bs: int, input_len: int, output_len: int) -
     sync(device)
     prefill = time.perf_counter() - start
     intervals = []
+    verified = accepted = 0
     last = time.perf_counter()
     while core.has_work:
-        core.step()
+        for out in core.step():
+            verified += bool(out.num_draft_tokens)
+            accepted += out.num_accepted_tokens
         now = time.perf_counter()
         intervals.append(now - last)
         last = now
     core.flush_cache()
-    return {"prefill_s": prefill, "engine_step_s": statistics.median(intervals)}
+    return {"prefill_s": prefill, "engine_step_s": statistics.median(intervals), "decode_s": sum(intervals),
+            "accept_length": 1 + accepted / verified if verified else 1.0}
 
 
 def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
