@@ -25,7 +25,8 @@ class ForwardMode(enum.Enum):
     IDLE = "idle"  # no tokens; still a valid forward (data-parallel ranks with nothing to do)
     # speculative decoding
     # The target scores each request's last token and its drafts, laid out as decode rows: one row per token,
-    # each attending to the KV up to its own position (the drafts' KV is stored before attention reads it).
+    # each attending to the KV up to its own position (the drafts' KV is stored before attention reads it), and
+    # within a draft tree only to its ancestors (`tree`).
     TARGET_VERIFY = "target_verify"
     DRAFT_EXTEND = "draft_extend"  # a draft model writes its KV for the tokens of the target's forward
     DRAFT_DECODE = "draft_decode"  # a draft model runs decode rows (its own proposals, or a verify's tokens)
