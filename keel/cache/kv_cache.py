@@ -101,11 +101,8 @@ class KVCacheManager:
         if new_pages is None:
             return None
         self._page_table[rows.repeat_interleave(extra), have.repeat_interleave(extra) + _ranges(extra)] = new_pages
-        counts = new_lens_t - old_lens
-        token_rows = rows.repeat_interleave(counts)
-        positions = old_lens.repeat_interleave(counts) + _ranges(counts)
-        slots = self._page_table[token_rows, positions // self.page_size] * self.page_size + positions % self.page_size
         self._kv_lens[rows] = new_lens_t
+        token_rows, positions, slots = self._slots_of(rows, old_lens, new_lens_t)
         self.table.write(token_rows, positions, slots)
         return slots
 
@@ -152,13 +149,23 @@ class KVCacheManager:
         del self.held[owner]
         self._kv_lens[row] = 0
 
-    def slots(self, owner: int, start: int, end: int) -> torch.Tensor:
-        """Host int64 slots of positions [start, end) of `owner`'s KV, which must be held."""
-        row = self._held(owner).row
-        if not 0 <= start <= end <= int(self._kv_lens[row]):
-            raise ValueError(f"positions [{start}, {end}) of owner {owner}, which holds {int(self._kv_lens[row])}")
-        positions = torch.arange(start, end)
-        return self._page_table[row, positions // self.page_size] * self.page_size + positions % self.page_size
+    def slots(self, owners: list[int], starts: list[int], ends: list[int]) -> torch.Tensor:
+        """Host int64 slots of positions [starts[i], ends[i]) of each owner's held KV, owner by owner."""
+        rows = torch.tensor([self._held(o).row for o in owners], dtype=torch.int64)
+        starts_t, ends_t = torch.tensor(starts, dtype=torch.int64), torch.tensor(ends, dtype=torch.int64)
+        if bool(((starts_t < 0) | (starts_t > ends_t) | (ends_t > self._kv_lens[rows])).any()):
+            raise ValueError(f"positions {list(zip(starts, ends))} of owners {owners}, which hold "
+                             f"{self._kv_lens[rows].tolist()}")
+        return self._slots_of(rows, starts_t, ends_t)[2]
+
+    def _slots_of(self, rows: torch.Tensor, starts: torch.Tensor,
+                  ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position, slot) of every position [starts[i], ends[i]) of table rows `rows`, from the page table."""
+        counts = ends - starts
+        token_rows = rows.repeat_interleave(counts)
+        positions = starts.repeat_interleave(counts) + _ranges(counts)
+        slots = self._page_table[token_rows, positions // self.page_size] * self.page_size + positions % self.page_size
+        return token_rows, positions, slots
 
     def row_pages(self, owner: int) -> torch.Tensor:
         """The pages of `owner`'s row covering its KV (cached prefix first, then its own)."""

@@ -156,10 +156,12 @@ class Scheduler:
         if not ready:
             return []
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        # (after a verify in flight the lengths are upper bounds and the device shifts these slots back)
-        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d,
-                          self.kv.slots(r.rid, r.seq_len - 1, r.seq_len + d), True, d, h)
-                for r, d, h in zip(ready, drafts, held)]
+        # Each part's slots from its last token on; not grow()'s, which start where the KV held so far ended (after
+        # a verify in flight, lengths are upper bounds, and the device shifts these slots back).
+        slots = torch.split(self.kv.slots([r.rid for r in ready], [r.seq_len - 1 for r in ready],
+                                          [r.seq_len + d for r, d in zip(ready, drafts)]), [1 + d for d in drafts])
+        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, slots[i], True, d, h)
+                for i, (r, d, h) in enumerate(zip(ready, drafts, held))]
 
     def wants_drafts(self) -> bool:
         """Whether the next decode step would draft for some request with a drafter that reads its tokens on the

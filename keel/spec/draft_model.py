@@ -122,16 +122,15 @@ class DraftModelDrafter:
         above = torch.ones(n, k, dtype=torch.int64, device=device)  # mask bits of each frontier node's ancestors
         hidden = out.features[:, None].expand(n, k, -1) if out.features is not None else None
         branch = torch.arange(k, device=device)
+        req_rows, frontier_roots = rows.repeat_interleave(k), root_pos.repeat_interleave(k)  # a row per frontier node
         for step in range(1, self.steps):
             first = 1 + (step - 1) * k  # the frontier's tree index (its offset from the root's table position)
-            table_pos = root_pos[:, None] + first + branch
+            table_pos = (root_pos[:, None] + first + branch).reshape(-1)
             bits = above | (1 << (first + branch))
-            req_rows = rows.repeat_interleave(k)
             out = self._forward_rows(
-                tokens.gather(1, frontier).reshape(-1), (root_pos + step).repeat_interleave(k), req_rows,
-                hidden.reshape(n * k, -1) if hidden is not None else None,
-                TreeMask(root_pos.repeat_interleave(k), bits.reshape(-1)),
-                self.table.slots[req_rows, table_pos.reshape(-1)].to(torch.int64), table_pos.reshape(-1) + 1)
+                tokens.gather(1, frontier).reshape(-1), frontier_roots + step, req_rows,
+                hidden.reshape(n * k, -1) if hidden is not None else None, TreeMask(frontier_roots, bits.reshape(-1)),
+                self.table.slots[req_rows, table_pos].to(torch.int64), table_pos + 1)
             top_tokens, top_scores = _top_log_probs(out.logits, k)
             offset = k + (step - 1) * k * k
             children = slice(offset, offset + k * k)
@@ -139,10 +138,11 @@ class DraftModelDrafter:
             scores[:, children] = (scores.gather(1, frontier)[:, :, None] + top_scores.reshape(n, k, k)).reshape(n, -1)
             parents[:, children] = frontier.repeat_interleave(k, dim=1)
             best = scores[:, children].topk(k, dim=1).indices
-            frontier, above = offset + best, bits.gather(1, best // k)
+            parent = best // k  # the frontier node each new one descends from
+            frontier, above = offset + best, bits.gather(1, parent)
             if out.features is not None:
-                hidden = out.features.reshape(n, k, -1).gather(
-                    1, (best // k)[:, :, None].expand(n, k, out.features.shape[-1]))
+                width = out.features.shape[-1]
+                hidden = out.features.reshape(n, k, width).gather(1, parent[:, :, None].expand(n, k, width))
         chosen = scores.topk(size - 1, dim=1).indices.sort(dim=1).values
         node_of = torch.zeros(n, num_candidates + 1, dtype=torch.int64, device=device)  # column 0: the root
         node_of.scatter_(1, chosen + 1, torch.arange(1, size, device=device).repeat(n, 1))
