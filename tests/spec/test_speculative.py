@@ -347,3 +347,23 @@ def test_steps_after_a_verify_in_flight_shift_on_the_device(drafter, page_size, 
                              **options(drafter, drafters))
         assert_greedy_equal(engine.generate(PROMPTS, GREEDY), reference)
         assert (sum(built) >= 5) if overlap else not any(built), (overlap, sum(built), len(built))
+
+
+# ---- a real model
+
+def test_a_real_model_drafting_trees_for_itself_is_token_identical(make_engine):
+    """SmolLM2-135M-Instruct (float32, CPU) drafting trees for itself (STANDALONE, topk 4, 8 tokens) at page size 16,
+    with overlap while speculating: greedy output equals plain greedy on chat prompts, and every verify accepts at
+    least the target's own first choice, which is always the tree's best candidate."""
+    plain = make_engine("smollm2-135m-instruct", page_size=16)
+    chats = [plain.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+             for text in ("Name three rivers in Europe.", "Write one sentence about the sea.")]
+    prompts = [plain.tokenizer(chat, add_special_tokens=False).input_ids for chat in chats]
+    params = keel.SamplingParams(temperature=0.0, max_new_tokens=40, top_logprobs=2)
+    expected = plain.generate(prompts, params)
+    spec = make_engine("smollm2-135m-instruct", page_size=16, speculative_algorithm="STANDALONE",
+                       speculative_draft_model_path="smollm2-135m-instruct", **TREE)
+    outputs = spec.generate(prompts, params)
+    assert_greedy_equal(outputs, expected)
+    assert all(o.spec_accepted_tokens >= o.spec_verify_ct > 0 for o in outputs)
