@@ -36,7 +36,8 @@ class EngineConfig:
     seed: int = option(0, "seed for dummy weights and for requests that do not set their own seed")
     page_size: int = option(1, "tokens per KV page")
     kv_cache_tokens: Optional[int] = option(
-        None, "KV pool size in tokens; default: from --mem-fraction of memory free after weights")
+        None, "KV pool size in tokens (of the full-attention pool of a hybrid model; of the sliding-window pool "
+        "when every layer slides); default: from --mem-fraction of memory free after weights")
     mem_fraction: float = option(0.8, "fraction of the memory free after loading weights used for the KV pool")
     context_length: Optional[int] = option(None, "maximum tokens per request; default: the model's")
     max_running_requests: int = option(256, "most requests holding KV (decoding or prefilling) at once")
@@ -47,6 +48,13 @@ class EngineConfig:
     enable_mixed_chunk: bool = option(False, "run prefill chunks and decodes in the same batch")
     schedule_policy: str = option("fcfs", "waiting-queue order: fcfs (arrival) or lpm (longest cached "
                                   "prefix first)", ("fcfs", "lpm"))
+    swa_full_tokens_ratio: float = option(
+        0.8, "hybrid KV pools (models mixing sliding-window and full-attention layers): sliding-window pool tokens "
+        "per full-pool token. The window layers need only their last `window` tokens per request, so long contexts "
+        "fit far more requests with a small ratio (e.g. 0.05 for 32k-token requests and a 1k window)")
+    disable_hybrid_swa_memory: bool = option(
+        False, "keep every layer's K/V for every token (sliding-window layers masked), instead of a separate, "
+        "smaller pool for the sliding-window layers")
     disable_radix_cache: bool = option(False, "do not share KV of common prefixes between requests")
     cuda_graph_max_bs: int = option(256, "largest decode batch replayed from a captured CUDA graph")
     disable_cuda_graph: bool = option(False, "run every decode step eagerly (CUDA graphs need the triton backend)")
@@ -88,6 +96,7 @@ class EngineConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "must be >= 1 when set")
         _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction", "must be in (0, 1]")
+        _require(0.0 < self.swa_full_tokens_ratio <= 1.0, "swa_full_tokens_ratio", "must be in (0, 1]")
         if self.chunked_prefill_size is not None:
             _require(self.chunked_prefill_size >= self.page_size, "chunked_prefill_size",
                      f"must be at least page_size ({self.page_size}) so every chunk holds a page")

@@ -63,5 +63,6 @@ def make_engine() -> Iterator[Callable[..., keel.Engine]]:
     for engine in engines:
         engine.core.check_idle()
         engine.core.flush_cache()
-        pages = engine.core.kv_cache.pages
-        assert pages.num_free == pages.capacity, f"{pages.capacity - pages.num_free} pages not free after flush"
+        kv = engine.core.kv_cache
+        for pool in (kv.pages,) + ((kv.swa.allocator,) if kv.swa is not None else ()):
+            assert pool.num_free == pool.capacity, f"{pool.capacity - pool.num_free} {pool.what}s not free after flush"

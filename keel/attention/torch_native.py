@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from keel.attention.base import AttentionLayer, Rotation
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
+from keel.cache.swa_pages import SwaPageMap
 from keel.runner.forward_batch import ForwardBatch, HostInts
 
 Window = Optional[int]
@@ -33,12 +34,17 @@ class TorchNativeMetadata:
     extend_lens: HostInts
     # {window: per request, a [extend, seq] visibility mask, or None where none is needed}
     masks: dict[Window, list[Optional[torch.Tensor]]]
+    # the same two slot tensors in the sliding-window group of a hybrid pool; None without one
+    swa_out_cache_loc: Optional[torch.Tensor] = None
+    swa_kv_slots: Optional[torch.Tensor] = None
 
 
 class TorchNativeBackend:
-    def __init__(self, req_table: ReqToTokenTable, windows: tuple[Window, ...]) -> None:
+    def __init__(self, req_table: ReqToTokenTable, windows: tuple[Window, ...],
+                 swa_map: Optional[SwaPageMap] = None) -> None:
         self.req_table = req_table
         self.windows = tuple(set(windows))
+        self.swa_map = swa_map
 
     def build_metadata(self, batch: ForwardBatch) -> TorchNativeMetadata:
         # lengths known only on the device are read back: this backend loops over requests on the host anyway
@@ -52,20 +58,28 @@ class TorchNativeBackend:
         else:
             masks = {w: [_mask(e, s, w, batch.device) for e, s in zip(batch.extend_lens_cpu, seq_lens)]
                      for w in self.windows}
-        return TorchNativeMetadata(batch.out_cache_loc, kv_slots, seq_lens, starts,
-                                   batch.extend_lens_cpu, masks)
+        swa = self.swa_map
+        return TorchNativeMetadata(batch.out_cache_loc, kv_slots, seq_lens, starts, batch.extend_lens_cpu, masks,
+                                   swa.slots(batch.out_cache_loc) if swa else None,
+                                   swa.slots(kv_slots) if swa else None)
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_pool: KVPool, metadata: TorchNativeMetadata, rotation: Optional[Rotation]) -> torch.Tensor:
         if rotation is not None:
             q, k = rotation.rotary(rotation.positions, q, k)
-        kv_pool.write(layer.layer_id, metadata.out_cache_loc, k, v)
+        out_cache_loc, kv_slots = metadata.out_cache_loc, metadata.kv_slots
+        if kv_pool.is_swa(layer.layer_id):
+            if metadata.swa_out_cache_loc is None or metadata.swa_kv_slots is None:
+                raise ValueError(f"layer {layer.layer_id} lives in a sliding-window pool, but the backend was built "
+                                 "without its page map")
+            out_cache_loc, kv_slots = metadata.swa_out_cache_loc, metadata.swa_kv_slots
+        kv_pool.write(layer.layer_id, out_cache_loc, k, v)
         out = q.new_empty(q.shape[0], layer.num_heads * layer.head_dim)
         k_cache, v_cache = kv_pool.layer(layer.layer_id)
         masks = metadata.masks[layer.sliding_window]
         for i, (start, length, seq_len) in enumerate(zip(metadata.token_starts, metadata.extend_lens,
                                                          metadata.seq_lens)):
-            slots = metadata.kv_slots[i, :seq_len]
+            slots = kv_slots[i, :seq_len]
             keys = k_cache[slots].transpose(0, 1)[None]  # [1, kv_heads, seq, head_dim]
             values = v_cache[slots].transpose(0, 1)[None]
             query = q[start:start + length].transpose(0, 1)[None]  # [1, heads, extend, head_dim]

@@ -15,6 +15,7 @@ import torch
 from keel.attention.base import AttentionLayer, Rotation
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
+from keel.cache.swa_pages import SwaPageMap
 from keel.kernels.decode_attention import MAX_SPLITS, decode_attention, plan_decode_splits
 from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
 from keel.kernels.kv_store import store_kv
@@ -33,6 +34,7 @@ class TritonDecodeMetadata:
     partial_out: torch.Tensor  # [batch, heads, MAX_SPLITS, head_dim] float32 scratch
     partial_lse: torch.Tensor  # [batch, heads, MAX_SPLITS] float32 scratch
     tree: Optional[TreeMask]
+    swa_out_cache_loc: Optional[torch.Tensor]  # out_cache_loc in the sliding-window group of a hybrid pool
 
 
 @dataclass(frozen=True)
@@ -42,44 +44,57 @@ class TritonExtendMetadata:
     seq_lens: torch.Tensor
     blocks: ExtendBlocks
     tree: Optional[TreeMask]
+    swa_out_cache_loc: Optional[torch.Tensor]
 
 
 TritonMetadata = Union[TritonDecodeMetadata, TritonExtendMetadata]
 
 
 class TritonBackend:
-    def __init__(self, req_table: ReqToTokenTable, layers: list[AttentionLayer]) -> None:
+    def __init__(self, req_table: ReqToTokenTable, layers: list[AttentionLayer],
+                 swa_map: Optional[SwaPageMap] = None) -> None:
         self.req_table = req_table
+        self.swa_map = swa_map
         self.windows = tuple(set(layer.sliding_window for layer in layers))
         self.num_heads = layers[0].num_heads
         self.num_kv_heads = layers[0].num_kv_heads
         self.head_dim = layers[0].head_dim
 
     def build_metadata(self, batch: ForwardBatch) -> TritonMetadata:
+        swa_loc = self.swa_map.slots(batch.out_cache_loc) if self.swa_map is not None else None
         if batch.mode.is_decode:
             bs = batch.batch_size
             return TritonDecodeMetadata(
                 batch.out_cache_loc, batch.req_rows, batch.seq_lens,
                 {w: plan_decode_splits(batch.seq_lens, self.num_kv_heads, w) for w in self.windows},
                 torch.empty(bs, self.num_heads, MAX_SPLITS, self.head_dim, dtype=torch.float32, device=batch.device),
-                torch.empty(bs, self.num_heads, MAX_SPLITS, dtype=torch.float32, device=batch.device), batch.tree)
+                torch.empty(bs, self.num_heads, MAX_SPLITS, dtype=torch.float32, device=batch.device), batch.tree,
+                swa_loc)
         return TritonExtendMetadata(batch.out_cache_loc, batch.req_rows, batch.seq_lens,
-                                    plan_extend_blocks(batch.extend_lens_cpu, batch.device), batch.tree)
+                                    plan_extend_blocks(batch.extend_lens_cpu, batch.device), batch.tree, swa_loc)
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_pool: KVPool, metadata: TritonMetadata, rotation: Optional[Rotation]) -> torch.Tensor:
         k_cache, v_cache = kv_pool.layer(layer.layer_id)
+        loc, page_map = metadata.out_cache_loc, None
+        if kv_pool.is_swa(layer.layer_id):
+            if metadata.swa_out_cache_loc is None or self.swa_map is None:
+                raise ValueError(f"layer {layer.layer_id} lives in a sliding-window pool, but the backend was built "
+                                 "without its page map")
+            loc, page_map = metadata.swa_out_cache_loc, self.swa_map.pages
         if rotation is None:
-            store_kv(k_cache, v_cache, metadata.out_cache_loc, k, v)
+            store_kv(k_cache, v_cache, loc, k, v)
         else:
             rotate_and_store(q, k, v, rotation.positions, rotation.rotary.cos, rotation.rotary.sin, k_cache, v_cache,
-                             metadata.out_cache_loc)
-        table = self.req_table.slots
+                             loc)
+        table, page_size = self.req_table.slots, kv_pool.page_size if page_map is not None else 1
         if isinstance(metadata, TritonDecodeMetadata):
             out = decode_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
                                    metadata.num_splits[layer.sliding_window], metadata.partial_out,
-                                   metadata.partial_lse, layer.scale, layer.sliding_window, metadata.tree, layer.softcap)
+                                   metadata.partial_lse, layer.scale, layer.sliding_window, metadata.tree,
+                                   layer.softcap, page_map, page_size)
         else:
             out = extend_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,
-                                   metadata.blocks, layer.scale, layer.sliding_window, metadata.tree, layer.softcap)
+                                   metadata.blocks, layer.scale, layer.sliding_window, metadata.tree, layer.softcap,
+                                   page_map, page_size)
         return out.reshape(q.shape[0], layer.num_heads * layer.head_dim)

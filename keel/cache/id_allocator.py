@@ -167,7 +167,7 @@ class OwnedIdAllocator:
         values, counts = torch.unique(owned, return_counts=True)
         return dict(zip(values.tolist(), counts.tolist()))
 
-    def _distinct(self, ids: torch.Tensor) -> int:
+    def distinct(self, ids: torch.Tensor) -> int:
         """How many different ids `ids` holds: O(size) marks rather than a sort (a pool has ~10^6 ids, and an idle
         engine checks it every time it drains)."""
         marks = torch.zeros(self.size, dtype=torch.bool)
@@ -177,12 +177,12 @@ class OwnedIdAllocator:
     def check_consistent(self) -> None:
         """The free list and the owner table describe the same set of free ids."""
         free_ids = self._free[:self._num_free]
-        if bool((self._owner[free_ids] != FREE).any()) or self._distinct(free_ids) != self._num_free:
+        if bool((self._owner[free_ids] != FREE).any()) or self.distinct(free_ids) != self._num_free:
             raise KVAccountingError(f"{self.what} free list disagrees with the owner table")
         if int((self._owner == FREE).sum()) != self._num_free:
             raise KVAccountingError(f"{self.what}: {int((self._owner == FREE).sum())} ids marked free, "
                                     f"{self._num_free} on the free list")
         fenced = torch.cat([ids for _, ids in self._fenced]) if self._fenced else torch.zeros(0, dtype=torch.int64)
-        if (bool((self._owner[fenced] != FENCED).any()) or self._distinct(fenced) != self._num_fenced
+        if (bool((self._owner[fenced] != FENCED).any()) or self.distinct(fenced) != self._num_fenced
                 or int((self._owner == FENCED).sum()) != self._num_fenced):
             raise KVAccountingError(f"{self.what}: the fenced ids disagree with the owner table")

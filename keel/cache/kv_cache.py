@@ -7,19 +7,26 @@ the prefix cache first; on abort, retraction or error it is simply freed. Per ro
 keeps the KV length and the page of each page-sized block of positions; the device
 request->token table mirrors them per token for the attention kernels. Releasing twice, or
 releasing pages owned by someone else, raises.
+
+A hybrid model (sliding-window and full layers) also holds SWA pages (`swa`): one per full page
+while the page is inside some window still needed. Every path that hands out, frees or moves
+full pages does the same to their SWA pages here; `free_out_of_window` returns the SWA pages a
+running request has left behind its window, and a cached prefix is used only as far as the
+window KV before its end is still there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from keel.cache.id_allocator import FenceEvent, KVAccountingError, OwnedIdAllocator
+from keel.cache.id_allocator import CACHE, FenceEvent, KVAccountingError, OwnedIdAllocator
 from keel.cache.page_allocator import PageAllocator
 from keel.cache.radix import PrefixMatch, RadixCache, RadixNode
 from keel.cache.req_table import ReqToTokenTable
+from keel.cache.swa_pages import SwaPages
 
 
 @dataclass
@@ -29,21 +36,30 @@ class HeldKV:
     row: int
     lock: Optional[RadixNode]  # deepest prefix-cache node it has locked
     cached_pages: int  # leading pages of its row that belong to the prefix cache (the rest are its own)
+    matched_pages: int  # leading pages it reused from the prefix cache when admitted
+    cached_window_floor: int = 0  # hybrid pools: cached pages before this one are behind its window, dealt with
 
 
 class KVCacheManager:
     def __init__(self, num_pages: int, page_size: int, max_requests: int, context_length: int,
-                 device: torch.device, prefix_cache: bool = True) -> None:
+                 device: torch.device, prefix_cache: bool = True, num_swa_pages: int = 0,
+                 window: Optional[int] = None) -> None:
+        """`window` (the widest sliding window) makes the pool hybrid, with `num_swa_pages` SWA pages."""
         self.page_size = page_size
         self.context_length = context_length
+        self.window = window
         self.pages = PageAllocator(num_pages, page_size)
+        self.swa = SwaPages(num_pages, num_swa_pages, page_size, device) if window is not None else None
         self.rows = OwnedIdAllocator(max_requests + 1, "request row")  # + the padding row 0
         self.table = ReqToTokenTable(max_requests, context_length, device)
-        self.radix: Optional[RadixCache] = RadixCache(self.pages) if prefix_cache else None
+        self.radix: Optional[RadixCache] = RadixCache(self.pages, self.swa) if prefix_cache else None
         self.held: dict[int, HeldKV] = {}
         max_pages_per_row = (context_length + page_size - 1) // page_size
         self._page_table = torch.zeros(max_requests + 1, max_pages_per_row, dtype=torch.int64)
         self._kv_lens = torch.zeros(max_requests + 1, dtype=torch.int64)
+        # hybrid: per row, the first page whose SWA page the request may still free (those before it are the
+        # cache's, or already freed)
+        self._swa_floor = torch.zeros(max_requests + 1, dtype=torch.int64)
 
     @property
     def capacity_tokens(self) -> int:
@@ -53,10 +69,34 @@ class KVCacheManager:
         """Pages that can be had now: free ones plus those the cache would give up."""
         return self.pages.num_free + (self.radix.evictable_pages if self.radix else 0)
 
+    def available_swa_pages(self) -> int:
+        """SWA pages that can be had now (hybrid pools): free ones plus those the cache would give up."""
+        assert self.swa is not None
+        return self.swa.allocator.num_free + (self.radix.evictable_swa_pages if self.radix else 0)
+
     def match_prefix(self, tokens: list[int]) -> PrefixMatch:
+        """The longest usable cached prefix of `tokens`: on a hybrid pool, as far as the window KV before its end
+        is cached too."""
         if self.radix is None:
             return PrefixMatch([], None)
-        return self.radix.match_prefix(tokens)
+        match = self.radix.match_prefix(tokens)
+        if self.swa is None or not match.pages:
+            return match
+        usable = self._window_complete(torch.tensor(match.pages, dtype=torch.int64))
+        if usable == len(match.pages):
+            return match
+        return self.radix.match_prefix(tokens[:usable * self.page_size])
+
+    def _window_complete(self, pages: torch.Tensor) -> int:
+        """The most leading `pages` a request may reuse: those whose last `window` tokens all have SWA pages (the
+        first new token, at position e * page_size, sees keys from e * page_size - window + 1 on)."""
+        assert self.swa is not None and self.window is not None
+        index = torch.arange(pages.numel())
+        last_missing = torch.cummax(torch.where(self.swa.present(pages), -1, index), 0).values
+        ends = index + 1  # candidate prefix lengths in pages
+        first_needed = torch.clamp(ends * self.page_size - self.window + 1, min=0) // self.page_size
+        usable = ends[last_missing < first_needed]
+        return int(usable.max()) if usable.numel() else 0
 
     def admit(self, owner: int, match: PrefixMatch) -> bool:
         """Give `owner` a row holding the matched cached prefix (locked); False if every row is taken."""
@@ -70,9 +110,10 @@ class KVCacheManager:
         num_cached = len(match.pages)
         self._set_pages(row, 0, torch.tensor(match.pages, dtype=torch.int64))
         self._kv_lens[row] = num_cached * self.page_size
+        self._swa_floor[row] = num_cached
         if match.node is not None and self.radix is not None:
             self.radix.lock(match.node)
-        self.held[owner] = HeldKV(row, match.node, num_cached)
+        self.held[owner] = HeldKV(row, match.node, num_cached, num_cached)
         return True
 
     def row(self, owner: int) -> int:
@@ -94,10 +135,8 @@ class KVCacheManager:
                              f"length {self.context_length}")
         have = self.pages.pages_for(old_lens)
         extra = self.pages.pages_for(new_lens_t) - have
-        shortfall = int(extra.sum()) - self.pages.num_free
-        if shortfall > 0 and self.radix is not None:
-            self.radix.evict(shortfall)
-        new_pages = self.pages.alloc(torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra))
+        page_owners = torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra)
+        new_pages = self._alloc_pages(page_owners)
         if new_pages is None:
             return None
         self._page_table[rows.repeat_interleave(extra), have.repeat_interleave(extra) + _ranges(extra)] = new_pages
@@ -105,6 +144,61 @@ class KVCacheManager:
         token_rows, positions, slots = self._slots_of(rows, old_lens, new_lens_t)
         self.table.write(token_rows, positions, slots)
         return slots
+
+    def _alloc_pages(self, owners: torch.Tensor) -> Optional[torch.Tensor]:
+        """One full page per entry of `owners` (with its SWA page on a hybrid pool), evicting cached pages as
+        needed; None, taking nothing, if short."""
+        need = owners.numel()
+        if self.radix is not None and need > self.pages.num_free:
+            self.radix.evict(need - self.pages.num_free)
+        if self.swa is not None and self.radix is not None and need > self.swa.allocator.num_free:
+            self.radix.evict_swa(need - self.swa.allocator.num_free)
+        if self.swa is not None and need > self.swa.allocator.num_free:
+            return None
+        new_pages = self.pages.alloc(owners)
+        if new_pages is not None and self.swa is not None and not self.swa.attach(new_pages, owners):
+            raise KVAccountingError("the sliding-window pool ran short after its free pages were counted")
+        return new_pages
+
+    def free_out_of_window(self, owners: list[int], first_positions: list[int]) -> None:
+        """Hybrid pools: return the SWA pages of each owner's own pages that lie wholly before the window of its
+        earliest query to come (at position `first_positions[i]`, which sees keys from there - window + 1 on)."""
+        if self.swa is None or not owners:
+            return
+        assert self.window is not None
+        held = [self._held(o) for o in owners]
+        rows = torch.tensor([h.row for h in held], dtype=torch.int64)
+        firsts = torch.tensor(first_positions, dtype=torch.int64)
+        floors = torch.clamp(firsts - self.window + 1, min=0) // self.page_size
+        if self.radix is not None:
+            for h, floor in zip(held, floors.tolist()):
+                self._free_cached_window(h, floor)
+        starts = self._swa_floor[rows]
+        counts = torch.clamp(floors - starts, min=0)
+        if int(counts.sum()) == 0:
+            return
+        pages = self._page_table[rows.repeat_interleave(counts), starts.repeat_interleave(counts) + _ranges(counts)]
+        self.swa.detach(pages, torch.tensor(owners, dtype=torch.int64).repeat_interleave(counts))
+        self._swa_floor[rows] = torch.maximum(starts, floors)
+
+    def _free_cached_window(self, held: HeldKV, floor: int) -> None:
+        """The SWA pages of `held`'s cached prefix before page `floor` (behind its window), where no other request
+        holds them; except the window before the end of the prefix it reused when admitted (where the conversation
+        it continues ended: another's next turn would reuse it too). Chunks it cached itself keep none."""
+        assert self.radix is not None
+        kept = (self._window_tail(held.matched_pages), held.matched_pages)
+        for start, end in ((0, kept[0]), (kept[1], held.cached_pages)):
+            first, last = max(start, held.cached_window_floor), min(end, floor)
+            if first < last:
+                assert held.lock is not None
+                self.radix.free_window_kv(held.lock, first, last)
+        held.cached_window_floor = max(held.cached_window_floor, min(floor, held.cached_pages))
+
+    def _window_tail(self, num_pages: int) -> int:
+        """The first of `num_pages` leading pages inside the window before their end: a request reusing them
+        needs the SWA pages from there on."""
+        assert self.window is not None
+        return max(num_pages * self.page_size - self.window + 1, 0) // self.page_size
 
     def truncate(self, owners: list[int], committed_lens: list[int]) -> None:
         """Shrink each owner's KV to its first committed_lens tokens, freeing the pages wholly past them: the one
@@ -121,8 +215,8 @@ class KVCacheManager:
         extra = have - keep
         if int(extra.sum()):
             page_rows, page_index = rows.repeat_interleave(extra), keep.repeat_interleave(extra) + _ranges(extra)
-            self.pages.free(self._page_table[page_rows, page_index],
-                            torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra))
+            self._free_pages(self._page_table[page_rows, page_index],
+                             torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra))
             self._page_table[page_rows, page_index] = 0
         self._kv_lens[rows] = new_lens
 
@@ -132,6 +226,7 @@ class KVCacheManager:
         held = self._held(owner)
         if self.radix is not None:
             self._insert(owner, held, tokens)
+            self.free_out_of_window([owner], [len(tokens)])  # the next chunk's queries start after them
 
     def release(self, owner: int, tokens: Optional[list[int]] = None) -> None:
         """Everything `owner` holds goes back: with `tokens` (its KV's tokens), whole pages go into the prefix
@@ -142,12 +237,18 @@ class KVCacheManager:
         if tokens is not None and self.radix is not None:
             self._insert(owner, held, tokens)
         row = held.row
-        self.pages.free(self.row_pages(owner)[held.cached_pages:], owner)
+        self._free_pages(self.row_pages(owner)[held.cached_pages:], owner)
         self.rows.free(torch.tensor([row]), owner)
         if held.lock is not None and self.radix is not None:
             self.radix.unlock(held.lock)
         del self.held[owner]
         self._kv_lens[row] = 0
+
+    def _free_pages(self, pages: torch.Tensor, owner: Union[int, torch.Tensor]) -> None:
+        """Free full pages (and their SWA pages) of `owner`, or each of its entry of an `owner` tensor."""
+        if self.swa is not None:
+            self.swa.detach(pages, owner)
+        self.pages.free(pages, owner)
 
     def slots(self, owners: list[int], starts: list[int], ends: list[int]) -> torch.Tensor:
         """Host int64 slots of positions [starts[i], ends[i]) of each owner's held KV, owner by owner."""
@@ -172,10 +273,15 @@ class KVCacheManager:
         row = self._held(owner).row
         return self._page_table[row, :int(self.pages.pages_for(self._kv_lens[row]))].clone()
 
+    def window_pages(self, owner: int) -> torch.Tensor:
+        """Hybrid pools: `owner`'s own pages that may still be inside its window (each has its SWA page)."""
+        held = self._held(owner)
+        return self.row_pages(owner)[max(held.cached_pages, int(self._swa_floor[held.row])):]
+
     def set_fence(self, event: Optional[FenceEvent]) -> None:
         """Pages and rows freed from now on wait for `event` (recorded after the latest launched forward)
         before reuse; None: no forward is in flight, so everything fenced is reclaimed now."""
-        for allocator in (self.pages, self.rows):
+        for allocator in (self.pages, self.rows) + ((self.swa.allocator,) if self.swa is not None else ()):
             allocator.fence = event
             if event is None:
                 allocator.reclaim(wait=True)
@@ -200,12 +306,17 @@ class KVCacheManager:
         # point this row at the tree's, so the row never reads a page it no longer owns.
         duplicate = (tree != ours).nonzero().flatten()
         if duplicate.numel():
-            self.pages.free(ours[duplicate], owner)
+            if self.swa is not None:  # the tree's copy lacks window KV that ours has: it keeps ours
+                revive = duplicate[~self.swa.present(tree[duplicate]) & self.swa.present(ours[duplicate])]
+                self.swa.move(ours[revive], tree[revive], owner, CACHE)
+                self.radix.recount_swa(node)
+            self._free_pages(ours[duplicate], owner)
             self._set_pages(row, int(duplicate[0]), tree[int(duplicate[0]):])
         self.radix.lock(node)
         if held.lock is not None:
             self.radix.unlock(held.lock)
         held.lock, held.cached_pages = node, whole_pages
+        self._swa_floor[row] = torch.clamp(self._swa_floor[row], min=whole_pages)
 
     def _set_pages(self, row: int, first_page: int, pages: torch.Tensor) -> None:
         """Map pages [first_page, first_page + len(pages)) of `row` on the host and in the device table."""

@@ -7,6 +7,11 @@ its pages over with an explicit, checked transfer when it inserts them. A reques
 cached prefix locks the deepest node of it; a lock covers the node and all its ancestors, and
 only unlocked leaves are evicted, least recently used first. The clock is a counter, not wall
 time, so eviction order is deterministic.
+
+On a hybrid pool (`swa`) a node's pages may also hold window KV (SWA pages, owned by the cache
+too). That part goes first when the SWA pool is short: `evict_swa` frees the SWA pages of
+unlocked nodes, leaves or not, and leaves their full pages as tombstones (SGLang's term) that
+still serve a prefix whose window KV lies elsewhere. A lock keeps both.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from keel.cache.id_allocator import CACHE, KVAccountingError
 from keel.cache.page_allocator import PageAllocator
+from keel.cache.swa_pages import SwaPages
 
 PageKey = tuple[int, ...]
 
@@ -32,6 +38,7 @@ class RadixNode:
     children: dict[PageKey, "RadixNode"] = field(default_factory=dict)
     lock_ref: int = 0  # requests whose locked path runs through this node
     last_access: int = 0
+    swa_pages: int = 0  # hybrid pools: how many of its pages have their SWA page
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,15 @@ class PrefixMatch:
 
 
 class RadixCache:
-    def __init__(self, allocator: PageAllocator) -> None:
+    def __init__(self, allocator: PageAllocator, swa: Optional[SwaPages] = None) -> None:
         self.allocator = allocator
+        self.swa = swa
         self.page_size = allocator.page_size
         self.root = RadixNode([], [], None, lock_ref=1)  # locked forever: never evicted
         self.evictable_pages = 0  # pages in nodes no request has locked
         self.locked_pages = 0
+        self.evictable_swa_pages = 0  # the same for their SWA pages (hybrid pools)
+        self.locked_swa_pages = 0
         self._clock = 0
 
     @property
@@ -83,8 +93,13 @@ class RadixCache:
         if have == len(pages):
             return match.node, match.pages
         new_pages = pages[have:]
-        self.allocator.transfer(torch.tensor(new_pages), owner, CACHE)
+        new_tensor = torch.tensor(new_pages, dtype=torch.int64)
+        self.allocator.transfer(new_tensor, owner, CACHE)
         leaf = RadixNode(tokens[have * self.page_size:], new_pages, match.node, last_access=self._clock)
+        if self.swa is not None:
+            self.swa.transfer(new_tensor, owner, CACHE)
+            leaf.swa_pages = self._count_swa(leaf)
+            self.evictable_swa_pages += leaf.swa_pages
         match.node.children[self._key(leaf.tokens, 0)] = leaf
         self.evictable_pages += len(new_pages)
         return leaf, match.pages + new_pages
@@ -92,8 +107,7 @@ class RadixCache:
     def lock(self, node: RadixNode) -> None:
         for n in self._path(node):
             if n.lock_ref == 0:
-                self.evictable_pages -= len(n.pages)
-                self.locked_pages += len(n.pages)
+                self._count(n, -1)
             n.lock_ref += 1
 
     def unlock(self, node: RadixNode) -> None:
@@ -102,8 +116,28 @@ class RadixCache:
                 raise KVAccountingError("radix node unlocked more often than it was locked")
             n.lock_ref -= 1
             if n.lock_ref == 0:
-                self.locked_pages -= len(n.pages)
-                self.evictable_pages += len(n.pages)
+                self._count(n, +1)
+
+    def _count(self, node: RadixNode, sign: int) -> None:
+        """Move `node`'s pages between the evictable (sign +1) and locked (-1) counters."""
+        self.evictable_pages += sign * len(node.pages)
+        self.locked_pages -= sign * len(node.pages)
+        self.evictable_swa_pages += sign * node.swa_pages
+        self.locked_swa_pages -= sign * node.swa_pages
+
+    def recount_swa(self, node: RadixNode) -> None:
+        """Recount the SWA pages of `node` and its ancestors after their map entries changed."""
+        for n in self._path(node):
+            counted = self._count_swa(n)
+            if n.lock_ref:
+                self.locked_swa_pages += counted - n.swa_pages
+            else:
+                self.evictable_swa_pages += counted - n.swa_pages
+            n.swa_pages = counted
+
+    def _count_swa(self, node: RadixNode) -> int:
+        assert self.swa is not None
+        return int(self.swa.present(torch.tensor(node.pages, dtype=torch.int64)).sum())
 
     def evict(self, num_pages: int) -> int:
         """Free at least `num_pages` pages from unlocked leaves, least recently used first; returns pages freed."""
@@ -117,7 +151,11 @@ class RadixCache:
         freed = 0
         while freed < num_pages and heap:
             _, _, node = heapq.heappop(heap)
-            self.allocator.free(torch.tensor(node.pages), CACHE)
+            pages = torch.tensor(node.pages, dtype=torch.int64)
+            if self.swa is not None:
+                self.swa.detach(pages, CACHE)
+                self.evictable_swa_pages -= node.swa_pages
+            self.allocator.free(pages, CACHE)
             freed += len(node.pages)
             self.evictable_pages -= len(node.pages)
             parent = node.parent
@@ -127,6 +165,36 @@ class RadixCache:
                 heapq.heappush(heap, (parent.last_access, order, parent))
                 order += 1
         return freed
+
+    def evict_swa(self, num_pages: int) -> int:
+        """Free at least `num_pages` SWA pages of unlocked nodes (least recently used first), keeping their full
+        pages as tombstones; returns SWA pages freed."""
+        assert self.swa is not None
+        candidates = sorted((n for n in self.nodes() if n.lock_ref == 0 and n.swa_pages),
+                            key=lambda n: n.last_access)  # a stable sort: ties keep tree order
+        freed = 0
+        for node in candidates:
+            if freed >= num_pages:
+                break
+            self.swa.detach(torch.tensor(node.pages, dtype=torch.int64), CACHE)
+            freed += node.swa_pages
+            self.evictable_swa_pages -= node.swa_pages
+            node.swa_pages = 0
+        return freed
+
+    def free_window_kv(self, node: RadixNode, start: int, end: int) -> None:
+        """Free the SWA pages of pages [start, end) of the path to `node` that only one request has locked (the
+        caller, whose window has passed them; a request that shares them keeps them)."""
+        assert self.swa is not None
+        offset = 0
+        for n in reversed(list(self._path(node))):  # root side first
+            first, last = max(start - offset, 0), min(end - offset, len(n.pages))
+            offset += len(n.pages)
+            if first >= last or n.lock_ref != 1:
+                continue
+            freed = self.swa.detach(torch.tensor(n.pages[first:last], dtype=torch.int64), CACHE)
+            n.swa_pages -= freed
+            self.locked_swa_pages -= freed
 
     def nodes(self) -> Iterator[RadixNode]:
         """Every node but the root, parents before children."""
@@ -161,6 +229,9 @@ class RadixCache:
         parent.children[self._key(head.tokens, 0)] = head
         node.tokens, node.pages, node.parent = node.tokens[cut:], node.pages[pages:], head
         head.children[self._key(node.tokens, 0)] = node
+        if self.swa is not None:  # the two halves share the count; the lock state (and so the totals) is the same
+            head.swa_pages = self._count_swa(head)
+            node.swa_pages -= head.swa_pages
         return head
 
     def _path(self, node: RadixNode) -> Iterator[RadixNode]:

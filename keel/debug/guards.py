@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 
 DISABLE_ENV = "KEEL_DEBUG_DISABLE_GUARDS"
-# Guards with a switch so far; DESIGN.md's fresh-metadata (000), one-plan (001) and mapping-reset (002) join
-# with the issues that build their paths.
+# Guards with a switch so far; DESIGN.md's fresh-metadata (000) and one-plan (001) join with the issue that
+# builds their path (data-parallel attention).
 GUARDS = {
+    "mapping-reset": "002: a full page's SWA mapping is cleared when its SWA page is freed, and must be empty when "
+                     "the full page is handed out",
     "bounded-write": "003: writes into fixed-size (CUDA-graph) buffers check their extent; padded rows neutralised",
     "optional-explicit": "004: fields that may be absent are declared so, and checked before use",
 }

@@ -9,6 +9,10 @@ Invariants (any violation raises InvariantViolation listing everything found):
 - radix locks: each node's lock count equals the number of holding requests whose locked path
   passes through it; a request's cached prefix is exactly the pages of its locked path.
 - device table (when asked): each held row's request->token slots agree with its host pages.
+- hybrid pools, the SWA pool by the same count (free + cached + held == total), and the full->SWA map: every
+  mapped SWA page is owned by its full page's owner and mapped once; no free full page is still mapped (a
+  stale mapping, seed 002); a running request's own pages inside its window have their SWA pages; each radix
+  node's SWA count is right; the device map equals the host map (with the device table).
 
 The engine runs it whenever the scheduler drains, and after every step when KEEL_STRICT_CHECKS=1.
 """
@@ -20,9 +24,10 @@ from collections import Counter
 
 import torch
 
-from keel.cache.id_allocator import CACHE, KVAccountingError
+from keel.cache.id_allocator import CACHE, FENCED, FREE, KVAccountingError, describe_owner
 from keel.cache.kv_cache import KVCacheManager
 from keel.cache.radix import RadixCache
+from keel.cache.swa_pages import SwaPages
 from keel.scheduler.req import ReqStatus
 from keel.scheduler.scheduler import Scheduler
 
@@ -41,6 +46,8 @@ def check_invariants(scheduler: Scheduler, device_table: bool = True) -> None:
     problems = _request_problems(scheduler) + _page_problems(scheduler.kv) + _row_problems(scheduler.kv)
     if scheduler.kv.radix is not None:
         problems += _radix_problems(scheduler.kv, scheduler.kv.radix)
+    if scheduler.kv.swa is not None:
+        problems += _swa_problems(scheduler.kv, scheduler.kv.swa, device_table)
     if device_table:
         problems += _device_table_problems(scheduler.kv)
     if problems:
@@ -58,6 +65,8 @@ def check_idle(scheduler: Scheduler) -> None:
     if radix is not None and radix.locked_pages:
         problems.append(f"{radix.locked_pages} cached pages are still locked")
     fenced = scheduler.kv.pages.num_fenced + scheduler.kv.rows.num_fenced
+    if scheduler.kv.swa is not None:
+        fenced += scheduler.kv.swa.allocator.num_fenced
     if fenced:
         problems.append(f"{fenced} pages and rows are still fenced, though no forward is in flight")
     if problems:
@@ -162,6 +171,53 @@ def _radix_problems(kv: KVCacheManager, radix: RadixCache) -> list[str]:
     cache_owned = kv.pages.owner_of(torch.tensor(list(seen), dtype=torch.int64))
     if bool((cache_owned != CACHE).any()):
         problems.append("the radix tree holds pages the cache does not own")
+    return problems
+
+
+def _swa_problems(kv: KVCacheManager, swa: SwaPages, device_table: bool) -> list[str]:
+    problems = []
+    try:
+        swa.allocator.check_consistent()
+    except KVAccountingError as e:
+        problems.append(f"SWA pool: {e}")
+    full_pages = torch.arange(swa.map.numel())
+    mapped = swa.map != 0
+    full_owners = kv.pages.owner_of(full_pages)
+    stale = mapped & ((full_owners == FREE) | (full_owners == FENCED))
+    if bool(stale.any()):
+        page = int(stale.nonzero()[0])
+        problems.append(f"free full page {page} is still mapped to SWA page {int(swa.map[page])} (stale mapping)")
+    swa_pages = swa.map[mapped]
+    if swa.allocator.distinct(swa_pages) != swa_pages.numel():
+        problems.append("an SWA page is mapped from two full pages")
+    wrong = swa.allocator.owner_of(swa_pages) != full_owners[mapped]
+    if bool(wrong.any()):
+        page = int(full_pages[mapped][wrong][0])
+        swa_owner = int(swa.allocator.owner_of(swa.map[page:page + 1]))
+        problems.append(f"full page {page} ({describe_owner(int(full_owners[page]))}) maps to SWA page "
+                        f"{int(swa.map[page])}, which is {describe_owner(swa_owner)}")
+    owned = swa.allocator.owned_counts()
+    held_swa = 0
+    for owner, held in kv.held.items():
+        own = kv.row_pages(owner)[held.cached_pages:]
+        held_swa += int(swa.present(own).sum())
+        if not bool(swa.present(kv.window_pages(owner)).all()):
+            problems.append(f"owner {owner} lacks SWA pages inside its window")
+    cached_swa = owned.get(CACHE, 0)
+    if kv.radix is not None:
+        nodes = list(kv.radix.nodes())
+        if any(n.swa_pages != int(swa.present(torch.tensor(n.pages, dtype=torch.int64)).sum()) for n in nodes):
+            problems.append("a radix node's SWA page count is wrong")
+        counted = (sum(n.swa_pages for n in nodes if not n.lock_ref), sum(n.swa_pages for n in nodes if n.lock_ref))
+        if counted != (kv.radix.evictable_swa_pages, kv.radix.locked_swa_pages) or sum(counted) != cached_swa:
+            problems.append(f"radix SWA counters say {kv.radix.evictable_swa_pages} evictable / "
+                            f"{kv.radix.locked_swa_pages} locked, the tree has {counted[0]} / {counted[1]}, the "
+                            f"allocator {cached_swa} cached")
+    if swa.allocator.num_free + cached_swa + held_swa != swa.allocator.capacity:
+        problems.append(f"SWA pool: free {swa.allocator.num_free} + cached {cached_swa} + held {held_swa} != "
+                        f"total {swa.allocator.capacity} pages")
+    if device_table and not torch.equal(swa.device_map.pages.to("cpu", torch.int64), swa.map):
+        problems.append("the device's full->SWA map differs from the host's")
     return problems
 
 

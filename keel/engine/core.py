@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from keel.cache.kv_cache import KVCacheManager
+from keel.cache.kv_plan import plan_kv
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
@@ -31,7 +32,7 @@ from keel.engine.outputs import CoreOutput, TokenLogprob
 from keel.models.eagle import EAGLE_HEADS, EagleHead
 from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
-from keel.runner.model_runner import ModelRunner, plan_kv_pages
+from keel.runner.model_runner import ModelRunner, SwaGroup, free_memory_bytes
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
@@ -103,18 +104,28 @@ class EngineCore:
         return runner
 
     def _build_kv(self, runners: list[ModelRunner]) -> KVCacheManager:
-        """The KV memory of every runner: pages sized for all of them, one request table, one pool each."""
+        """The KV memory of every runner: pages sized for all of them, one request table, one pool each. The
+        target's sliding-window layers get a pool of their own when its layers mix (or all slide); a draft
+        model keeps full K/V."""
         config, device = self.config, self.runner.device
-        per_token = sum(r.kv_bytes_per_token for r in runners)
-        num_pages = plan_kv_pages(config, per_token, device, self.runner.context_length)
-        kv_cache = KVCacheManager(num_pages, config.page_size, config.max_running_requests, self.runner.context_length,
-                                  device, prefix_cache=not config.disable_radix_cache)
-        logger.info("KV pool: %d tokens in %d pages of %d (%.2f GiB%s); context length %d",
-                    num_pages * config.page_size, num_pages, config.page_size,
-                    num_pages * config.page_size * per_token / 2**30,
+        windows = self.model_config.sliding_windows
+        swa_layers = frozenset() if config.disable_hybrid_swa_memory else frozenset(
+            i for i, w in enumerate(windows) if w is not None)
+        window = max(windows[i] for i in swa_layers) if swa_layers else None
+        swa_bytes = self.runner.kv_bytes_per_token(len(swa_layers))
+        full_bytes = sum(r.kv_bytes_per_token() for r in runners) - swa_bytes
+        plan = plan_kv(config, full_bytes, swa_bytes, window, free_memory_bytes(device), self.runner.context_length,
+                       device.type == "cpu")
+        kv_cache = KVCacheManager(plan.num_pages, config.page_size, config.max_running_requests,
+                                  self.runner.context_length, device, prefix_cache=not config.disable_radix_cache,
+                                  num_swa_pages=plan.num_swa_pages, window=plan.window)
+        logger.info("KV pool: %s%s; context length %d", plan.describe(config.page_size, full_bytes, swa_bytes),
                     ", draft model included" if len(runners) > 1 else "", self.runner.context_length)
         for runner in runners:
-            runner.attach_kv(num_pages, kv_cache.table)
+            swa = None
+            if runner is self.runner and kv_cache.swa is not None:
+                swa = SwaGroup(swa_layers, plan.num_swa_pages, kv_cache.swa.device_map)
+            runner.attach_kv(plan.num_pages, kv_cache.table, swa)
         return kv_cache
 
     @property

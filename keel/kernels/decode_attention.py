@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keel.kernels.online_softmax import in_tree_path, online_softmax_step
+from keel.kernels.online_softmax import in_tree_path, mapped_slots, online_softmax_step
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
 from keel.runner.forward_batch import TreeMask
 
@@ -52,12 +52,12 @@ def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Option
 @triton.jit
 def _decode_partial_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, num_splits_ptr,
-        part_out_ptr, part_lse_ptr, out_ptr, tree_starts_ptr, tree_bits_ptr,
+        part_out_ptr, part_lse_ptr, out_ptr, tree_starts_ptr, tree_bits_ptr, page_map_ptr,
         stride_qb, stride_qh, stride_ct, stride_ch, stride_rt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
         stride_ob, stride_oh, scale, window, softcap,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
         IEEE: tl.constexpr, PDL: tl.constexpr, TREE: tl.constexpr,
-        SOFTCAP: tl.constexpr):
+        SOFTCAP: tl.constexpr, MAPPED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     pdl_wait(PDL)  # before the early exit: every program must wait
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,6 +89,8 @@ def _decode_partial_kernel(
         offs = start + tl.arange(0, BLOCK)
         valid = offs < hi
         slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=valid, other=0).to(tl.int64)
+        if MAPPED:
+            slots = mapped_slots(page_map_ptr, slots, valid, PAGE_SIZE)
         kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
         visible = valid
         if TREE:
@@ -134,8 +136,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, num_splits: torch.Tensor,
                      partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float,
                      window: Optional[int], tree: Optional[TreeMask] = None,
-                     softcap: Optional[float] = None) -> torch.Tensor:
+                     softcap: Optional[float] = None, page_map: Optional[torch.Tensor] = None,
+                     page_size: int = 1) -> torch.Tensor:
     """q: [batch, heads, head_dim]; caches: [slots, kv_heads, head_dim]; returns [batch, heads, head_dim].
+    `page_map` (int32 [table pages]): the caches are a sliding-window pool whose page of table slot s is
+    page_map[s // page_size].
 
     partial_out [batch, heads, MAX_SPLITS, head_dim] and partial_lse [batch, heads, MAX_SPLITS] (float32) are
     scratch sized from the planner's cap; num_splits is the planner's decision. `tree`: one entry per row, the
@@ -156,11 +161,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tree_starts, tree_bits = (tree.starts, tree.bits) if tree is not None else (seq_lens, seq_lens)  # unread then
     _decode_partial_kernel[(batch, kv_heads, MAX_SPLITS)](
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse, out,
-        tree_starts, tree_bits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
+        tree_starts, tree_bits, page_map if page_map is not None else seq_lens, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee,
-        TREE=tree is not None, SOFTCAP=softcap is not None, **pdl)
+        TREE=tree is not None, SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size,
+        **pdl)
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from keel.kernels.decode_attention import check_head_dim
-from keel.kernels.online_softmax import in_tree_path, online_softmax_step
+from keel.kernels.online_softmax import in_tree_path, mapped_slots, online_softmax_step
 from keel.runner.forward_batch import TreeMask
 from keel.transfer import columns_to_device
 
@@ -50,11 +50,12 @@ def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device) -> Ex
 @triton.jit
 def _extend_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr, extend_lens_ptr,
-        q_starts_ptr, block_req_ptr, block_start_ptr, tree_starts_ptr, tree_bits_ptr,
+        q_starts_ptr, block_req_ptr, block_start_ptr, tree_starts_ptr, tree_bits_ptr, page_map_ptr,
         stride_qt, stride_qh, stride_ct, stride_ch, stride_rt, stride_ot, stride_oh,
         scale, window, softcap,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, TREE: tl.constexpr, SOFTCAP: tl.constexpr):
+        IEEE: tl.constexpr, TREE: tl.constexpr, SOFTCAP: tl.constexpr, MAPPED: tl.constexpr,
+        PAGE_SIZE: tl.constexpr):
     block = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -86,6 +87,8 @@ def _extend_kernel(
         offs = start + tl.arange(0, BLOCK_K)
         k_ok = offs < hi
         slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=k_ok, other=0).to(tl.int64)
+        if MAPPED:
+            slots = mapped_slots(page_map_ptr, slots, k_ok, PAGE_SIZE)
         kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
         visible = k_ok[None, :] & (offs[None, :] <= q_pos[:, None])
         if window > 0:
@@ -102,9 +105,11 @@ def _extend_kernel(
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, blocks: ExtendBlocks, scale: float,
                      window: Optional[int], tree: Optional[TreeMask] = None,
-                     softcap: Optional[float] = None) -> torch.Tensor:
+                     softcap: Optional[float] = None, page_map: Optional[torch.Tensor] = None,
+                     page_size: int = 1) -> torch.Tensor:
     """q: [tokens, heads, head_dim] (the batch's new tokens back to back); returns the same shape. `tree`: per
-    token, the draft-tree keys it sees (no sliding window then: a tree's positions are not its table positions)."""
+    token, the draft-tree keys it sees (no sliding window then: a tree's positions are not its table positions).
+    `page_map`: a sliding-window pool's pages, as in decode_attention."""
     tokens, heads, head_dim = q.shape
     check_head_dim(head_dim)
     assert tree is None or (window is None and tree.starts.shape == (tokens,) and tree.bits.shape == (tokens,))
@@ -115,10 +120,11 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tree_starts, tree_bits = (tree.starts, tree.bits) if tree is not None else (seq_lens, seq_lens)  # unread then
     _extend_kernel[(num_blocks, heads)](
         q, k_cache, v_cache, out, req_to_token, req_rows, seq_lens, blocks.extend_lens, blocks.q_starts,
-        blocks.block_req, blocks.block_start, tree_starts, tree_bits, q.stride(0), q.stride(1), k_cache.stride(0),
+        blocks.block_req, blocks.block_start, tree_starts, tree_bits, page_map if page_map is not None else seq_lens,
+        q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
         GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N,
         IEEE=k_cache.dtype == torch.float32, TREE=tree is not None,
-        SOFTCAP=softcap is not None)
+        SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size)
     return out

@@ -54,3 +54,11 @@ def in_tree_path(key_pos, tree_start, tree_bits):
     in_tree = rel >= 0
     bit = (tree_bits >> tl.where(in_tree, rel, 0).to(tl.int64)) & 1
     return (~in_tree) | (bit != 0)
+
+
+@triton.jit
+def mapped_slots(page_map_ptr, slots, valid, PAGE_SIZE: tl.constexpr):
+    """Sliding-window pool slots of request-table (full pool) `slots`, through the full->SWA page map; a page
+    without an SWA page reads the pool's reserved page 0."""
+    pages = tl.load(page_map_ptr + slots // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    return pages * PAGE_SIZE + slots % PAGE_SIZE

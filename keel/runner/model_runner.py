@@ -2,8 +2,9 @@
 one ForwardBatch at a time.
 
 EngineCore owns memory (DESIGN, Seams): it loads every runner's model, sizes the KV pages for all of them
-(`plan_kv_pages`), builds the one request->token table, and hands it to each runner with `attach_kv`. A draft
-model's pool has the same slots as the target's, so one page allocator and one release path cover both.
+(`keel.cache.kv_plan`), builds the one request->token table, and hands it to each runner with `attach_kv`. A draft
+model's pool has the same slots as the target's, so one page allocator and one release path cover both. On a
+hybrid pool the target's sliding-window layers keep their K/V in a group of their own (`SwaGroup`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,6 +21,7 @@ from keel.attention import choose_backend, create_backend
 from keel.attention.base import AttentionBackend, AttentionContext
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
+from keel.cache.swa_pages import SwaPageMap
 from keel.config import EngineConfig
 from keel.debug.guards import guard_on
 from keel.models.config import ModelConfig
@@ -30,9 +33,16 @@ from keel.runner.sampler import SampleOutput, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
 
-# Without a GPU the KV pool defaults to at most this many tokens: enough for tests and demos,
-# and small enough not to claim the machine's memory.
-CPU_DEFAULT_KV_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class SwaGroup:
+    """A runner's share of a hybrid pool: which of its layers live in the sliding-window pool, its size, and the
+    full->SWA page map that addresses it."""
+
+    layers: frozenset[int]
+    num_pages: int
+    page_map: SwaPageMap
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,19 +96,22 @@ class ModelRunner:
         self.attn_backend: Optional[AttentionBackend] = None
         self.cuda_graph: Optional[CudaGraphRunner] = None
 
-    @property
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self, num_layers: Optional[int] = None) -> int:
+        """K/V bytes per token of `num_layers` of the model's layers (default: all)."""
         mc = self.model_config
-        return KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        return KVPool.bytes_per_token(mc.num_layers if num_layers is None else num_layers, mc.num_kv_heads,
+                                      mc.head_dim, self.dtype)
 
-    def attach_kv(self, num_pages: int, table: ReqToTokenTable) -> None:
-        """Give the model its KV pool (num_pages pages, slots addressed through `table`), then capture its
-        CUDA graphs, which read both."""
+    def attach_kv(self, num_pages: int, table: ReqToTokenTable, swa: Optional[SwaGroup] = None) -> None:
+        """Give the model its KV pool (num_pages pages, slots addressed through `table`; `swa`: its sliding-window
+        layers' group of a hybrid pool), then capture its CUDA graphs, which read both."""
         mc, config = self.model_config, self.config
         self.req_table = table
         self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
-                              self.dtype, self.device)
-        self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers)
+                              self.dtype, self.device, swa.layers if swa else frozenset(),
+                              swa.num_pages if swa else 0, swa.page_map if swa else None)
+        self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers,
+                                           swa.page_map if swa else None)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
             max_bs = min(config.cuda_graph_max_bs, config.max_running_requests * config.rows_per_request)
             features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
@@ -135,24 +148,8 @@ class ModelRunner:
         return sample(logits, batch)
 
 
-def plan_kv_pages(config: EngineConfig, bytes_per_token: int, device: torch.device, context_length: int) -> int:
-    """KV pages for every runner together (`bytes_per_token`: the sum of theirs): --kv-cache-tokens, or
-    --mem-fraction of the memory free once every model is loaded."""
-    tokens = config.kv_cache_tokens
-    if tokens is None:
-        tokens = int(_free_memory_bytes(device) * config.mem_fraction) // bytes_per_token
-        # never more than every request row can hold: a small model would otherwise get a huge page table
-        tokens = min(tokens, config.max_running_requests * context_length)
-        if device.type == "cpu":
-            tokens = min(tokens, CPU_DEFAULT_KV_TOKENS)
-    num_pages = tokens // config.page_size
-    if num_pages < 1:
-        raise ValueError(f"KV pool of {tokens} tokens holds no page of {config.page_size} tokens; "
-                         "raise kv_cache_tokens or mem_fraction")
-    return num_pages
-
-
-def _free_memory_bytes(device: torch.device) -> int:
+def free_memory_bytes(device: torch.device) -> int:
+    """Device memory free now (host memory on CPU)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free

@@ -136,6 +136,8 @@ class Scheduler:
             ready = self._decodable()
         drafts: list[int] = []
         held: list[int] = []  # KV slots each holds past its last token: its drafts' (and a tree drafter's)
+        # the step's first query is at the last known token's position or later (a step in flight adds tokens)
+        self.kv.free_out_of_window([r.rid for r in ready], [r.known_len - 1 for r in ready])
         while ready:
             drafts = [self._draft_budget(r) for r in ready]
             held = [self.config.draft_reserve if d and self.config.draft_tree else d for d in drafts]
@@ -195,10 +197,16 @@ class Scheduler:
                 if len(r.held_in_flight) <= 1 and self.kv.kv_len(r.rid) >= r.seq_len - 1
                 and r.num_generated < r.params.max_new_tokens]
 
-    def _prefill_parts(self) -> list[BatchPart]:
+    @property
+    def _prefill_budget(self) -> int:
+        """Most prompt tokens one step prefills."""
         budget = self.config.max_prefill_tokens
         if self.config.chunked_prefill_size is not None:
             budget = min(budget, self.config.chunked_prefill_size)
+        return budget
+
+    def _prefill_parts(self) -> list[BatchPart]:
+        budget = self._prefill_budget
         parts: list[BatchPart] = []
         if self.chunked is not None:
             part = self._extend(self.chunked, budget)
@@ -270,8 +278,15 @@ class Scheduler:
 
     def _fits(self, req: Req) -> bool:
         """Room for `req`'s uncached tokens and its expected output, after what admitted requests expect."""
-        expected = self._expected_tokens(req) + sum(self._expected_tokens(r) for r in self._holding_kv())
-        return math.ceil(expected / self.kv.page_size) <= self.kv.available_pages()
+        holding = self._holding_kv()
+        expected = self._expected_tokens(req) + sum(self._expected_tokens(r) for r in holding)
+        if math.ceil(expected / self.kv.page_size) > self.kv.available_pages():
+            return False
+        if self.kv.swa is None:
+            return True
+        # window KV: the new request's first chunk now, and about a page per holding request as windows move
+        first_chunk = min(req.seq_len - self.kv.kv_len(req.rid), self._prefill_budget)
+        return math.ceil(first_chunk / self.kv.page_size) + len(holding) <= self.kv.available_swa_pages()
 
     def _expected_tokens(self, req: Req) -> float:
         """KV tokens `req` is still expected to add: the rest of its prefill, and a share of its output."""
@@ -289,6 +304,7 @@ class Scheduler:
             end = (start + budget) // self.kv.page_size * self.kv.page_size  # chunks end on page boundaries
             if end <= start:
                 return None
+        self.kv.free_out_of_window([req.rid], [start])
         slots = self.kv.grow([req.rid], [end])
         if slots is None:
             return None

@@ -44,19 +44,26 @@ BACKENDS = ["torch", "triton"]
 
 
 def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode, backend_name="torch", seed=0,
-             device=None, dtype=torch.float32, head_dim=HEAD_DIM, rotate=False, softcap=None):
+             device=None, dtype=torch.float32, head_dim=HEAD_DIM, rotate=False, softcap=None, hybrid=False):
     """Random paged K/V and queries through a backend, against dense float32 attention on the same values.
     float32 must agree to 1e-5; other dtypes to a relative error (norm of the difference) under 1e-2.
     With `rotate`, the backend also applies a rotary embedding to q and the new keys (the reference
-    rotates them in float32 first)."""
+    rotates them in float32 first). With `hybrid`, the layer is a sliding-window layer of a hybrid pool: its K/V
+    go through the full->SWA page map (SWA pages numbered apart from the full ones), and the prefix's pages
+    behind the window of the first new token have given their SWA pages back before the forward."""
     device = device or (KERNEL_DEVICE if backend_name == "triton" else torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     layer = AttentionLayer(0, heads, kv_heads, head_dim, head_dim ** -0.5, window, softcap)
     context = max(p + e for p, e in zip(prefix_lens, extend_lens)) + page_size
-    kv = KVCacheManager(num_pages=sum(prefix_lens) // page_size + sum(extend_lens) + 2 * len(prefix_lens) + 8,
-                        page_size=page_size, max_requests=8, context_length=context, device=device,
-                        prefix_cache=False)
-    pool = KVPool(1, kv.pages.capacity, page_size, kv_heads, head_dim, dtype, device)
+    num_pages = sum(prefix_lens) // page_size + sum(extend_lens) + 2 * len(prefix_lens) + 8
+    kv = KVCacheManager(num_pages=num_pages, page_size=page_size, max_requests=8, context_length=context,
+                        device=device, prefix_cache=False, num_swa_pages=num_pages + 3 if hybrid else 0,
+                        window=window if hybrid else None)
+    swa_map = kv.swa.device_map if kv.swa is not None else None
+    if kv.swa is not None:
+        kv.swa.allocator.alloc(torch.tensor([99, 99, 99]))  # so no SWA page has the number of its full page
+    pool = KVPool(1, kv.pages.capacity, page_size, kv_heads, head_dim, dtype, device,
+                  frozenset({0}) if hybrid else frozenset(), num_pages + 3 if hybrid else 0, swa_map)
     seqs = [p + e for p, e in zip(prefix_lens, extend_lens)]
 
     def rand(*shape):
@@ -69,8 +76,10 @@ def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode,
         kv.admit(owner, PrefixMatch([], None))
     rows_t = torch.tensor([kv.row(o) for o in owners], device=device)
     prefix_slots = kv.grow(owners, prefix_lens).to(device)  # the cached prefix, written directly
-    pool.write(0, prefix_slots, torch.cat([k[:p] for k, p in zip(keys, prefix_lens)]),
+    pool.write(0, swa_map.slots(prefix_slots) if swa_map else prefix_slots,
+               torch.cat([k[:p] for k, p in zip(keys, prefix_lens)]),
                torch.cat([v[:p] for v, p in zip(values, prefix_lens)]))
+    kv.free_out_of_window(owners, prefix_lens)  # no-op without a hybrid pool
     new_slots = kv.grow(owners, seqs).to(device)
     q = [rand(e, heads, head_dim) for e in extend_lens]
     batch = ForwardBatch(
@@ -79,7 +88,7 @@ def run_case(prefix_lens, extend_lens, page_size, heads, kv_heads, window, mode,
         positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seqs)]).to(device),
         req_rows=rows_t, seq_lens=torch.tensor(seqs, device=device), out_cache_loc=new_slots,
         logits_indices=torch.zeros(0, dtype=torch.int64, device=device))
-    backend = create_backend(backend_name, kv.table, [layer])
+    backend = create_backend(backend_name, kv.table, [layer], swa_map)
     queries, new_keys = torch.cat(q), torch.cat([k[p:] for k, p in zip(keys, prefix_lens)])
     rotation = None
     if rotate:
@@ -134,6 +143,17 @@ def test_softcapped_scores(backend, mode, window):
     """Gemma 2's soft-capping (cap 0.5, far below these random scores, so every score is bent)."""
     extend = [1, 1, 1, 1] if mode == ForwardMode.DECODE else [1, 9, 17, 4]
     run_case([0, 3, 16, 40], extend, 4, 8, 2, window, mode, backend, softcap=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [ForwardMode.DECODE, ForwardMode.EXTEND])
+@pytest.mark.parametrize("page_size,window", [(1, 3), (4, 3), (4, 9), (16, 5), (16, 20)])
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_sliding_window_layers_of_a_hybrid_pool(backend, mode, page_size, window, softcap):
+    """Windows smaller and larger than a page, read through the SWA page map after the pages behind the window
+    went back (their map entries point at the reserved page)."""
+    extend = [1, 1, 1, 1] if mode == ForwardMode.DECODE else [1, 9, 17, 4]
+    run_case([0, 3, 16, 40], extend, page_size, 8, 2, window, mode, backend, softcap=softcap, hybrid=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

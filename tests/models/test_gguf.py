@@ -87,6 +87,27 @@ def test_real_model_matches_transformers_on_the_same_gguf_file(name, page_size, 
             assert entry.logprob == pytest.approx(reference[step, entry.token_id].item(), abs=1e-4)
 
 
+def test_gemma3_past_its_window_on_the_hybrid_pool_matches_transformers(make_engine):
+    """Gemma 3 270M's sliding layers see 512 tokens: a prompt of over two windows, prefilled in chunks of 128 (each
+    chunk's window reaching into earlier ones), decoding on a sliding-window pool that holds a fraction of it; then
+    a second turn reusing the first's cached prefix, whose window KV was kept at its end."""
+    model, tokenizer = hf_reference("gemma-3-270m")
+    prompt = tokenizer(license_text()[3000:8600]).input_ids
+    assert len(prompt) > 2 * 512
+    engine = make_engine("gemma-3-270m", page_size=16, device="cpu", dtype="float32", chunked_prefill_size=128,
+                         max_prefill_tokens=128, swa_full_tokens_ratio=0.05)
+    kv = engine.core.kv_cache
+    assert kv.window == 512 and kv.swa.allocator.capacity * kv.page_size < len(prompt)
+    params = keel.SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    first = engine.generate([prompt], params)[0]
+    second_turn = prompt + first.token_ids + tokenizer(" Thanks.").input_ids[1:]
+    second = engine.generate([second_turn], params)[0]
+    assert second.num_cached_tokens >= len(prompt) - kv.page_size
+    for tokens, out in ((prompt, first), (second_turn, second)):
+        reference = hf_scores(model, tokens, out.token_ids)
+        assert out.token_ids == reference.argmax(dim=-1).tolist(), f"prompt of {len(tokens)} tokens"
+
+
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
 def test_prompt_nll_of_real_text_matches_transformers(name, make_engine):
     """Mean negative log-likelihood of the license text's first 9,000 characters (over 2,000 tokens), scored as

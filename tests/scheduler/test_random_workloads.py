@@ -6,13 +6,17 @@ request large plus a few pages, chunked or mixed prefill, fcfs or lpm, radix cac
 and forced retraction. The engine checks every KV invariant after every step
 (KEEL_STRICT_CHECKS=1) and at the end the pool must be free once the prefix cache is flushed.
 
+The same workloads run on hybrid sliding-window models too (a tiny Qwen2 whose second layer slides and a tiny
+Mistral whose layers all do, window 8, with small sliding-window pools), against their own solo runs.
+
 The same workloads run again with speculative decoding (an n-gram drafter, the target as its own draft
 model, an unrelated one, or a random EAGLE-3 head, drafting chains of 3 tokens; or the target or the EAGLE-3
 head drafting trees; backoff on or off, overlap as the workload draws it): outputs must still equal each
 request's solo run.
 
 Replay one seed: KEEL_WORKLOAD_SEED=17 pytest tests/scheduler/test_random_workloads.py
-More seeds:      KEEL_WORKLOADS=2000 KEEL_SPEC_WORKLOADS=2000 pytest tests/scheduler/test_random_workloads.py
+More seeds:      KEEL_WORKLOADS=2000 KEEL_SPEC_WORKLOADS=2000 KEEL_HYBRID_WORKLOADS=2000 pytest \
+                     tests/scheduler/test_random_workloads.py
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.e
          else range(int(os.environ.get("KEEL_WORKLOADS", "200"))))
 SPEC_SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.environ
               else range(int(os.environ.get("KEEL_SPEC_WORKLOADS", "40"))))
+HYBRID_SEEDS = ([int(os.environ["KEEL_WORKLOAD_SEED"])] if "KEEL_WORKLOAD_SEED" in os.environ
+                else range(int(os.environ.get("KEEL_HYBRID_WORKLOADS", "40"))))
+HYBRID_KINDS = ["qwen2-window", "mistral"]
 STATS: Counter = Counter()
 
 
@@ -39,6 +46,13 @@ STATS: Counter = Counter()
 def solo_engine(tiny_model):
     directory, _ = tiny_model("llama3")
     return keel.Engine(str(directory), device="cpu", dtype="float32", chunked_prefill_size=None)
+
+
+@pytest.fixture(scope="module")
+def hybrid_solo_engines(tiny_model):
+    """Each hybrid kind's engine for solo runs: full KV (the hybrid pool off), no chunking."""
+    return {kind: keel.Engine(str(tiny_model(kind)[0]), device="cpu", dtype="float32", chunked_prefill_size=None,
+                              disable_hybrid_swa_memory=True) for kind in HYBRID_KINDS}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,6 +107,16 @@ def test_random_workload(seed, tiny_model, solo_engine, monkeypatch):
     check_workload(make_workload(seed), seed, tiny_model, solo_engine, monkeypatch)
 
 
+@pytest.mark.parametrize("seed", HYBRID_SEEDS, ids=lambda s: f"seed={s}")
+def test_random_workload_hybrid(seed, tiny_model, hybrid_solo_engines, monkeypatch):
+    workload = make_workload(seed)
+    kind = HYBRID_KINDS[seed % len(HYBRID_KINDS)]
+    # the workload's kv_cache_tokens sizes the full pool (mistral: the window pool); the window pool gets a
+    # small share, which kv_plan raises to a chunk and a window
+    workload.options["swa_full_tokens_ratio"] = [0.05, 0.3, 1.0][seed // len(HYBRID_KINDS) % 3]
+    check_workload(workload, seed, tiny_model, hybrid_solo_engines[kind], monkeypatch, kind)
+
+
 @pytest.fixture(scope="module")
 def eagle3_head(tiny_model, tmp_path_factory):
     return write_eagle_head(tmp_path_factory.mktemp("eagle3"), tiny_model("llama3")[0], eagle3=True)
@@ -114,10 +138,11 @@ def test_random_workload_speculative(seed, tiny_model, solo_engine, eagle3_head,
     check_workload(workload, seed, tiny_model, solo_engine, monkeypatch)
 
 
-def check_workload(workload: Workload, seed: int, tiny_model, solo_engine, monkeypatch) -> None:
+def check_workload(workload: Workload, seed: int, tiny_model, solo_engine, monkeypatch, kind: str = "llama3") -> None:
     monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
-    directory, _ = tiny_model("llama3")
+    directory, _ = tiny_model(kind)
     engine = keel.Engine(str(directory), device="cpu", dtype="float32", **workload.options)
+    assert (engine.core.kv_cache.swa is not None) == (kind in HYBRID_KINDS)
     retractions = Counter()
     original = engine.core.scheduler._retract
     engine.core.scheduler._retract = lambda req: (retractions.update([1]), original(req))[1]
@@ -134,7 +159,9 @@ def check_workload(workload: Workload, seed: int, tiny_model, solo_engine, monke
         assert_same_greedy(outputs[i], solo, f"request {i}\n{replay}")
     invariants.check_idle(engine.core.scheduler)
     engine.core.flush_cache()
-    assert engine.core.kv_cache.pages.num_free == engine.core.kv_cache.pages.capacity, replay
+    kv = engine.core.kv_cache
+    for pool in (kv.pages,) + ((kv.swa.allocator,) if kv.swa is not None else ()):
+        assert pool.num_free == pool.capacity, replay
     STATS.update(workloads=1, requests=len(workload.requests), aborted=len(aborted),
                  retractions=sum(retractions.values()))
     if workload.options.get("speculative_algorithm"):
