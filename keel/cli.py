@@ -43,11 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the model's chat template; print the answer")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from keel.bench import latency, offline, serve as bench_serve
+    from keel.bench import capacity, latency, offline, serve as bench_serve
 
     for name, module, what in (("serve", bench_serve, "load an OpenAI-compatible server"),
                                ("latency", latency, "prefill and decode-step time, achieved memory bandwidth"),
-                               ("offline", offline, "throughput of many prompts at once")):
+                               ("offline", offline, "throughput of many prompts at once"),
+                               ("capacity", capacity, "how many requests of a length the KV pools hold")):
         module.add_arguments(bench.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     for command in (serve, gen):
         command.add_argument("--log-level", default="warning", help="python logging level")
@@ -113,12 +114,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         elif args.command == "serve":
             serve(args)
         elif args.command == "bench":
-            from keel.bench import latency, offline, serve as bench_serve
+            from keel.bench import capacity, latency, offline, serve as bench_serve
 
             if args.bench == "serve":
                 bench_serve.run(bench_serve.config_from_args(args))
             else:
-                {"latency": latency, "offline": offline}[args.bench].run(args)
+                {"latency": latency, "offline": offline, "capacity": capacity}[args.bench].run(args)
     except ValueError as e:
         sys.exit(f"keel: error: {e}")
 

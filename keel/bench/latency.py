@@ -22,6 +22,9 @@ from keel.bench.common import (append_result, environment, hf_model_like, measur
                                sync, weight_bytes_read_per_step)
 from keel.cache.kv_pool import KVPool
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
+from keel.models.loader import load_model_config
+from keel.models.source import resolve_model
+from keel.runner.forward_batch import ForwardMode
 from keel.scheduler.batch import build_forward_batch, build_sampling_batch
 
 
@@ -30,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-lens", type=int, nargs="+", default=[128])
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3, help="repeat each case; the median run is reported")
+    parser.add_argument("--prefill", choices=["batch", "engine"], default="batch",
+                        help="batch: the whole batch in one unchunked step (on a hybrid pool one request per step, "
+                        "since a step needs window KV for all of its tokens); engine: as the engine schedules it "
+                        "(--chunked-prefill-size, --max-prefill-tokens)")
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also time transformers (static cache) on the same batch-1 cases")
     parser.add_argument("--result-file", default="bench_results.jsonl")
@@ -40,8 +47,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     options = dataclass_kwargs(args, EngineConfig)
     largest = max(args.batch_sizes) * (max(args.input_lens) + args.output_len)
     options.update(max_running_requests=max(options["max_running_requests"], max(args.batch_sizes)),
-                   kv_cache_tokens=options["kv_cache_tokens"] or largest + 4096, chunked_prefill_size=None,
-                   max_prefill_tokens=max(options["max_prefill_tokens"], largest))
+                   kv_cache_tokens=options["kv_cache_tokens"] or largest + 4096)
+    if args.prefill == "batch":
+        windows = load_model_config(resolve_model(options["model"])).sliding_windows
+        hybrid = any(w is not None for w in windows) and not options["disable_hybrid_swa_memory"]
+        options.update(chunked_prefill_size=None, max_prefill_tokens=max(args.input_lens) if hybrid
+                       else max(options["max_prefill_tokens"], largest))
     baseline = None
     if options["speculative_algorithm"] is not None:  # the same cases without speculation, first
         plain = {k: v for k, v in options.items() if not k.startswith("speculative_")}
@@ -115,13 +126,16 @@ def add_requests(engine: keel.Engine, bs: int, input_len: int, output_len: int) 
 
 
 def time_engine(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
-    """Prefill (its step, synchronized), then the wall time between successive engine steps (their median, and
-    all of them), and the mean accept length where steps verified drafts."""
+    """Prefill (the steps until every request has its first token, synchronized), then the wall time between
+    successive engine steps (their median, and all of them), and the mean accept length where steps verified
+    drafts."""
     core, device = engine.core, engine.core.runner.device
     add_requests(engine, bs, input_len, output_len)
     sync(device)
     start = time.perf_counter()
     core.step()
+    while core.scheduler.waiting or core.scheduler.chunked is not None:
+        core.step()
     sync(device)
     prefill = time.perf_counter() - start
     intervals = []
@@ -144,34 +158,41 @@ def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -
     core, runner = engine.core, engine.core.runner
     vocab = core.model_config.vocab_size
     add_requests(engine, bs, input_len, output_len)
-    times, kv_tokens = [], []
-    prefilled = False
+    times, kv_bytes = [], []
+    layer_bytes = KVPool.bytes_per_token(1, runner.model_config.num_kv_heads, runner.model_config.head_dim,
+                                         runner.dtype)
     while core.scheduler.has_work:
         batch = core.scheduler.schedule()
         forward_batch = build_forward_batch(batch, runner.device)
-        sampling = build_sampling_batch([p.req for p in batch.sampled], vocab, runner.device)
+        sampled = [p.req for p in batch.sampled]  # none in a prefill chunk that does not end its prompt
+        sampling = build_sampling_batch(sampled, vocab, runner.device) if sampled else None
         sync(runner.device)
         start = time.perf_counter()
-        token_ids = runner.sample(runner.forward(forward_batch), sampling).token_ids.tolist()
-        if prefilled:
+        logits = runner.forward(forward_batch)
+        token_ids = runner.sample(logits, sampling).token_ids.tolist() if sampling is not None else []
+        if batch.mode == ForwardMode.DECODE and len(batch.parts) == bs:
             times.append(time.perf_counter() - start)
-            kv_tokens.append(sum(p.seq_len for p in batch.parts))
-        prefilled = True
+            # what attention reads: a sliding-window layer only its window of each request
+            kv_bytes.append(layer_bytes * sum(min(p.seq_len, w or p.seq_len) for p in batch.parts
+                                              for w in runner.model_config.sliding_windows))
         core.scheduler.launched(batch)
         core.scheduler.process(batch, [[t] for t in token_ids])
     core.flush_cache()
-    return {"runner_step_s": statistics.median(times), "kv_tokens": statistics.mean(kv_tokens)}
+    if not times:
+        raise ValueError(f"no decode step ran all {bs} requests (the first finished before the last was prefilled, "
+                         "one per step on a hybrid pool): raise --output-len")
+    return {"runner_step_s": statistics.median(times), "kv_bytes": statistics.mean(kv_bytes)}
 
 
 def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, output_len: int, hbm: float) -> dict:
     """The median run (by engine step time); bandwidth figures for the engine step and the runner alone."""
-    runner, mc = engine.core.runner, engine.core.model_config
+    runner = engine.core.runner
     run = sorted(runs, key=lambda r: r["engine_step_s"])[len(runs) // 2]
-    kv_bytes = run["kv_tokens"] * KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, runner.dtype)
-    step_bytes = weight_bytes_read_per_step(runner.model) + kv_bytes
+    step_bytes = weight_bytes_read_per_step(runner.model) + run["kv_bytes"]
     step = run["engine_step_s"]
     return {**environment(runner.device), "bench": "latency", "model": engine.config.model,
-            "attention_backend": runner.attention_backend, "cuda_graph": runner.cuda_graph is not None,
+            "hybrid_kv": engine.core.kv_cache.swa is not None, "attention_backend": runner.attention_backend,
+            "cuda_graph": runner.cuda_graph is not None,
             "overlap": engine.core.overlap, "dtype": str(runner.dtype), "batch_size": bs, "input_len": input_len,
             "output_len": output_len, "runs": len(runs), "prefill_s": run["prefill_s"], "decode_step_s": step,
             "runner_step_s": run["runner_step_s"], "decode_tok_s": bs / step, "bytes_per_step": step_bytes,

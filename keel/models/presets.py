@@ -19,7 +19,28 @@ _QWEN3 = {
     "use_sliding_window": False, "sliding_window": None, "torch_dtype": "bfloat16",
 }
 
+
+def _gemma3(vocab: int, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
+            query_pre_attn_scalar: int, window: int, max_positions: int, rope_scaling: Any) -> dict[str, Any]:
+    """A Gemma 3 text model: every sixth layer global, the others a sliding window (their published pattern)."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "query_pre_attn_scalar": query_pre_attn_scalar, "sliding_window": window,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+        "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "rope_scaling": rope_scaling, "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None, "final_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": [1, 106],
+        "pad_token_id": 0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
+    # google/gemma-3-1b-it and google/gemma-3-27b-it (text)
+    "gemma-3-1b": _gemma3(262144, 26, 1152, 6912, 4, 1, 256, 256, 512, 32768, None),
+    "gemma-3-27b": _gemma3(262208, 62, 5376, 21504, 32, 16, 128, 168, 1024, 131072,
+                           {"rope_type": "linear", "factor": 8.0}),
     "llama-3.1-8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False,
                      "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},

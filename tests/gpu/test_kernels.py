@@ -45,6 +45,19 @@ def test_sliding_window(mode):
     run_case(prefixes, extends, 16, HEADS, 8, 4096, mode, "triton", device=CUDA, dtype=torch.bfloat16, head_dim=128)
 
 
+@pytest.mark.parametrize("mode", [ForwardMode.DECODE, ForwardMode.EXTEND])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("window", [5, 100, 4096])
+@pytest.mark.parametrize("softcap", [None, 1.0])
+def test_sliding_window_through_the_swa_page_map(mode, page_size, window, softcap):
+    """A hybrid pool's sliding-window layer (windows inside a page, across pages, and long) with and without
+    Gemma 2's soft-capping: K/V read through the full->SWA page map after the pages behind each window went back."""
+    prefixes, extends = (([4095, 32767, 99, 0, 700], [1, 1, 1, 1, 1]) if mode == ForwardMode.DECODE
+                         else ([0, 30000, 99, 64, 0], [700, 500, 3, 1, 4200]))
+    run_case(prefixes, extends, page_size, HEADS, 8, window, mode, "triton", device=CUDA, dtype=torch.bfloat16,
+             head_dim=128, softcap=softcap, hybrid=True)
+
+
 # llama-3.1-8b's one-row projections: qkv after the input norm, o_proj added into the residual, gate/up
 # after the post-attention norm with silu, down added into the residual, and the LM head writing float32.
 GEMV_CASES = {"qkv": (6144, 4096, dict(norm=True)), "o_proj": (4096, 4096, dict(residual=True)),
