@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from keel.models.byte_tokenizer import PAD_ID, save_byte_tokenizer
 from keel.models.weights import init_random_weights
@@ -36,6 +37,13 @@ TINY_MODELS: dict[str, tuple[type, type, dict]] = {
     # Qwen2's own switch: layers from max_window_layers on slide (here the second), the first attends fully.
     "qwen2-window": (Qwen2Config, Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=8,
                                                          max_window_layers=1, tie_word_embeddings=False)),
+    # Mixtures of experts: Qwen3-MoE with its second layer dense (mlp_only_layers), 8 experts, top 2 renormalised;
+    # Mixtral with 4 experts, top 2, in every layer.
+    "qwen3-moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(
+        head_dim=16, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False)),
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2,
+                                                        tie_word_embeddings=False)),
 }
 
 

@@ -22,6 +22,17 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """A sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    renormalize: bool  # the top-k routing weights are rescaled to sum to 1
+    sparse_layers: tuple[bool, ...]  # per layer: experts (else a dense MLP of intermediate_size)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -49,6 +60,7 @@ class ModelConfig:
     # Gemma 2: attention scores become cap * tanh(score / cap), and so do the final logits; None: no capping
     attn_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
+    moe: Optional[MoeConfig] = None
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig, eos_token_ids: Optional[tuple[int, ...]] = None) -> "ModelConfig":
@@ -81,7 +93,24 @@ class ModelConfig:
             hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu",
             attn_logit_softcapping=_optional_float(getattr(hf, "attn_logit_softcapping", None)),
             final_logit_softcapping=_optional_float(getattr(hf, "final_logit_softcapping", None)),
+            moe=_moe_config(hf),
         )
+
+
+def _moe_config(hf: PretrainedConfig) -> Optional[MoeConfig]:
+    """Qwen3-MoE (`num_experts`, sparse layers every `decoder_sparse_step` but `mlp_only_layers`) and Mixtral
+    (`num_local_experts`, every layer sparse, expert size `intermediate_size`); None for a dense model."""
+    layers = hf.num_hidden_layers
+    if not getattr(hf, "num_local_experts", None):  # transformers names Qwen3-MoE's num_experts this way too
+        return None
+    if getattr(hf, "moe_intermediate_size", None) is None:  # Mixtral
+        return MoeConfig(hf.num_local_experts, hf.num_experts_per_tok, hf.intermediate_size, True, (True,) * layers)
+    step, dense = getattr(hf, "decoder_sparse_step", 1) or 1, set(getattr(hf, "mlp_only_layers", None) or ())
+    if getattr(hf, "shared_expert_intermediate_size", 0):
+        raise ValueError("MoE models with shared experts (Qwen2-MoE) are not supported yet")
+    return MoeConfig(hf.num_local_experts, hf.num_experts_per_tok, hf.moe_intermediate_size,
+                     bool(getattr(hf, "norm_topk_prob", False)),
+                     tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
 
 
 def _check_supported(hf: PretrainedConfig) -> None:

@@ -1,4 +1,5 @@
-"""Llama (2, 3, 3.1, 3.2) and the decoder family built on it (Mistral, Qwen2, Qwen3).
+"""Llama (2, 3, 3.1, 3.2) and the decoder family built on it (Mistral, Qwen2, Qwen3, and with experts in place of
+the MLP, Qwen3-MoE and Mixtral).
 
 One file for the shared decoder; the family files switch on QKV bias or Q/K norm. Module names
 follow the Hugging Face checkpoints, so the loader maps names one to one, except for the fused
@@ -17,6 +18,7 @@ from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.embedding import LMHead, VocabEmbedding
 from keel.models.layers.linear import FusedLinear, GateUpLinear, Linear
+from keel.models.layers.moe import SparseMoE
 from keel.models.layers.norm import RMSNorm
 from keel.models.layers.rotary import RotaryEmbedding
 
@@ -70,7 +72,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, qk_norm, fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
-        self.mlp = LlamaMLP(config, fused)
+        moe = config.moe
+        self.mlp: nn.Module = LlamaMLP(config, fused)
+        if moe is not None and moe.sparse_layers[layer_id]:
+            self.mlp = SparseMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k,
+                                 moe.renormalize, fused)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Updates the residual stream `hidden` in place and returns it. Each norm is applied by the
@@ -109,7 +115,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     # HF checkpoint name part -> (keel module name part, shard index in the fused layer)
-    FUSED_WEIGHTS = {
+    FUSED_WEIGHTS: dict[str, tuple[str, Optional[int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),

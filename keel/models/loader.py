@@ -39,7 +39,8 @@ def load_model(source: ModelSource, config: ModelConfig, *, dtype: torch.dtype, 
         loaded = {name for name, _ in model.named_parameters()}
     else:
         loaded = load_safetensors(model, source.path, cls.FUSED_WEIGHTS, config.tie_word_embeddings, device,
-                                  ignored=getattr(cls, "IGNORED_WEIGHTS", ()), optional=getattr(cls, "FROM_TARGET", ()))
+                                  ignored=getattr(cls, "IGNORED_WEIGHTS", ()), optional=getattr(cls, "FROM_TARGET", ()),
+                                  experts=getattr(cls, "EXPERT_WEIGHTS", None))
     if isinstance(model, EagleHead):
         model.loaded_from_checkpoint = loaded  # what share_target must not replace
     return model.eval()

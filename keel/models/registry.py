@@ -8,8 +8,10 @@ from keel.models.eagle import LlamaForCausalLMEagle, LlamaForCausalLMEagle3
 from keel.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from keel.models.llama import LlamaForCausalLM
 from keel.models.mistral import MistralForCausalLM
+from keel.models.mixtral import MixtralForCausalLM
 from keel.models.qwen2 import Qwen2ForCausalLM
 from keel.models.qwen3 import Qwen3ForCausalLM
+from keel.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
@@ -18,8 +20,10 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLMEagle": LlamaForCausalLMEagle,  # EAGLE draft heads (--speculative-algorithm EAGLE, EAGLE3)
     "LlamaForCausalLMEagle3": LlamaForCausalLMEagle3,
     "MistralForCausalLM": MistralForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -13,6 +13,11 @@ from tqdm import tqdm
 
 # Checkpoint tensors keel does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Where a checkpoint tensor goes in its keel parameter: all of it (None), part i of a fused projection (i), or
+# part i of expert e of stacked experts ((e, i)).
+Shard = Optional[Union[int, tuple[int, int]]]
+# checkpoint name part -> (keel name part, shard index or None for a plain rename)
+Renames = dict[str, tuple[str, Optional[int]]]
 
 
 @torch.no_grad()
@@ -47,14 +52,15 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def load_safetensors(model: nn.Module, directory: Path, fused: dict[str, tuple[str, int]], tied_lm_head: bool,
-                     device: torch.device, ignored: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> set[str]:
+def load_safetensors(model: nn.Module, directory: Path, fused: Renames, tied_lm_head: bool, device: torch.device,
+                     ignored: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+                     experts: Optional[dict[str, tuple[str, int]]] = None) -> set[str]:
     """Copy every checkpoint tensor into its keel parameter; raise naming any tensor that does not fit, or any
     parameter the checkpoint lacks (but those in `optional`). Tensors named in `ignored` are skipped. Returns
-    the names of the parameters loaded."""
+    the names of the parameters loaded. `experts`: see `keel_name`."""
     params = dict(model.named_parameters())
     expected = {(name, shard) for name, p in params.items() for shard in _shards(p) if name not in optional}
-    loaded: set[tuple[str, Optional[int]]] = set()
+    loaded: set[tuple[str, Shard]] = set()
     files = weight_files(directory)
     for path in tqdm(files, desc="Loading safetensors shards", unit="shard", disable=None):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -62,7 +68,7 @@ def load_safetensors(model: nn.Module, directory: Path, fused: dict[str, tuple[s
                 if (hf_name.endswith(_IGNORED_SUFFIXES) or hf_name in ignored
                         or (tied_lm_head and hf_name == "lm_head.weight")):
                     continue
-                name, shard = keel_name(hf_name, fused)
+                name, shard = keel_name(hf_name, fused, experts)
                 if name not in params:
                     raise ValueError(f"unexpected tensor {hf_name!r} in {path.name}: keel's model has no "
                                      f"parameter {name!r}")
@@ -80,23 +86,40 @@ def load_safetensors(model: nn.Module, directory: Path, fused: dict[str, tuple[s
     return {name for name, _ in loaded}
 
 
-def keel_name(hf_name: str, fused: dict[str, tuple[str, int]]) -> tuple[str, Optional[int]]:
-    """'…self_attn.k_proj.weight' -> ('…self_attn.qkv_proj.weight', 1); other names map to themselves."""
+def keel_name(hf_name: str, renames: Renames,
+              experts: Optional[dict[str, tuple[str, int]]] = None) -> tuple[str, Shard]:
+    """'…self_attn.k_proj.weight' -> ('…self_attn.qkv_proj.weight', 1); with `experts` (checkpoint projection name
+    -> (stacked parameter, part)), '…experts.5.up_proj.weight' -> ('…experts.w13', (5, 1)); renamed parts (Mixtral's
+    'block_sparse_moe' -> 'mlp') change the name only; other names map to themselves."""
     parts = hf_name.split(".")
+    shard: Shard = None
+    if experts and "experts" in parts:
+        i = parts.index("experts")
+        if i + 2 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in experts:
+            stacked, part = experts[parts[i + 2]]
+            shard = (int(parts[i + 1]), part)
+            parts = parts[:i + 1] + [stacked]
     for i, part in enumerate(parts):
-        if part in fused:
-            parts[i], shard = fused[part]
-            return ".".join(parts), shard
-    return hf_name, None
+        if part in renames:
+            parts[i], index = renames[part]
+            shard = index if index is not None else shard
+    return ".".join(parts), shard
 
 
-def _shards(param: torch.Tensor) -> list[Optional[int]]:
+def _shards(param: torch.Tensor) -> list[Shard]:
+    experts = getattr(param, "expert_shards", None)
+    if experts:
+        return [(e, i) for e in range(param.shape[0]) for i in range(len(experts))]
     sizes = getattr(param, "shard_sizes", None)
     return list(range(len(sizes))) if sizes else [None]
 
 
-def _shard_view(param: torch.Tensor, shard: Optional[int]) -> torch.Tensor:
+def _shard_view(param: torch.Tensor, shard: Shard) -> torch.Tensor:
     if shard is None:
         return param.data
+    if isinstance(shard, tuple):
+        expert, part = shard
+        sizes = param.expert_shards
+        return param.data[expert].narrow(0, sum(sizes[:part]), sizes[part])
     sizes = param.shard_sizes
     return param.data.narrow(0, sum(sizes[:shard]), sizes[shard])

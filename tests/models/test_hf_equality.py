@@ -73,10 +73,12 @@ def test_prompt_logprobs_match_transformers(page_size, tiny_model, make_engine):
     assert_prompt_logprobs_match(hf_model, prompts, outputs, top=3)
 
 
-@pytest.mark.parametrize("kind,lengths", [("llama3", [1, 9, 20]), ("mistral", [1, 9, 20]), ("qwen2", [9])])
+@pytest.mark.parametrize("kind,lengths", [("llama3", [1, 9, 20]), ("mistral", [1, 9, 20]), ("qwen2", [9]),
+                                          ("qwen3-moe", [1, 9, 20]), ("mixtral", [9])])
 def test_triton_backend_gives_the_same_tokens(kind, lengths, tiny_model, make_engine):
     """The whole model on the Triton backend (interpreted on a CPU) against the torch-native reference.
-    A single request decodes one row per step, through the fused GEMV projections (with qwen2's QKV bias)."""
+    A single request decodes one row per step, through the fused GEMV projections (with qwen2's QKV bias); the
+    MoE models run their experts through the fused MoE kernels."""
     directory, _ = tiny_model(kind)
     prompts = random_prompts(lengths, seed=60)
     params = keel.SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, top_logprobs=2)

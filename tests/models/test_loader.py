@@ -89,6 +89,8 @@ def test_dummy_load_ignores_the_checkpoint(checkpoint, make_engine):
 @pytest.mark.parametrize("name,layers,heads,kv_heads,head_dim,vocab", [
     ("llama-3.1-8b", 32, 32, 8, 128, 128256), ("llama-3.2-1b", 16, 32, 8, 64, 128256),
     ("qwen3-0.6b", 28, 16, 8, 128, 151936), ("qwen3-8b", 36, 32, 8, 128, 151936),
+    ("gemma-3-1b", 26, 4, 1, 256, 262144), ("gemma-3-27b", 62, 32, 16, 128, 262208),
+    ("qwen3-30b-a3b", 48, 32, 4, 128, 151936), ("mixtral-8x7b", 32, 32, 8, 128, 32000),
 ])
 def test_presets_carry_their_published_configs(name, layers, heads, kv_heads, head_dim, vocab):
     source = resolve_model(name)
@@ -98,7 +100,11 @@ def test_presets_carry_their_published_configs(name, layers, heads, kv_heads, he
         layers, heads, kv_heads, head_dim, vocab)
     if name.startswith("llama"):
         assert config.rope.kind == "llama3"
-    assert config.tie_word_embeddings == (name in ("llama-3.2-1b", "qwen3-0.6b"))
+    assert config.tie_word_embeddings == (name in ("llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "gemma-3-27b"))
+    if name.startswith("gemma"):
+        assert sum(w is None for w in config.sliding_windows) == layers // 6  # every sixth layer is global
+    experts = {"qwen3-30b-a3b": (128, 8, 768), "mixtral-8x7b": (8, 2, 14336)}.get(name)
+    assert (config.moe and (config.moe.num_experts, config.moe.top_k, config.moe.intermediate_size)) == experts
 
 
 def test_preset_refuses_real_weight_loading():
@@ -117,3 +123,40 @@ def test_keel_demo_is_a_real_hf_checkpoint(make_engine):
                       do_sample=False, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
     assert out.token_ids == ref[0, len(ids):].tolist()
     assert out.text.isprintable()  # trained to write text, not random bytes
+
+
+def test_checkpoint_names_map_to_fused_renamed_and_stacked_expert_parameters():
+    from keel.models.mixtral import MixtralForCausalLM
+    from keel.models.qwen3_moe import Qwen3MoeForCausalLM
+    from keel.models.weights import keel_name
+
+    qwen = Qwen3MoeForCausalLM
+    assert keel_name("model.layers.0.self_attn.k_proj.weight", qwen.FUSED_WEIGHTS, qwen.EXPERT_WEIGHTS) == (
+        "model.layers.0.self_attn.qkv_proj.weight", 1)
+    assert keel_name("model.layers.3.mlp.experts.17.up_proj.weight", qwen.FUSED_WEIGHTS, qwen.EXPERT_WEIGHTS) == (
+        "model.layers.3.mlp.experts.w13", (17, 1))
+    # a dense layer of the same model keeps its fused gate/up projection
+    assert keel_name("model.layers.1.mlp.gate_proj.weight", qwen.FUSED_WEIGHTS, qwen.EXPERT_WEIGHTS) == (
+        "model.layers.1.mlp.gate_up_proj.weight", 0)
+    assert keel_name("model.layers.1.mlp.gate.weight", qwen.FUSED_WEIGHTS, qwen.EXPERT_WEIGHTS) == (
+        "model.layers.1.mlp.gate.weight", None)  # the router
+    mix = MixtralForCausalLM
+    assert keel_name("model.layers.2.block_sparse_moe.experts.3.w2.weight", mix.FUSED_WEIGHTS,
+                     mix.EXPERT_WEIGHTS) == ("model.layers.2.mlp.experts.w2", (3, 0))
+    assert keel_name("model.layers.2.block_sparse_moe.gate.weight", mix.FUSED_WEIGHTS, mix.EXPERT_WEIGHTS) == (
+        "model.layers.2.mlp.gate.weight", None)
+
+
+def test_a_checkpoint_missing_one_expert_is_refused_naming_it(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = tiny_model("mixtral")
+    for path in directory.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\), e.g. model.layers.1.mlp.experts.w13\[shard \(2, 1\)\]"):
+        keel.Engine(str(tmp_path), device="cpu", dtype="float32")

@@ -1,0 +1,65 @@
+"""A sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router, and experts that are gated SiLU MLPs.
+
+The experts' weights are stacked per projection (w13: [experts, 2 * intermediate, hidden], gate rows then up
+rows; w2: [experts, hidden, intermediate]); checkpoints store each expert's projections apart, so each stacked
+parameter records `expert_shards` for the loader. With `fused`, the experts run as keel's fused MoE Triton
+kernels; otherwise each expert runs on the tokens routed to it, in plain torch, as transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keel.models.layers.linear import Linear
+from keel.models.layers.norm import RMSNorm
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, expert ids [T, k] int64): softmax over the experts in float32, the top k, rescaled
+    to sum to 1 when `renormalize` (Mixtral, and Qwen3-MoE with norm_topk_prob)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.w13.expert_shards = (intermediate_size, intermediate_size)  # gate, up
+        self.w2.expert_shards = (hidden_size,)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
+                 fused: bool) -> None:
+        super().__init__()
+        self.gate = Linear(hidden_size, num_experts)  # the router
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.top_k, self.renormalize, self.fused = top_k, renormalize, fused
+
+    def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """hidden += moe(norm(hidden)), in place."""
+        x = norm(hidden)
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        if self.fused:
+            from keel.kernels.fused_moe import fused_moe  # Triton only when asked for
+
+            return hidden.add_(fused_moe(x, self.experts.w13, self.experts.w2, weights, ids))
+        return hidden.add_(self._experts_one_by_one(x, weights.to(x.dtype), ids))
+
+    def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        w13, w2 = self.experts.w13, self.experts.w2
+        inter = w2.shape[2]
+        for expert in ids.unique().tolist():
+            tokens, slot = (ids == expert).nonzero(as_tuple=True)
+            gate_up = F.linear(x[tokens], w13[expert])
+            y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert])
+            out.index_add_(0, tokens, y * weights[tokens, slot, None])
+        return out
