@@ -82,6 +82,8 @@ class EngineConfig:
     speculative_ngram_min_match_window_size: int = option(1, "NGRAM: shortest suffix looked up")
     speculative_ngram_max_match_window_size: int = option(12, "NGRAM: longest suffix looked up (longer matches "
                                                               "are tried first)")
+    tp_size: int = option(1, "tensor-parallel ranks: one engine process per rank, each holding a slice of every "
+                                 "layer (attention heads, MLP and expert features, vocabulary); Llama-family models")
     attention_backend: str = option(
         "auto", "triton (paged Triton kernels and fused ops, with CUDA-graph decode on a GPU), torch (the "
         "reference: scaled_dot_product_attention and plain torch ops), or auto: triton on a GPU when the model's "
@@ -90,7 +92,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.chunked_prefill_size in (0, -1):
             self.chunked_prefill_size = None  # 0 / -1 mean "off", as in SGLang
-        for name in ("page_size", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs"):
+        for name in ("page_size", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs", "tp_size"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("kv_cache_tokens", "context_length", "chunked_prefill_size"):
             value = getattr(self, name)
@@ -131,6 +133,8 @@ class EngineConfig:
                      f"a tree's draft steps write 1 + (steps - 1) * topk tokens, at most {MAX_TREE_TOKENS}")
         _require(1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size,
                  "speculative_ngram_min_match_window_size", "must be >= 1 and <= the max match window size")
+        _require(self.speculative_algorithm is None or self.tp_size == 1, "speculative_algorithm",
+                 "is not supported with --tp-size > 1 yet")
         with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE", "EAGLE3")
         _require(with_model == (self.speculative_draft_model_path is not None), "speculative_draft_model_path",
                  "is required by, and only by, --speculative-algorithm STANDALONE, EAGLE and EAGLE3")

@@ -14,6 +14,7 @@ strings) belongs to the front end (the offline Engine, or the API server process
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -26,13 +27,16 @@ from keel.cache.kv_plan import plan_kv
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
+from keel.distributed.mirror import MirrorRanks, RankSetup
+from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
 from keel.models.eagle import EAGLE_HEADS, EagleHead
 from keel.models.loader import load_model_config
+from keel.models.registry import model_class
 from keel.models.source import resolve_model
-from keel.runner.model_runner import ModelRunner, SwaGroup, free_memory_bytes
+from keel.runner.model_runner import ModelRunner, SwaGroup, free_memory_bytes, resolve_device
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
@@ -45,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: Optional[RankSetup] = None) -> None:
+        """`rank`: this core is a tensor-parallel rank > 0, mirroring rank 0's commands (keel/distributed/mirror.py);
+        None: the core clients talk to, which starts the other ranks itself when --tp-size > 1."""
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
@@ -56,6 +62,12 @@ class EngineCore:
         if config.draft_tree and any(w is not None for w in self.model_config.sliding_windows):
             raise ValueError(f"--speculative-eagle-topk {config.speculative_eagle_topk} drafts a tree, which keel does "
                              f"not verify on sliding-window models ({config.model}); use --speculative-eagle-topk 1")
+        if config.tp_size > 1 and not getattr(model_class(self.model_config.architecture), "tensor_parallel", False):
+            raise ValueError(f"--tp-size {config.tp_size}: keel splits Llama-family models (Llama, Mistral, Qwen2, "
+                             f"Qwen3, Qwen3-MoE, Mixtral) over ranks, not {self.model_config.architecture}")
+        self.mirror = MirrorRanks(config) if config.tp_size > 1 and rank is None else None
+        setup = rank or (self.mirror.setup if self.mirror else RankSetup(0, 1, ""))
+        init_tensor_parallel(setup.rank, setup.size, setup.init_method, resolve_device(config.device))
         self.runner = ModelRunner(config, self.source, self.model_config)
         self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
         self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))
@@ -151,6 +163,8 @@ class EngineCore:
         stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
         req = Req(rid, list(prompt_ids), params, seed, stop_ids)
         self._probe(req)
+        if self.mirror is not None:  # with the seed drawn here, so every rank samples alike
+            self.mirror.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=seed), rid)
         self.scheduler.add(req)
         self._live.add(rid)
         return rid
@@ -170,6 +184,8 @@ class EngineCore:
     def abort_many(self, rids: list[int], reason: FinishReason = "abort") -> list[int]:
         """Finish these requests now, releasing their KV, in one pass over the queues; returns those that were
         live (unknown or finished ones are ignored)."""
+        if self.mirror is not None:
+            self.mirror.send("abort_many", list(rids), reason)
         live = [rid for rid in rids if rid in self._live]
         aborted = [req.rid for req in self.scheduler.abort_many(set(live), reason)]
         self._live.difference_update(live)
@@ -189,6 +205,8 @@ class EngineCore:
         """Schedule and launch one batch; returns what requests got from the steps whose results were read
         (and requests that failed). With overlap, a step's results are read after the next step is launched,
         so the device never waits for the host between them."""
+        if self.mirror is not None:
+            self.mirror.send("step")
         outputs: list[CoreOutput] = []
         if self._launched is not None and (not self.overlap or self._launched.needs_host_tokens
                                            or self.scheduler.wants_drafts()):
@@ -286,7 +304,16 @@ class EngineCore:
 
     def flush_cache(self) -> int:
         """Evict the whole prefix cache (every page must be free afterwards); returns the pages freed."""
+        if self.mirror is not None:
+            self.mirror.send("flush_cache")
         return self.kv_cache.flush_cache()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+            shutdown_tensor_parallel()
 
 
 class RequestFault(ValueError):

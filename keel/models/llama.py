@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from keel.attention.base import AttentionContext, AttentionLayer, Rotation
+from keel.distributed.parallel import split
 from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.embedding import LMHead, VocabEmbedding
@@ -28,13 +29,16 @@ class LlamaAttention(nn.Module):
                  qk_norm: bool, fused: bool, input_size: Optional[int] = None) -> None:
         """`input_size`: of q/k/v's input when it is not the hidden size (EAGLE-3's layer reads two states)."""
         super().__init__()
-        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        # under tensor parallelism this rank's heads: q/k/v column-parallel, o_proj row-parallel
+        heads, kv_heads, head_dim = split(config.num_heads, "attention heads"), \
+            split(config.num_kv_heads, "KV heads"), config.head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, head_dim ** -0.5,
                                     config.sliding_windows[layer_id])
-        self.qkv_proj = FusedLinear(input_size or config.hidden_size, (self.q_size, self.kv_size, self.kv_size),
-                                    bias=qkv_bias, fused=fused)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False, fused=fused)
+        q_all, kv_all = config.num_heads * head_dim, config.num_kv_heads * head_dim
+        self.qkv_proj = FusedLinear(input_size or config.hidden_size, (q_all, kv_all, kv_all), bias=qkv_bias,
+                                    fused=fused, parallel="column")
+        self.o_proj = Linear(q_all, config.hidden_size, bias=False, fused=fused, parallel="row")
         # Qwen3 normalises each head of q and k before the rotation.
         self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
@@ -57,8 +61,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, fused=fused)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, fused=fused)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, fused=fused, parallel="column")
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, fused=fused, parallel="row")
 
     def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """hidden += mlp(norm(hidden)), in place."""
@@ -124,6 +128,7 @@ class LlamaForCausalLM(CausalLM):
     }
     qkv_bias = False
     qk_norm = False
+    tensor_parallel = True  # its layers split over ranks (--tp-size)
 
     def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
         """`fused`: run norms, the activation and one-row projections as Triton kernels (with the

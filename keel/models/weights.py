@@ -11,6 +11,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from keel.distributed.parallel import tensor_parallel
+
 # Checkpoint tensors keel does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Where a checkpoint tensor goes in its keel parameter: all of it (None), part i of a fused projection (i), or
@@ -73,7 +75,7 @@ def load_safetensors(model: nn.Module, directory: Path, fused: Renames, tied_lm_
                     raise ValueError(f"unexpected tensor {hf_name!r} in {path.name}: keel's model has no "
                                      f"parameter {name!r}")
                 target = _shard_view(params[name], shard)
-                tensor = f.get_tensor(hf_name)
+                tensor = _read_rank_slice(f, hf_name, params[name])
                 if tuple(tensor.shape) != tuple(target.shape):
                     raise ValueError(f"shape mismatch for tensor {hf_name!r} in {path.name}: checkpoint has "
                                      f"{list(tensor.shape)}, the model expects {list(target.shape)}")
@@ -84,6 +86,20 @@ def load_safetensors(model: nn.Module, directory: Path, fused: Renames, tied_lm_
         raise ValueError(f"checkpoint in {directory} lacks {len(missing)} tensor(s), e.g. "
                          + ", ".join(f"{n}[shard {s}]" if s is not None else n for n, s in missing[:5]))
     return {name for name, _ in loaded}
+
+
+def _read_rank_slice(f, hf_name: str, param: torch.Tensor) -> torch.Tensor:
+    """The checkpoint tensor, or under tensor parallelism this rank's slice of it along the parameter's `tp_dim`:
+    only that slice is read from the file."""
+    tp, dim = tensor_parallel(), getattr(param, "tp_dim", None)
+    if tp.size == 1 or dim is None:
+        return f.get_tensor(hf_name)
+    part = f.get_slice(hf_name)
+    size = part.get_shape()[dim]
+    if size % tp.size:
+        raise ValueError(f"{hf_name} has {size} rows along dimension {dim}, not divisible by {tp.size} ranks")
+    start, stop = tp.rank * size // tp.size, (tp.rank + 1) * size // tp.size
+    return part[start:stop] if dim == 0 else part[:, start:stop]
 
 
 def keel_name(hf_name: str, renames: Renames,

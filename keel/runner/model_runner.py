@@ -24,6 +24,7 @@ from keel.cache.req_table import ReqToTokenTable
 from keel.cache.swa_pages import SwaPageMap
 from keel.config import EngineConfig
 from keel.debug.guards import guard_on
+from keel.distributed.parallel import split
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
@@ -99,15 +100,20 @@ class ModelRunner:
     def kv_bytes_per_token(self, num_layers: Optional[int] = None) -> int:
         """K/V bytes per token of `num_layers` of the model's layers (default: all)."""
         mc = self.model_config
-        return KVPool.bytes_per_token(mc.num_layers if num_layers is None else num_layers, mc.num_kv_heads,
+        return KVPool.bytes_per_token(mc.num_layers if num_layers is None else num_layers, self.num_kv_heads,
                                       mc.head_dim, self.dtype)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """The KV heads this rank holds (all of them without tensor parallelism)."""
+        return split(self.model_config.num_kv_heads, "KV heads")
 
     def attach_kv(self, num_pages: int, table: ReqToTokenTable, swa: Optional[SwaGroup] = None) -> None:
         """Give the model its KV pool (num_pages pages, slots addressed through `table`; `swa`: its sliding-window
         layers' group of a hybrid pool), then capture its CUDA graphs, which read both."""
         mc, config = self.model_config, self.config
         self.req_table = table
-        self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim,
+        self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, self.num_kv_heads, mc.head_dim,
                               self.dtype, self.device, swa.layers if swa else frozenset(),
                               swa.num_pages if swa else 0, swa.page_map if swa else None)
         self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers,

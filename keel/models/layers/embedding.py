@@ -1,4 +1,9 @@
-"""Token embedding and LM head."""
+"""Token embedding and LM head, split over the vocabulary under tensor parallelism.
+
+With several ranks each holds a contiguous slice of the vocabulary's rows: the embedding looks up the ids in
+its slice (zeros for the others) and the ranks sum; the LM head's logits for its slice are gathered from all
+ranks, so every rank has the whole vocabulary's logits (and samples the same token from them).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keel.distributed.parallel import all_gather_last_dim, all_reduce, split, tensor_parallel
 from keel.kernels.gemv import gemv, gemv_applies
 
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        rows = split(vocab_size, "the vocabulary")
+        self.first_id = tensor_parallel().rank * rows
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.weight.tp_dim = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if tensor_parallel().size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.first_id
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(torch.where(mine, local, 0), self.weight) * mine[:, None].to(self.weight.dtype)
+        return all_reduce(out)
 
 
 class LMHead(nn.Module):
@@ -31,9 +45,11 @@ class LMHead(nn.Module):
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(split(vocab_size, "the vocabulary"), hidden_size),
+                                       requires_grad=False)
+            self.weight.tp_dim = 0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fused and gemv_applies(hidden, self.weight):
-            return gemv(hidden, self.weight, out_dtype=torch.float32)
-        return F.linear(hidden, self.weight).float()
+            return all_gather_last_dim(gemv(hidden, self.weight, out_dtype=torch.float32))
+        return all_gather_last_dim(F.linear(hidden, self.weight).float())

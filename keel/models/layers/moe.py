@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keel.distributed.parallel import all_reduce, split
 from keel.models.layers.linear import Linear
 from keel.models.layers.norm import RMSNorm
 
@@ -28,11 +29,15 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        """Under tensor parallelism each rank holds every expert's slice of the intermediate features (its gate
+        and up rows, its down columns), as a column- then row-parallel MLP."""
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
-        self.w13.expert_shards = (intermediate_size, intermediate_size)  # gate, up
+        inter = split(intermediate_size, "the experts' intermediate size")
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter), requires_grad=False)
+        self.w13.expert_shards = (inter, inter)  # gate, up
         self.w2.expert_shards = (hidden_size,)
+        self.w13.tp_dim, self.w2.tp_dim = 0, 1  # of each expert's checkpoint tensors
 
 
 class SparseMoE(nn.Module):
@@ -50,8 +55,10 @@ class SparseMoE(nn.Module):
         if self.fused:
             from keel.kernels.fused_moe import fused_moe  # Triton only when asked for
 
-            return hidden.add_(fused_moe(x, self.experts.w13, self.experts.w2, weights, ids))
-        return hidden.add_(self._experts_one_by_one(x, weights.to(x.dtype), ids))
+            out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        else:
+            out = self._experts_one_by_one(x, weights.to(x.dtype), ids)
+        return hidden.add_(all_reduce(out))  # the ranks' slices of every expert sum to its output
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)

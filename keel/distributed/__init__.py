@@ -1,0 +1,1 @@
+"""Multi-process parallelism over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
