@@ -84,6 +84,8 @@ class EngineConfig:
                                                               "are tried first)")
     tp_size: int = option(1, "tensor-parallel ranks: one engine process per rank, each holding a slice of every "
                                  "layer (attention heads, MLP and expert features, vocabulary); Llama-family models")
+    ep_size: int = option(1, "expert parallelism over the tensor-parallel ranks (1, or --tp-size): each rank holds "
+                                 "whole experts, a 1/ep share of them, instead of a slice of every expert")
     attention_backend: str = option(
         "auto", "triton (paged Triton kernels and fused ops, with CUDA-graph decode on a GPU), torch (the "
         "reference: scaled_dot_product_attention and plain torch ops), or auto: triton on a GPU when the model's "
@@ -133,6 +135,8 @@ class EngineConfig:
                      f"a tree's draft steps write 1 + (steps - 1) * topk tokens, at most {MAX_TREE_TOKENS}")
         _require(1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size,
                  "speculative_ngram_min_match_window_size", "must be >= 1 and <= the max match window size")
+        _require(self.ep_size in (1, self.tp_size), "ep_size", "must be 1 or --tp-size (experts spread over the "
+                 "tensor-parallel ranks)")
         _require(self.speculative_algorithm is None or self.tp_size == 1, "speculative_algorithm",
                  "is not supported with --tp-size > 1 yet")
         with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE", "EAGLE3")

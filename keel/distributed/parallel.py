@@ -25,12 +25,14 @@ class TensorParallel:
     rank: int
     size: int
     group: Optional[dist.ProcessGroup]  # None with one rank
+    whole_experts: bool = False  # expert parallelism: each rank holds whole experts, not a slice of each
 
 
 _TP = TensorParallel(0, 1, None)
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> None:
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device,
+                         whole_experts: bool = False) -> None:
     """Join the group of `size` ranks at `init_method` (a tcp:// or file:// address) as `rank`."""
     global _TP
     if size == 1:
@@ -38,7 +40,7 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    _TP = TensorParallel(rank, size, dist.group.WORLD)
+    _TP = TensorParallel(rank, size, dist.group.WORLD, whole_experts)
 
 
 def shutdown_tensor_parallel() -> None:

@@ -67,7 +67,8 @@ class EngineCore:
                              f"Qwen3, Qwen3-MoE, Mixtral) over ranks, not {self.model_config.architecture}")
         self.mirror = MirrorRanks(config) if config.tp_size > 1 and rank is None else None
         setup = rank or (self.mirror.setup if self.mirror else RankSetup(0, 1, ""))
-        init_tensor_parallel(setup.rank, setup.size, setup.init_method, resolve_device(config.device))
+        init_tensor_parallel(setup.rank, setup.size, setup.init_method, resolve_device(config.device),
+                             whole_experts=config.ep_size > 1)
         self.runner = ModelRunner(config, self.source, self.model_config)
         self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
         self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))

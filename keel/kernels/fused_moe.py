@@ -91,17 +91,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
               ids: torch.Tensor) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for each token t, where expert e is the gated MLP
     w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)). x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights and ids
-    [T, k] (keel.models.layers.moe.route). Returns [T, H] in x's dtype."""
+    [T, k] (keel.models.layers.moe.route); an id of E (an expert another rank holds) contributes nothing. Returns
+    [T, H] in x's dtype."""
     tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = ids.shape[1]
     if tokens == 0:
         return torch.zeros_like(x)
-    sorted_pairs, block_expert = align_by_expert(ids, num_experts)
+    sorted_pairs, block_expert = align_by_expert(ids, num_experts + 1)  # blocks of expert E are skipped
     pairs = tokens * top_k
     gated = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    down = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
+    down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of skipped experts stay 0
     ieee = x.dtype == torch.float32
     flat_weights = weights.flatten().to(torch.float32).contiguous()
     for a, w, out, n, k, first in ((x, w13, gated, inter, hidden, True), (gated, w2, down, hidden, inter, False)):

@@ -74,6 +74,8 @@ def load_safetensors(model: nn.Module, directory: Path, fused: Renames, tied_lm_
                 if name not in params:
                     raise ValueError(f"unexpected tensor {hf_name!r} in {path.name}: keel's model has no "
                                      f"parameter {name!r}")
+                if not _holds(params[name], shard):
+                    continue  # an expert another rank holds
                 target = _shard_view(params[name], shard)
                 tensor = _read_rank_slice(f, hf_name, params[name])
                 if tuple(tensor.shape) != tuple(target.shape):
@@ -122,10 +124,19 @@ def keel_name(hf_name: str, renames: Renames,
     return ".".join(parts), shard
 
 
+def _holds(param: torch.Tensor, shard: Shard) -> bool:
+    """Whether this rank holds `shard` of `param` (with expert parallelism, only its own experts)."""
+    if not isinstance(shard, tuple):
+        return True
+    first = getattr(param, "first_expert", 0)
+    return first <= shard[0] < first + param.shape[0]
+
+
 def _shards(param: torch.Tensor) -> list[Shard]:
     experts = getattr(param, "expert_shards", None)
     if experts:
-        return [(e, i) for e in range(param.shape[0]) for i in range(len(experts))]
+        first = getattr(param, "first_expert", 0)
+        return [(first + e, i) for e in range(param.shape[0]) for i in range(len(experts))]
     sizes = getattr(param, "shard_sizes", None)
     return list(range(len(sizes))) if sizes else [None]
 
@@ -136,6 +147,6 @@ def _shard_view(param: torch.Tensor, shard: Shard) -> torch.Tensor:
     if isinstance(shard, tuple):
         expert, part = shard
         sizes = param.expert_shards
-        return param.data[expert].narrow(0, sum(sizes[:part]), sizes[part])
+        return param.data[expert - getattr(param, "first_expert", 0)].narrow(0, sum(sizes[:part]), sizes[part])
     sizes = param.shard_sizes
     return param.data.narrow(0, sum(sizes[:shard]), sizes[shard])

@@ -24,6 +24,22 @@ def test_two_ranks_give_the_tokens_of_one(kind, tiny_model, make_engine):
         assert_same_greedy(a, b, f"{kind}: prompt {i}")  # sums in another order: equal up to rounding
 
 
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+def test_two_ranks_holding_whole_experts_give_the_tokens_of_one(kind, tiny_model, make_engine):
+    """--ep-size 2: each rank holds half of the experts whole (attention still split by heads)."""
+    directory, _ = tiny_model(kind)
+    prompts = random_prompts([5, 23, 40], seed=8)
+    params = keel.SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=2)
+    single = make_engine(directory, page_size=4).generate(prompts, params)
+    engine = make_engine(directory, page_size=4, tp_size=2, ep_size=2)
+    experts, moe = engine.core.runner.model.model.layers[0].mlp.experts, engine.core.model_config.moe
+    assert tuple(experts.w2.shape) == (moe.num_experts // 2, 64, moe.intermediate_size)  # half of them, whole
+    split = engine.generate(prompts, params)
+    engine.core.close()
+    for i, (a, b) in enumerate(zip(split, single)):
+        assert_same_greedy(a, b, f"{kind}: prompt {i}")
+
+
 def test_what_does_not_split_yet_is_refused_in_one_line(tiny_model, tmp_path):
     from transformers import Gemma3ForCausalLM
 

@@ -56,3 +56,19 @@ def test_no_tokens_gives_no_rows():
     out = fused_moe(x, torch.zeros(4, 32, 16, device=KERNEL_DEVICE), torch.zeros(4, 16, 16, device=KERNEL_DEVICE),
                     torch.zeros(0, 2, device=KERNEL_DEVICE), torch.zeros(0, 2, dtype=torch.int64, device=KERNEL_DEVICE))
     assert out.shape == (0, 16)
+
+
+def test_pairs_routed_to_another_ranks_experts_contribute_nothing():
+    """Expert parallelism: ids equal to the expert count name experts another rank holds."""
+    g = torch.Generator().manual_seed(3)
+    tokens, hidden, inter, num_experts = 9, 32, 16, 4
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
+    weights, ids = route(torch.randn(tokens, 2 * num_experts, generator=g), 2, True)
+    local = torch.where(ids < num_experts, ids, num_experts)  # experts 4..7 live elsewhere
+    dev = KERNEL_DEVICE
+    out = fused_moe(x.to(dev), w13.to(dev), w2.to(dev), weights.to(dev), local.to(dev))
+    kept = torch.where(ids < num_experts, weights, 0.0)
+    torch.testing.assert_close(out.cpu(), reference(x, w13, w2, kept, torch.where(ids < num_experts, ids, 0)),
+                               atol=1e-4, rtol=1e-4)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keel.distributed.parallel import all_reduce, split
+from keel.distributed.parallel import all_reduce, split, tensor_parallel
 from keel.models.layers.linear import Linear
 from keel.models.layers.norm import RMSNorm
 
@@ -30,14 +30,28 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         """Under tensor parallelism each rank holds every expert's slice of the intermediate features (its gate
-        and up rows, its down columns), as a column- then row-parallel MLP."""
+        and up rows, its down columns), as a column- then row-parallel MLP; with expert parallelism it holds
+        whole experts instead, experts [first, first + count) of them."""
         super().__init__()
-        inter = split(intermediate_size, "the experts' intermediate size")
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter), requires_grad=False)
+        tp = tensor_parallel()
+        count = split(num_experts, "the experts") if tp.whole_experts else num_experts
+        inter = intermediate_size if tp.whole_experts else split(intermediate_size, "the experts' intermediate size")
+        self.first = tp.rank * count if tp.whole_experts else 0
+        self.w13 = nn.Parameter(torch.empty(count, 2 * inter, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(count, hidden_size, inter), requires_grad=False)
         self.w13.expert_shards = (inter, inter)  # gate, up
         self.w2.expert_shards = (hidden_size,)
-        self.w13.tp_dim, self.w2.tp_dim = 0, 1  # of each expert's checkpoint tensors
+        for param in (self.w13, self.w2):
+            param.first_expert = self.first
+        if not tp.whole_experts:
+            self.w13.tp_dim, self.w2.tp_dim = 0, 1  # of each expert's checkpoint tensors
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Routed expert ids as indices of this rank's experts; those of other ranks' experts become `count`, an
+        expert no kernel runs."""
+        count = self.w13.shape[0]
+        local = ids - self.first
+        return torch.where((local >= 0) & (local < count), local, count)
 
 
 class SparseMoE(nn.Module):
@@ -52,19 +66,22 @@ class SparseMoE(nn.Module):
         """hidden += moe(norm(hidden)), in place."""
         x = norm(hidden)
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        ids = self.experts.local_ids(ids)
         if self.fused:
             from keel.kernels.fused_moe import fused_moe  # Triton only when asked for
 
             out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
         else:
             out = self._experts_one_by_one(x, weights.to(x.dtype), ids)
-        return hidden.add_(all_reduce(out))  # the ranks' slices of every expert sum to its output
+        return hidden.add_(all_reduce(out))  # the ranks' slices of every expert (or their experts) sum to the output
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         w13, w2 = self.experts.w13, self.experts.w2
         inter = w2.shape[2]
         for expert in ids.unique().tolist():
+            if expert == w13.shape[0]:
+                continue  # another rank's
             tokens, slot = (ids == expert).nonzero(as_tuple=True)
             gate_up = F.linear(x[tokens], w13[expert])
             y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert])
