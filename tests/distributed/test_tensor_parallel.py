@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import keel
@@ -51,3 +53,26 @@ def test_what_does_not_split_yet_is_refused_in_one_line(tiny_model, tmp_path):
     gemma, _ = write_gemma(tmp_path, Gemma3ForCausalLM(tiny_config()))
     with pytest.raises(ValueError, match="splits Llama-family models .* not Gemma3ForCausalLM"):
         keel.Engine(str(gemma), device="cpu", tp_size=2)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("KEEL_TP_WORKLOADS", "4"))))  # more on demand
+def test_mirrored_ranks_stay_in_step_through_random_workloads(seed, tiny_model, monkeypatch):
+    """The mirror's premise: ranks fed the same commands schedule the same batches, through arrivals between
+    steps, aborts, forced retraction, chunking, overlap and the prefix cache (a rank that scheduled another batch
+    would stall or fail at the next collective, or change the gathered logits)."""
+    from tests.scheduler.test_random_workloads import run_workload
+    from tests.scheduler.workloads import make_workload
+
+    workload = make_workload(seed)
+    monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
+    directory, _ = tiny_model("llama3")
+    solo = keel.Engine(str(directory), device="cpu", dtype="float32", chunked_prefill_size=None)
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32", tp_size=2, **workload.options)
+    try:
+        outputs, aborted = run_workload(engine.core, workload)
+        engine.core.check_idle()
+    finally:
+        engine.core.close()
+    for i, req in enumerate(workload.requests):
+        if i not in aborted:
+            assert_same_greedy(outputs[i], solo.generate([req.prompt], req.params)[0], f"seed {seed} request {i}")
