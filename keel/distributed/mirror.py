@@ -11,6 +11,7 @@ after COLLECTIVE_TIMEOUT.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import multiprocessing
 import socket
@@ -53,6 +54,7 @@ class MirrorRanks:
             for rank, queue in zip(range(1, self.size), self._queues)]
         for process in self._processes:
             process.start()
+        atexit.register(self.close)  # an engine nobody closed still stops its ranks when the interpreter exits
 
     @property
     def setup(self) -> RankSetup:
@@ -66,12 +68,18 @@ class MirrorRanks:
             queue.put((method, args))
 
     def close(self) -> None:
+        """Stop the other ranks (once; later calls do nothing)."""
+        atexit.unregister(self.close)
         for queue in self._queues:
             queue.put(None)
         for process in self._processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+        for queue in self._queues:
+            queue.close()
+            queue.join_thread()
+        self._queues, self._processes = [], []
 
 
 def _run_rank(config: EngineConfig, setup: RankSetup, queue: Any) -> None:
