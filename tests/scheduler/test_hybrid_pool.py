@@ -72,7 +72,7 @@ def greedy(max_new_tokens=NEW_TOKENS) -> keel.SamplingParams:
 @pytest.mark.parametrize("kind", KINDS)
 def test_long_prompts_match_transformers_on_a_tight_window_pool(kind, hybrid_model, make_engine):
     directory, hf_model = hybrid_model(kind)
-    engine = tight_engine(make_engine, kind, directory)  # its window pool holds less than any two of the prompts
+    engine = tight_engine(make_engine, kind, directory)  # a 48-token window pool: less than the longer prompts alone
     prompts = random_prompts([41, 57, 33, 64, 9, 48], seed=11)  # up to 8 windows long
     outputs = engine.generate(prompts, greedy())
     for prompt, out in zip(prompts, outputs):
