@@ -94,8 +94,7 @@ class KVCacheManager:
         index = torch.arange(pages.numel())
         last_missing = torch.cummax(torch.where(self.swa.present(pages), -1, index), 0).values
         ends = index + 1  # candidate prefix lengths in pages
-        first_needed = torch.clamp(ends * self.page_size - self.window + 1, min=0) // self.page_size
-        usable = ends[last_missing < first_needed]
+        usable = ends[last_missing < self._first_window_page(ends * self.page_size)]
         return int(usable.max()) if usable.numel() else 0
 
     def admit(self, owner: int, match: PrefixMatch) -> bool:
@@ -169,7 +168,7 @@ class KVCacheManager:
         held = [self._held(o) for o in owners]
         rows = torch.tensor([h.row for h in held], dtype=torch.int64)
         firsts = torch.tensor(first_positions, dtype=torch.int64)
-        floors = torch.clamp(firsts - self.window + 1, min=0) // self.page_size
+        floors = self._first_window_page(firsts)
         if self.radix is not None:
             for h, floor in zip(held, floors.tolist()):
                 self._free_cached_window(h, floor)
@@ -186,7 +185,8 @@ class KVCacheManager:
         holds them; except the window before the end of the prefix it reused when admitted (where the conversation
         it continues ended: another's next turn would reuse it too). Chunks it cached itself keep none."""
         assert self.radix is not None
-        kept = (self._window_tail(held.matched_pages), held.matched_pages)
+        matched_end = torch.tensor(held.matched_pages * self.page_size)
+        kept = (int(self._first_window_page(matched_end)), held.matched_pages)
         for start, end in ((0, kept[0]), (kept[1], held.cached_pages)):
             first, last = max(start, held.cached_window_floor), min(end, floor)
             if first < last:
@@ -194,11 +194,11 @@ class KVCacheManager:
                 self.radix.free_window_kv(held.lock, first, last)
         held.cached_window_floor = max(held.cached_window_floor, min(floor, held.cached_pages))
 
-    def _window_tail(self, num_pages: int) -> int:
-        """The first of `num_pages` leading pages inside the window before their end: a request reusing them
-        needs the SWA pages from there on."""
+    def _first_window_page(self, positions: torch.Tensor) -> torch.Tensor:
+        """The first page a query at each of `positions` reads in a sliding-window layer (it sees keys from
+        position - window + 1 on)."""
         assert self.window is not None
-        return max(num_pages * self.page_size - self.window + 1, 0) // self.page_size
+        return torch.clamp(positions - self.window + 1, min=0) // self.page_size
 
     def truncate(self, owners: list[int], committed_lens: list[int]) -> None:
         """Shrink each owner's KV to its first committed_lens tokens, freeing the pages wholly past them: the one
