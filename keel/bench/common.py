@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from keel.models.layers.moe import SparseMoE
+
 
 def environment(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -50,10 +52,17 @@ def measure_hbm_bandwidth(device: torch.device, gib: float = 4.0, repeats: int =
     return 2 * n * 2 / seconds
 
 
-def weight_bytes_read_per_step(model: nn.Module) -> int:
-    """Parameter bytes a decode step reads: all of them, except an untied embedding table (only the batch's
-    rows of it are read)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes_read_per_step(model: nn.Module, batch_size: int = 1) -> float:
+    """Parameter bytes a decode step of `batch_size` rows reads on this rank: all of them, except an untied
+    embedding table (only the batch's rows of it are read) and, in a mixture of experts, the experts no row
+    selects (expected: each of E experts is missed by all rows with probability (1 - k/E) ** rows, routing
+    taken as uniform)."""
+    total = 0.0
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            share = 1 - (1 - module.top_k / module.gate.out_features) ** batch_size  # gate: one logit per expert
+            total -= (1 - share) * sum(p.numel() * p.element_size() for p in module.experts.parameters())
+    total += sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.model.embed_tokens.weight
     if not getattr(model.lm_head, "tied", False):
         total -= embed.numel() * embed.element_size()

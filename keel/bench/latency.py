@@ -113,8 +113,12 @@ def run_speculative(engine: keel.Engine, args: argparse.Namespace, baseline: dic
 
 def time_case(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> dict:
     """The case twice: as the engine runs it (step after step, overlap as configured), and with the runner
-    alone timed step by step (forward + sampling, synchronized; scheduling excluded)."""
-    return {**time_engine(engine, bs, input_len, output_len), **time_runner(engine, bs, input_len, output_len)}
+    alone timed step by step (forward + sampling, synchronized; scheduling excluded). With several ranks only the
+    engine runs it (the other ranks follow the engine's steps, not a runner driven by hand)."""
+    engine_run = time_engine(engine, bs, input_len, output_len)
+    if engine.config.tp_size > 1:
+        return {**engine_run, "runner_step_s": None}
+    return {**engine_run, **time_runner(engine, bs, input_len, output_len)}
 
 
 def add_requests(engine: keel.Engine, bs: int, input_len: int, output_len: int) -> None:
@@ -158,9 +162,7 @@ def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -
     core, runner = engine.core, engine.core.runner
     vocab = core.model_config.vocab_size
     add_requests(engine, bs, input_len, output_len)
-    times, kv_bytes = [], []
-    layer_bytes = KVPool.bytes_per_token(1, runner.model_config.num_kv_heads, runner.model_config.head_dim,
-                                         runner.dtype)
+    times = []
     while core.scheduler.has_work:
         batch = core.scheduler.schedule()
         forward_batch = build_forward_batch(batch, runner.device)
@@ -172,32 +174,41 @@ def time_runner(engine: keel.Engine, bs: int, input_len: int, output_len: int) -
         token_ids = runner.sample(logits, sampling).token_ids.tolist() if sampling is not None else []
         if batch.mode == ForwardMode.DECODE and len(batch.parts) == bs:
             times.append(time.perf_counter() - start)
-            # what attention reads: a sliding-window layer only its window of each request
-            kv_bytes.append(layer_bytes * sum(min(p.seq_len, w or p.seq_len) for p in batch.parts
-                                              for w in runner.model_config.sliding_windows))
         core.scheduler.launched(batch)
         core.scheduler.process(batch, [[t] for t in token_ids])
     core.flush_cache()
     if not times:
         raise ValueError(f"no decode step ran all {bs} requests (the first finished before the last was prefilled, "
                          "one per step on a hybrid pool): raise --output-len")
-    return {"runner_step_s": statistics.median(times), "kv_bytes": statistics.mean(kv_bytes)}
+    return {"runner_step_s": statistics.median(times)}
+
+
+def kv_bytes_per_step(runner, bs: int, input_len: int, output_len: int) -> float:
+    """The KV a decode step reads on this rank, averaged over the case's decode steps: every request's tokens so
+    far in each layer (a sliding-window layer only its window), of the KV heads this rank holds."""
+    layer_bytes = KVPool.bytes_per_token(1, runner.num_kv_heads, runner.model_config.head_dim, runner.dtype)
+    windows = runner.model_config.sliding_windows
+    steps = range(input_len + 1, input_len + output_len)  # KV length of each decode step
+    return bs * layer_bytes * statistics.mean(sum(min(n, w or n) for w in windows) for n in steps)
 
 
 def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, output_len: int, hbm: float) -> dict:
     """The median run (by engine step time); bandwidth figures for the engine step and the runner alone."""
     runner = engine.core.runner
     run = sorted(runs, key=lambda r: r["engine_step_s"])[len(runs) // 2]
-    step_bytes = weight_bytes_read_per_step(runner.model) + run["kv_bytes"]
+    step_bytes = weight_bytes_read_per_step(runner.model, bs) + kv_bytes_per_step(runner, bs, input_len, output_len)
     step = run["engine_step_s"]
+    runner_step = run["runner_step_s"]
     return {**environment(runner.device), "bench": "latency", "model": engine.config.model,
             "hybrid_kv": engine.core.kv_cache.swa is not None, "attention_backend": runner.attention_backend,
-            "cuda_graph": runner.cuda_graph is not None,
+            "cuda_graph": runner.cuda_graph is not None, "tp_size": engine.config.tp_size,
+            "ep_size": engine.config.ep_size,
             "overlap": engine.core.overlap, "dtype": str(runner.dtype), "batch_size": bs, "input_len": input_len,
             "output_len": output_len, "runs": len(runs), "prefill_s": run["prefill_s"], "decode_step_s": step,
-            "runner_step_s": run["runner_step_s"], "decode_tok_s": bs / step, "bytes_per_step": step_bytes,
+            "runner_step_s": runner_step, "decode_tok_s": bs / step, "bytes_per_step": step_bytes,
             "achieved_bw": step_bytes / step, "hbm_bw": hbm, "bw_fraction": step_bytes / step / hbm,
-            "runner_bw_fraction": step_bytes / run["runner_step_s"] / hbm, "roofline_step_s": step_bytes / hbm,
+            "runner_bw_fraction": step_bytes / runner_step / hbm if runner_step else None,
+            "roofline_step_s": step_bytes / hbm,
             "step_over_roofline": step * hbm / step_bytes}
 
 
@@ -226,9 +237,10 @@ def format_record(r: dict) -> str:
     line = (f"{r['model']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']}: prefill "
             f"{1e3 * r['prefill_s']:.1f} ms, decode step {1e3 * r['decode_step_s']:.3f} ms, "
             f"{r['decode_tok_s']:.0f} tok/s, {r['achieved_bw'] / 1e12:.2f} TB/s = {100 * r['bw_fraction']:.1f}% of "
-            f"measured HBM {r['hbm_bw'] / 1e12:.2f} TB/s; {r['step_over_roofline']:.2f}x roofline (runner alone "
-            f"{1e3 * r['runner_step_s']:.3f} ms = {100 * r['runner_bw_fraction']:.1f}%; overlap "
-            f"{'on' if r['overlap'] else 'off'})")
+            f"measured HBM {r['hbm_bw'] / 1e12:.2f} TB/s; {r['step_over_roofline']:.2f}x roofline (")
+    if r["runner_step_s"] is not None:
+        line += f"runner alone {1e3 * r['runner_step_s']:.3f} ms = {100 * r['runner_bw_fraction']:.1f}%; "
+    line += f"tp {r['tp_size']}, overlap {'on' if r['overlap'] else 'off'})"
     if "hf" in r:
         line += (f"\n  transformers (static cache): decode step {1e3 * r['hf']['decode_step_s']:.3f} ms = "
                  f"{100 * r['hf']['bw_fraction']:.1f}% of HBM; keel is {r['speedup_vs_hf']:.2f}x faster")

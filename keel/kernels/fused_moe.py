@@ -8,6 +8,11 @@ block of pairs times one tile of output columns, reading its expert's weights:
   1. x[token] @ w13[e].T, gate and up columns of the tile in one program, storing silu(gate) * up;
   2. that @ w2[e].T, scaled by the pair's routing weight;
 and the k weighted rows of each token are summed.
+
+With few pairs (batch-1 decode: k pairs, each of a different expert) sorting costs more than it saves: a dozen
+small launches per layer, and a tensor-core tile that is 1/16 used. There each pair runs directly as GEMV programs
+streaming its expert's rows like keel's dense GEMV (`_moe_unsorted`); `fused_route` does the routing in one
+launch.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from keel.kernels.gemv import gemv_config
 
 BLOCK_M = 16  # pairs per block; each expert's group is padded to a multiple of it
 
@@ -87,6 +94,97 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_pt
              mask=valid[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _expert_gate_up_gemv_kernel(x_ptr, w13_ptr, out_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn, stride_o,
+                                TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    """out[pair, n] = silu(x[token] . gate[n]) * (x[token] . up[n]) of the pair's expert, for one pair and one tile
+    of n (K a multiple of BLOCK_K); a pair of an expert this rank does not hold (id NUM_EXPERTS) is skipped. As in
+    keel's dense GEMV, gate and up rows load in the same iteration and products are summed over k at the end."""
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair)
+    if expert >= NUM_EXPERTS:
+        return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    gate_rows = w13_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
+    up_rows = gate_rows + N.to(tl.int64) * stride_wn
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + kk).to(tl.float32)
+        w_gate = tl.load(gate_rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+        w_up = tl.load(up_rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+        gate += w_gate.to(tl.float32) * x[None, :]
+        up += w_up.to(tl.float32) * x[None, :]
+    g = tl.sum(gate, 1)
+    gated = g * tl.sigmoid(g) * tl.sum(up, 1)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, gated.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _expert_down_gemv_kernel(a_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we, stride_wn,
+                             stride_o, NUM_EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[pair, n] = weight[pair] * (a[pair] . w2[expert, n]) for one pair and one tile of n (K a multiple of
+    BLOCK_K); pairs of other ranks' experts are skipped (their rows stay zero). Summing a token's k pairs inside
+    the kernel was slower at top-8: one program then reads k experts' tiles, each a few rows of short runs."""
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair)
+    if expert >= NUM_EXPERTS:
+        return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    rows = w2_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
+    a_row = a_ptr + pair.to(tl.int64) * stride_a
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_row + kk).to(tl.float32)
+        w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * a[None, :]
+    out = tl.sum(acc, 1) * tl.load(weights_ptr + pair)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """keel.models.layers.moe.route for one token in one program: softmax over the experts in float32, the top k
+    (largest first, ties to the lower id), rescaled to sum to 1 when RENORMALIZE."""
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = p / tl.sum(p, 0)
+    slot = tl.arange(0, K_PAD)
+    chosen = tl.zeros([K_PAD], tl.float32)
+    chosen_ids = tl.zeros([K_PAD], tl.int64)
+    for j in range(TOP_K):
+        best = tl.max(p, 0)
+        best_id = tl.min(tl.where(p == best, e, BLOCK_E), 0)
+        chosen = tl.where(slot == j, best, chosen)
+        chosen_ids = tl.where(slot == j, best_id.to(tl.int64), chosen_ids)
+        p = tl.where(e == best_id, -1.0, p)
+    if RENORMALIZE:
+        chosen = chosen / tl.sum(chosen, 0)
+    tl.store(weights_ptr + t * TOP_K + slot, chosen, mask=slot < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slot, chosen_ids, mask=slot < TOP_K)
+
+
+def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """route() in one launch (it is five or six torch kernels, a cost every layer pays at batch 1)."""
+    tokens, num_experts = router_logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if tokens:
+        _route_kernel[(tokens,)](router_logits, weights, ids, num_experts, router_logits.stride(0), TOP_K=top_k,
+                                 K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+                                 BLOCK_E=triton.next_power_of_2(num_experts))
+    return weights, ids
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for each token t, where expert e is the gated MLP
@@ -99,12 +197,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     top_k = ids.shape[1]
     if tokens == 0:
         return torch.zeros_like(x)
-    sorted_pairs, block_expert = align_by_expert(ids, num_experts + 1)  # blocks of expert E are skipped
     pairs = tokens * top_k
     gated = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    flat_weights = weights.flatten().to(torch.float32).contiguous()
+    if pairs <= max(top_k, num_experts // 4):  # few pairs, mostly of distinct experts: no sorting
+        return _moe_unsorted(x, w13, w2, flat_weights, ids.flatten().contiguous(), gated)
+    sorted_pairs, block_expert = align_by_expert(ids, num_experts + 1)  # blocks of expert E are skipped
     down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of skipped experts stay 0
     ieee = x.dtype == torch.float32
-    flat_weights = weights.flatten().to(torch.float32).contiguous()
     for a, w, out, n, k, first in ((x, w13, gated, inter, hidden, True), (gated, w2, down, hidden, inter, False)):
         block_n = min(64, max(16, triton.next_power_of_2(n)))
         block_k = min(64, max(16, triton.next_power_of_2(k)))
@@ -113,4 +213,26 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
                                   w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k, ROWS_ARE_TOKENS=first,
                                   GATED=first, SCALED=not first, NUM_EXPERTS=num_experts, BLOCK_M=BLOCK_M,
                                   BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    return down.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def _moe_unsorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  gated: torch.Tensor) -> torch.Tensor:
+    """fused_moe for few pairs: each pair's gated MLP input, then its weighted down projection, as GEMV programs;
+    the k rows of each token summed. weights and ids are flat [T * k]."""
+    tokens, hidden = x.shape
+    num_experts, two_i, _ = w13.shape
+    top_k = ids.numel() // tokens
+    config = gemv_config(hidden, norm=False, gate_up=True)  # the dense GEMV's tiles: an expert's rows alike
+    _expert_gate_up_gemv_kernel[(ids.numel(), triton.cdiv(two_i // 2, config.block_n))](
+        x, w13, gated, ids, two_i // 2, hidden, x.stride(0), w13.stride(0), w13.stride(1), gated.stride(0),
+        TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    inter = two_i // 2
+    down = torch.zeros(ids.numel(), hidden, dtype=x.dtype, device=x.device)  # pairs of skipped experts stay 0
+    config = gemv_config(inter, norm=False, gate_up=False)
+    _expert_down_gemv_kernel[(ids.numel(), triton.cdiv(hidden, config.block_n))](
+        gated, w2, down, ids, weights, hidden, inter, gated.stride(0), w2.stride(0), w2.stride(1), down.stride(0),
+        NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return down.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

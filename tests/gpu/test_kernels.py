@@ -107,3 +107,27 @@ def test_dependent_kernels_in_a_cuda_graph_match_eager():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(hidden, eager_hidden) and torch.equal(token, eager_token)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 333, 4096])
+@pytest.mark.parametrize("num_experts,top_k,hidden,inter", [(8, 2, 1024, 1792), (128, 8, 2048, 768)])
+def test_fused_moe_at_model_sizes(tokens, num_experts, top_k, hidden, inter):
+    """Mixtral-like (8 experts, top 2; sizes scaled down) and Qwen3-30B-A3B's (128, top 8, 2048 -> 768) experts,
+    bfloat16, against the same bfloat16 weights run in float32."""
+    from keel.kernels.fused_moe import fused_moe
+    from keel.models.layers.moe import route
+
+    g = torch.Generator(device=CUDA).manual_seed(tokens + num_experts)
+    x = torch.randn(tokens, hidden, generator=g, device=CUDA).bfloat16()
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=g, device=CUDA) / hidden ** 0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, generator=g, device=CUDA) / inter ** 0.5).bfloat16()
+    weights, ids = route(torch.randn(tokens, num_experts, generator=g, device=CUDA), top_k, True)
+    expected = torch.zeros(tokens, hidden, device=CUDA)
+    for e in ids.unique().tolist():  # each expert on its tokens, float32
+        rows, slot = (ids == e).nonzero(as_tuple=True)
+        gate_up = x[rows].float() @ w13[e].float().t()
+        y = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2[e].float().t()
+        expected.index_add_(0, rows, y * weights[rows, slot, None])
+    out = fused_moe(x, w13, w2, weights, ids).float()
+    scale = expected.abs().max()
+    assert (out - expected).abs().max() <= 2e-2 * scale, f"max error {(out - expected).abs().max()} of {scale}"

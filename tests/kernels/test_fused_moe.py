@@ -58,10 +58,11 @@ def test_no_tokens_gives_no_rows():
     assert out.shape == (0, 16)
 
 
-def test_pairs_routed_to_another_ranks_experts_contribute_nothing():
+@pytest.mark.parametrize("tokens", [9, 1])  # sorted, and unsorted (few pairs)
+def test_pairs_routed_to_another_ranks_experts_contribute_nothing(tokens):
     """Expert parallelism: ids equal to the expert count name experts another rank holds."""
     g = torch.Generator().manual_seed(3)
-    tokens, hidden, inter, num_experts = 9, 32, 16, 4
+    hidden, inter, num_experts = 32, 16, 4
     x = torch.randn(tokens, hidden, generator=g)
     w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
     w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
@@ -72,3 +73,16 @@ def test_pairs_routed_to_another_ranks_experts_contribute_nothing():
     kept = torch.where(ids < num_experts, weights, 0.0)
     torch.testing.assert_close(out.cpu(), reference(x, w13, w2, kept, torch.where(ids < num_experts, ids, 0)),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 6])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (128, 8), (60, 4)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_fused_route_matches_route(tokens, num_experts, top_k, renormalize):
+    from keel.kernels.fused_moe import fused_route
+
+    logits = torch.randn(tokens, num_experts, generator=torch.Generator().manual_seed(tokens + num_experts))
+    weights, ids = route(logits, top_k, renormalize)
+    ours_weights, ours_ids = fused_route(logits.to(KERNEL_DEVICE), top_k, renormalize)
+    assert torch.equal(ours_ids.cpu(), ids)
+    torch.testing.assert_close(ours_weights.cpu(), weights, atol=1e-6, rtol=1e-5)

@@ -50,6 +50,8 @@ class Experts(nn.Module):
         """Routed expert ids as indices of this rank's experts; those of other ranks' experts become `count`, an
         expert no kernel runs."""
         count = self.w13.shape[0]
+        if not tensor_parallel().whole_experts:
+            return ids  # every rank holds (a slice of) every expert
         local = ids - self.first
         return torch.where((local >= 0) & (local < count), local, count)
 
@@ -58,21 +60,21 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
                  fused: bool) -> None:
         super().__init__()
-        self.gate = Linear(hidden_size, num_experts)  # the router
+        self.gate = Linear(hidden_size, num_experts, fused=fused)  # the router
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.top_k, self.renormalize, self.fused = top_k, renormalize, fused
 
     def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """hidden += moe(norm(hidden)), in place."""
         x = norm(hidden)
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        ids = self.experts.local_ids(ids)
         if self.fused:
-            from keel.kernels.fused_moe import fused_moe  # Triton only when asked for
+            from keel.kernels.fused_moe import fused_moe, fused_route  # Triton only when asked for
 
-            out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+            weights, ids = fused_route(self.gate(x), self.top_k, self.renormalize)
+            out = fused_moe(x, self.experts.w13, self.experts.w2, weights, self.experts.local_ids(ids))
         else:
-            out = self._experts_one_by_one(x, weights.to(x.dtype), ids)
+            weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+            out = self._experts_one_by_one(x, weights.to(x.dtype), self.experts.local_ids(ids))
         return hidden.add_(all_reduce(out))  # the ranks' slices of every expert (or their experts) sum to the output
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
