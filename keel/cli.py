@@ -60,6 +60,8 @@ def serve(args: argparse.Namespace) -> None:
     from keel.server.engine_client import EngineClient
 
     engine_config = EngineConfig(**dataclass_kwargs(args, EngineConfig))
+    if engine_config.node_rank > 0:
+        return run_node_ranks(engine_config)
     server_config = ServerConfig(**dataclass_kwargs(args, ServerConfig))
     if os.environ.get(SIMULATE_ACCEPT_ENV):
         raise ValueError(f"{SIMULATE_ACCEPT_ENV} is set: verification would accept draft tokens the model did not "
@@ -80,6 +82,8 @@ def generate(args: argparse.Namespace) -> None:
 
     params = SamplingParams(**dataclass_kwargs(args, SamplingParams, skip=_ENGINE_SEEDED))  # fail before loading
     options = dataclass_kwargs(args, EngineConfig)
+    if options["node_rank"] > 0:
+        return run_node_ranks(EngineConfig(**options))
     engine = Engine(options.pop("model"), **options)
     inputs = [chat_ids(engine, p) for p in args.prompts] if args.chat else args.prompts
     echoed = [""] * len(args.prompts) if args.chat else args.prompts  # a chat answer is printed alone
@@ -92,6 +96,18 @@ def generate(args: argparse.Namespace) -> None:
         return
     for prompt, out in zip(echoed, engine.generate(inputs, params)):
         print(f"--- [{out.finish_reason}, {len(out.token_ids)} tokens]\n{prompt}{out.text}")
+
+
+def run_node_ranks(config: EngineConfig) -> None:
+    """--node-rank > 0: this machine runs its share of the ranks for node 0's engine, until that engine stops."""
+    from keel.distributed.ranks import ranks_per_node, run_node
+    from keel.models.source import resolve_model
+
+    resolve_model(config.model)  # converts a GGUF file or builds a preset once, before the ranks load it
+    first = config.node_rank * ranks_per_node(config)
+    print(f"keel: node {config.node_rank} of {config.nnodes} runs ranks {first}..{first + ranks_per_node(config) - 1} "
+          f"for the engine at {config.dist_init_addr}", flush=True)
+    run_node(config)
 
 
 def chat_ids(engine: Engine, prompt: str) -> list[int]:

@@ -86,6 +86,16 @@ class EngineConfig:
                                  "layer (attention heads, MLP and expert features, vocabulary); Llama-family models")
     ep_size: int = option(1, "expert parallelism over the tensor-parallel ranks (1, or --tp-size): each rank holds "
                                  "whole experts, a 1/ep share of them, instead of a slice of every expert")
+    disable_custom_all_reduce: bool = option(False, "send every all-reduce through NCCL (by default small ones on "
+                                                    "GPUs take a one-shot symmetric-memory path)")
+    dp_size: int = option(1, "data-parallel attention ranks, with --enable-dp-attention (equal to --tp-size): each "
+                                 "rank schedules its own requests and holds their KV, the MLP / expert layers are "
+                                 "shared over all ranks")
+    enable_dp_attention: bool = option(False, "data-parallel attention over --dp-size ranks (SGLang's flag)")
+    nnodes: int = option(1, "machines the --tp-size ranks span (an equal share on each)")
+    node_rank: int = option(0, "this machine's index among --nnodes; 0 serves, the others run ranks only")
+    dist_init_addr: Optional[str] = option(None, "host:port where the ranks of several machines meet (node 0's "
+                                                 "address; required with --nnodes > 1)")
     attention_backend: str = option(
         "auto", "triton (paged Triton kernels and fused ops, with CUDA-graph decode on a GPU), torch (the "
         "reference: scaled_dot_product_attention and plain torch ops), or auto: triton on a GPU when the model's "
@@ -139,9 +149,28 @@ class EngineConfig:
                  "tensor-parallel ranks)")
         _require(self.speculative_algorithm is None or self.tp_size == 1, "speculative_algorithm",
                  "is not supported with --tp-size > 1 yet")
+        self._check_parallel()
         with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE", "EAGLE3")
         _require(with_model == (self.speculative_draft_model_path is not None), "speculative_draft_model_path",
                  "is required by, and only by, --speculative-algorithm STANDALONE, EAGLE and EAGLE3")
+
+    def _check_parallel(self) -> None:
+        _require(self.dp_size >= 1 and self.nnodes >= 1, "dp_size", "--dp-size and --nnodes must be >= 1")
+        if self.dp_size > 1 or self.enable_dp_attention:
+            _require(self.enable_dp_attention, "dp_size", "> 1 needs --enable-dp-attention (keel's data parallelism "
+                     "is data-parallel attention; for independent replicas run one server per GPU)")
+            _require(self.dp_size == self.tp_size and self.dp_size > 1, "enable_dp_attention",
+                     f"needs --dp-size equal to --tp-size, both > 1 (got --dp-size {self.dp_size}, --tp-size "
+                     f"{self.tp_size}): every rank attends over its own requests")
+        _require(self.tp_size % self.nnodes == 0, "nnodes", f"must divide --tp-size {self.tp_size} (an equal share "
+                 "of the ranks on each machine)")
+        _require(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, {self.nnodes})")
+        _require(self.nnodes == 1 or self.dist_init_addr is not None, "dist_init_addr",
+                 "is required with --nnodes > 1 (node 0's host:port)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "dist_init_addr",
+                     f"must be host:port, got {self.dist_init_addr!r}")
 
     @property
     def num_draft_tokens(self) -> int:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 import torch
 
 from keel.cache.kv_pool import KVPool
+from keel.distributed.dp_attention import DpRound
 from keel.runner.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -57,11 +58,13 @@ class AttentionBackend(Protocol):
 
 @dataclass(frozen=True)
 class AttentionContext:
-    """The attention state of one forward, handed explicitly to every layer."""
+    """The state of one forward that every layer reads, handed to it explicitly: the attention metadata, and under
+    data-parallel attention the round the MLP layers gather over."""
 
     backend: AttentionBackend
     metadata: Any
     kv_pool: KVPool
+    dp: Optional[DpRound] = None
 
     def attend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                rotation: Optional[Rotation] = None) -> torch.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 
 DISABLE_ENV = "KEEL_DEBUG_DISABLE_GUARDS"
-# Guards with a switch so far; DESIGN.md's fresh-metadata (000) and one-plan (001) join with the issue that
-# builds their path (data-parallel attention).
 GUARDS = {
+    "fresh-metadata": "000: attention metadata is built for every forward from that forward's batch, IDLE included",
+    "one-plan": "001: the split-KV plan is computed once per forward and read by the kernel and its combine step",
     "mapping-reset": "002: a full page's SWA mapping is cleared when its SWA page is freed, and must be empty when "
                      "the full page is handed out",
     "bounded-write": "003: writes into fixed-size (CUDA-graph) buffers check their extent; padded rows neutralised",

@@ -27,8 +27,9 @@ from keel.cache.kv_plan import plan_kv
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
-from keel.distributed.mirror import MirrorRanks, RankSetup
 from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
+from keel.distributed.dp_controller import DpController, RankStep
+from keel.distributed.ranks import RankProcesses, RankSetup
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
@@ -50,8 +51,11 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig, rank: Optional[RankSetup] = None) -> None:
-        """`rank`: this core is a tensor-parallel rank > 0, mirroring rank 0's commands (keel/distributed/mirror.py);
-        None: the core clients talk to, which starts the other ranks itself when --tp-size > 1."""
+        """`rank`: this core is a rank > 0, executing rank 0's commands (keel/distributed/ranks.py); None: the core
+        clients talk to, which starts the other ranks itself when --tp-size > 1."""
+        if rank is None and config.node_rank > 0:
+            raise ValueError(f"--node-rank {config.node_rank} runs ranks only (keel.distributed.ranks.run_node); "
+                             "requests go to node 0")
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config = load_model_config(self.source)
@@ -65,10 +69,12 @@ class EngineCore:
         if config.tp_size > 1 and not getattr(model_class(self.model_config.architecture), "tensor_parallel", False):
             raise ValueError(f"--tp-size {config.tp_size}: keel splits Llama-family models (Llama, Mistral, Qwen2, "
                              f"Qwen3, Qwen3-MoE, Mixtral) over ranks, not {self.model_config.architecture}")
-        self.mirror = MirrorRanks(config) if config.tp_size > 1 and rank is None else None
-        setup = rank or (self.mirror.setup if self.mirror else RankSetup(0, 1, ""))
+        self.ranks = RankProcesses(config) if config.tp_size > 1 and rank is None else None
+        setup = rank or (self.ranks.setup if self.ranks else RankSetup(0, 1, ""))
         init_tensor_parallel(setup.rank, setup.size, setup.init_method, resolve_device(config.device),
-                             whole_experts=config.ep_size > 1)
+                             whole_experts=config.ep_size > 1, dp_attention=config.enable_dp_attention,
+                             custom_all_reduce=not config.disable_custom_all_reduce)
+        self.dp = DpController(config.dp_size) if config.enable_dp_attention and rank is None else None
         self.runner = ModelRunner(config, self.source, self.model_config)
         self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
         self.kv_cache = self._build_kv([self.runner] + ([self.draft_runner] if self.draft_runner else []))
@@ -153,9 +159,14 @@ class EngineCore:
         """Raise ValueError, naming the numbers, for a request the engine could never serve."""
         validate_request(prompt_ids, params, self.limits)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: Optional[int] = None) -> int:
-        """Queue a request; returns its id (`rid` when the caller names it: a positive id not in use)."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: Optional[int] = None,
+                    dp_rank: Optional[int] = None) -> int:
+        """Queue a request; returns its id (`rid` when the caller names it: a positive id not in use). Under
+        data-parallel attention it goes to the least loaded rank, or to `dp_rank` (SGLang's data_parallel_rank)."""
         self.validate(prompt_ids, params)
+        if dp_rank is not None and (self.dp is None or not 0 <= dp_rank < self.config.dp_size):
+            raise ValueError(f"data_parallel_rank {dp_rank}: the engine has {self.config.dp_size} data-parallel "
+                             "attention rank(s)" + ("" if self.dp else " (--enable-dp-attention is off)"))
         rid = next(self._rids) if rid is None else rid
         if rid <= 0 or rid in self._live:
             raise ValueError(f"request id {rid} is not positive or already in use")
@@ -164,10 +175,12 @@ class EngineCore:
         stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
         req = Req(rid, list(prompt_ids), params, seed, stop_ids)
         self._probe(req)
-        if self.mirror is not None:  # with the seed drawn here, so every rank samples alike
-            self.mirror.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=seed), rid)
-        self.scheduler.add(req)
         self._live.add(rid)
+        target = self.dp.assign(len(prompt_ids), dp_rank) if self.dp is not None else None
+        if self.ranks is not None and target != 0:  # with the seed drawn here, so every rank samples alike
+            self.ranks.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=seed), rid, to=target)
+        if target in (None, 0):
+            self.scheduler.add(req)
         return rid
 
     def _probe(self, req: Req) -> None:
@@ -185,10 +198,12 @@ class EngineCore:
     def abort_many(self, rids: list[int], reason: FinishReason = "abort") -> list[int]:
         """Finish these requests now, releasing their KV, in one pass over the queues; returns those that were
         live (unknown or finished ones are ignored)."""
-        if self.mirror is not None:
-            self.mirror.send("abort_many", list(rids), reason)
+        if self.ranks is not None:
+            self.ranks.send("abort_many", list(rids), reason)
         live = [rid for rid in rids if rid in self._live]
         aborted = [req.rid for req in self.scheduler.abort_many(set(live), reason)]
+        if self.dp is not None:
+            aborted = live  # rank 0 knows every rank's live requests; the others abort theirs
         self._live.difference_update(live)
         if self._launched is not None and not self.scheduler.has_work:
             # every request of the step in flight has finished: wait for it, so the engine is idle now
@@ -200,14 +215,34 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._launched is not None
+        return self.scheduler.has_work or self._launched is not None or (self.dp is not None and self.dp.others_busy)
 
     def step(self) -> list[CoreOutput]:
         """Schedule and launch one batch; returns what requests got from the steps whose results were read
         (and requests that failed). With overlap, a step's results are read after the next step is launched,
-        so the device never waits for the host between them."""
-        if self.mirror is not None:
-            self.mirror.send("step")
+        so the device never waits for the host between them. Under data-parallel attention every rank steps its
+        own requests, and rank 0 returns all of their outputs."""
+        if self.ranks is None:
+            return self._step()
+        try:
+            if self.dp is None:
+                self.ranks.send("step")
+                return self._step()
+            self.ranks.send("rank_step", reply=True)
+            answers: list[RankStep] = self.ranks.gather(self.rank_step())
+        except BaseException:
+            self.ranks.kill()  # the others may wait for this rank inside a collective: the engine is over
+            raise
+        outputs = self.dp.collect(answers)
+        self._live.difference_update(out.rid for out in outputs if out.finish_reason is not None)
+        return outputs
+
+    def rank_step(self) -> RankStep:
+        """step() on this rank alone, with what a data-parallel controller needs to know after it."""
+        outputs = self._step()
+        return RankStep(outputs, self.scheduler.load_tokens, self.scheduler.has_work or self._launched is not None)
+
+    def _step(self) -> list[CoreOutput]:
         outputs: list[CoreOutput] = []
         if self._launched is not None and (not self.overlap or self._launched.needs_host_tokens
                                            or self.scheduler.wants_drafts()):
@@ -216,10 +251,13 @@ class EngineCore:
         outputs = self._take_failed() + outputs
         previous, self._launched = self._launched, None
         if batch is not None:
+            rounds = self.runner.dp_rounds
             try:
                 self._launched = self._launch(batch, previous)
             except Exception as e:
-                outputs += self._contain(batch, e)
+                outputs += self._contain(batch, e, met_round=self.runner.dp_rounds > rounds)
+        elif self.config.enable_dp_attention:
+            self.runner.forward_idle()  # the other ranks' forwards gather from this one: meet them
         if previous is not None:
             outputs += self._read(previous)
         elif batch is None and self.scheduler.has_work and not outputs:
@@ -240,12 +278,14 @@ class EngineCore:
             self.kv_cache.set_fence(step.done)  # what is freed from now on may still be read by this forward
         return step
 
-    def _contain(self, batch: ScheduledBatch, error: Exception) -> list[CoreOutput]:
+    def _contain(self, batch: ScheduledBatch, error: Exception, met_round: bool) -> list[CoreOutput]:
         """A step failed to launch. Each of its requests whose own inputs cannot be built (the probe fails) ends
         with that error; the others are retracted, to be re-prefilled as if nothing happened. An error no
         request accounts for, or a device error (the device state is unknown), is re-raised: the engine ends."""
         if _is_device_error(error):
             raise error
+        if self.config.enable_dp_attention and not met_round:
+            self.runner.forward_idle()  # the failure came before this rank's forward: the others still wait for it
         culprits = []
         for req in {id(p.req): p.req for p in batch.parts}.values():
             try:
@@ -305,16 +345,16 @@ class EngineCore:
 
     def flush_cache(self) -> int:
         """Evict the whole prefix cache (every page must be free afterwards); returns the pages freed."""
-        if self.mirror is not None:
-            self.mirror.send("flush_cache")
+        if self.ranks is not None:
+            self.ranks.send("flush_cache")
         return self.kv_cache.flush_cache()
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any."""
-        if self.mirror is not None:
-            self.mirror.close()
-            self.mirror = None
-            shutdown_tensor_parallel()
+        """Stop the other ranks, if any (rank 0), and leave the group."""
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
+        shutdown_tensor_parallel()
 
 
 class RequestFault(ValueError):

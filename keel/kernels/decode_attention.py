@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from keel.debug.guards import guard_on
 from keel.kernels.online_softmax import in_tree_path, mapped_slots, online_softmax_step
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
 from keel.runner.forward_batch import TreeMask
@@ -110,13 +111,19 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr,
-                           stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                           HEAD_DIM: tl.constexpr, MAX_SPLITS_C: tl.constexpr, PDL: tl.constexpr):
+def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr, seq_lens_ptr,
+                           stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, window,
+                           HEAD_DIM: tl.constexpr, MAX_SPLITS_C: tl.constexpr, PDL: tl.constexpr,
+                           DERIVED: tl.constexpr, MIN_KEYS: tl.constexpr):
     pdl_wait(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     num_splits = tl.load(num_splits_ptr + b)
+    if DERIVED:  # guard one-plan off (seed 001): the combine step counts the splits itself, from the live length
+        keys = tl.load(seq_lens_ptr + b).to(tl.int32)
+        if window > 0:
+            keys = tl.minimum(keys, window)
+        num_splits = tl.minimum(tl.maximum(tl.cdiv(keys, MIN_KEYS), 1), MAX_SPLITS_C)
     if num_splits == 1:  # the partial kernel wrote the output itself
         return
     s = tl.arange(0, MAX_SPLITS_C)
@@ -169,7 +176,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         TREE=tree is not None, SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size,
         **pdl)
     _decode_combine_kernel[(batch, heads)](
-        partial_out, partial_lse, num_splits, out, partial_out.stride(0), partial_out.stride(1),
-        partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS, **pdl)
+        partial_out, partial_lse, num_splits, out, seq_lens, partial_out.stride(0), partial_out.stride(1),
+        partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), window or 0,
+        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS, DERIVED=not guard_on("one-plan"), MIN_KEYS=MIN_KEYS_PER_SPLIT,
+        **pdl)
     return out

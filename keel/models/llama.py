@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from keel.attention.base import AttentionContext, AttentionLayer, Rotation
-from keel.distributed.parallel import split
+from keel.distributed.parallel import attention_parallel, attention_split
 from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.embedding import LMHead, VocabEmbedding
@@ -29,16 +29,17 @@ class LlamaAttention(nn.Module):
                  qk_norm: bool, fused: bool, input_size: Optional[int] = None) -> None:
         """`input_size`: of q/k/v's input when it is not the hidden size (EAGLE-3's layer reads two states)."""
         super().__init__()
-        # under tensor parallelism this rank's heads: q/k/v column-parallel, o_proj row-parallel
-        heads, kv_heads, head_dim = split(config.num_heads, "attention heads"), \
-            split(config.num_kv_heads, "KV heads"), config.head_dim
+        # under tensor parallelism this rank's heads: q/k/v column-parallel, o_proj row-parallel (all heads, whole
+        # projections under data-parallel attention)
+        heads, kv_heads, head_dim = attention_split(config.num_heads, "attention heads"), \
+            attention_split(config.num_kv_heads, "KV heads"), config.head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, head_dim ** -0.5,
                                     config.sliding_windows[layer_id])
         q_all, kv_all = config.num_heads * head_dim, config.num_kv_heads * head_dim
         self.qkv_proj = FusedLinear(input_size or config.hidden_size, (q_all, kv_all, kv_all), bias=qkv_bias,
-                                    fused=fused, parallel="column")
-        self.o_proj = Linear(q_all, config.hidden_size, bias=False, fused=fused, parallel="row")
+                                    fused=fused, parallel=attention_parallel("column"))
+        self.o_proj = Linear(q_all, config.hidden_size, bias=False, fused=fused, parallel=attention_parallel("row"))
         # Qwen3 normalises each head of q and k before the rotation.
         self.q_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(head_dim, config.rms_norm_eps, fused) if qk_norm else None
@@ -83,11 +84,14 @@ class LlamaDecoderLayer(nn.Module):
                                  moe.renormalize, fused)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Updates the residual stream `hidden` in place and returns it. Each norm is applied by the
-        projection that follows it and each residual add by the projection that precedes it, so a
-        one-row step needs no norm or add kernels."""
+        """Updates the residual stream `hidden` in place and returns it (under data-parallel attention, this rank's
+        rows of the gathered stream). Each norm is applied by the projection that follows it and each residual add
+        by the projection that precedes it, so a one-row step needs no norm or add kernels."""
         hidden = self.self_attn(positions, hidden, self.input_layernorm, ctx)
-        return self.mlp(hidden, self.post_attention_layernorm)
+        if ctx.dp is None:
+            return self.mlp(hidden, self.post_attention_layernorm)
+        # data-parallel attention: the split MLP runs on every rank's tokens; this rank keeps its own
+        return ctx.dp.own(self.mlp(ctx.dp.gather(hidden), self.post_attention_layernorm))
 
 
 class LlamaModel(nn.Module):

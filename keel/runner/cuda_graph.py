@@ -5,6 +5,10 @@ writes the real rows and neutralises the padded ones (request-table row 0, KV sl
 they read and write only the reserved padding slot), after checking that what it writes fits
 (DESIGN rule "bounded writes"). Attention metadata is planned inside the graph from the static
 sequence lengths, so every replay gets a fresh plan. Needs the Triton attention backend.
+
+Under data-parallel attention the graphs hold the gathers around the MLP layers, so every rank replays the graph
+of its round's size (the largest rank's batch, rounded up to a captured size); a rank with no requests replays it
+with padding rows only (an IDLE forward).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Callable, Optional
 import torch
 
 from keel.debug.guards import guard_on
-from keel.runner.forward_batch import NOT_IN_TREE, ForwardBatch, ForwardMode, TreeMask
+from keel.distributed.dp_attention import DpRound
+from keel.distributed.parallel import tensor_parallel
+from keel.runner.forward_batch import NOT_IN_TREE, PAD_ROW, PAD_SEQ_LEN, PAD_SLOT, ForwardBatch, ForwardMode, TreeMask
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,9 @@ class CudaGraphRunner:
                          if input_features is not None else None)
         self.tree = (TreeMask(torch.full((max_bs,), NOT_IN_TREE, dtype=torch.int64, device=device), buffer())
                      if tree else None)
+        tp = tensor_parallel()
+        # data-parallel attention: every rank replays the graph of the round's size, whose gathers are captured
+        self.dp_rank_count = (tp.rank, tp.size) if tp.dp_attention else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, RunnerOutput] = {}
         self._capture(forward)
@@ -64,7 +73,9 @@ class CudaGraphRunner:
                             self.positions[:size], self.req_rows[:size], self.seq_lens[:size],
                             self.out_cache_loc[:size], self.rows[:size],
                             self.features[:size] if self.features is not None else None,
-                            TreeMask(self.tree.starts[:size], self.tree.bits[:size]) if self.tree is not None else None)
+                            TreeMask(self.tree.starts[:size], self.tree.bits[:size]) if self.tree is not None else None,
+                            DpRound(self.dp_rank_count[0], (size,) * self.dp_rank_count[1], True)
+                            if self.dp_rank_count is not None else None)
 
     def _capture(self, forward: Callable[[ForwardBatch], RunnerOutput]) -> None:
         start = time.perf_counter()
@@ -85,17 +96,22 @@ class CudaGraphRunner:
                     time.perf_counter() - start)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode.is_decode and 0 < batch.batch_size <= self.max_bs and (batch.tree is None or
-                                                                                  self.tree is not None)
+        if (batch.dp is not None) != (self.dp_rank_count is not None) or (batch.dp is not None and not batch.dp.decode):
+            return False
+        rows = batch.dp.padded if batch.dp is not None else batch.batch_size  # a DP round: the size all ranks run
+        return batch.mode.is_decode and 0 < rows <= self.max_bs and (batch.tree is None or self.tree is not None)
 
     def replay(self, batch: ForwardBatch) -> RunnerOutput:
         """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
         bs = batch.batch_size
-        size = next(s for s in self.sizes if s >= bs)
-        for static, real, pad in ((self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0),
-                                  (self.req_rows, batch.req_rows, 0), (self.seq_lens, batch.seq_lens, 1),
-                                  (self.out_cache_loc, batch.out_cache_loc, 0)):
-            _write_rows(static, real, size, pad)
+        size = next(s for s in self.sizes if s >= (batch.dp.padded if batch.dp is not None else bs))
+        _write_rows(self.input_ids, batch.input_ids, size, 0)
+        _write_rows(self.positions, batch.positions, size, 0)
+        if batch.mode is not ForwardMode.IDLE or guard_on("fresh-metadata"):  # off: seed 000's stale rows
+            for static, real, pad in ((self.req_rows, batch.req_rows, PAD_ROW),
+                                      (self.seq_lens, batch.seq_lens, PAD_SEQ_LEN),
+                                      (self.out_cache_loc, batch.out_cache_loc, PAD_SLOT)):
+                _write_rows(static, real, size, pad)
         if self.features is not None and batch.input_features is not None:
             _write_rows(self.features, batch.input_features, size, 0)
         if self.tree is not None:

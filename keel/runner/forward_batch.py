@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import torch
 
+from keel.distributed.dp_attention import DpRound
+
 DeviceTensor = Annotated[torch.Tensor, "device"]
 HostInts = tuple[int, ...]
 
@@ -33,8 +35,9 @@ class ForwardMode(enum.Enum):
 
     @property
     def is_decode(self) -> bool:
-        """One token per row, read through the decode kernels (and a CUDA graph when one is captured)."""
-        return self in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_DECODE)
+        """One token per row, read through the decode kernels (and a CUDA graph when one is captured). IDLE counts:
+        zero rows, or only padding rows in a data-parallel decode round."""
+        return self in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_DECODE, ForwardMode.IDLE)
 
 
 NOT_IN_TREE = 2**31 - 1  # TreeMask.starts of a token outside any draft tree: every key before it is visible
@@ -70,6 +73,7 @@ class ForwardBatch:
     # for every other model, and the runner refuses a head's batch without them (guard optional-explicit)
     input_features: Optional[torch.Tensor] = None
     tree: Optional[TreeMask] = None  # draft trees being verified or drafted; None when no token is in one
+    dp: Optional[DpRound] = None  # under data-parallel attention, the round this forward takes part in
 
     def __post_init__(self) -> None:
         for name in _DEVICE_FIELDS:
@@ -107,6 +111,26 @@ class ForwardBatch:
     def idle(cls, device: torch.device) -> "ForwardBatch":
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return cls(ForwardMode.IDLE, device, (), (), empty, empty, empty, empty, empty, empty)
+
+    def padded_to(self, rows: int) -> "ForwardBatch":
+        """This decode batch with padding rows appended up to `rows`: each reads and writes only the reserved
+        padding slot (request-table row PAD_ROW, KV slot PAD_SLOT, length 1) and is not sampled."""
+        extra = rows - self.batch_size
+        assert self.mode.is_decode and self.tree is None and self.input_features is None and extra >= 0
+
+        def pad(tensor: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([tensor, torch.full((extra,), value, dtype=tensor.dtype, device=tensor.device)])
+
+        return ForwardBatch(self.mode, self.device, None if self.seq_lens_cpu is None else
+                            self.seq_lens_cpu + (PAD_SEQ_LEN,) * extra, self.extend_lens_cpu + (1,) * extra,
+                            pad(self.input_ids, 0), pad(self.positions, 0), pad(self.req_rows, PAD_ROW),
+                            pad(self.seq_lens, PAD_SEQ_LEN), pad(self.out_cache_loc, PAD_SLOT), self.logits_indices,
+                            dp=self.dp)
+
+
+# A padding row (CUDA-graph padding, data-parallel decode rounds) reads and writes only the reserved slot 0 of the
+# KV pool, through request-table row 0, at length 1.
+PAD_ROW, PAD_SLOT, PAD_SEQ_LEN = 0, 0, 1
 
 
 def _placed_on(tensor: torch.Tensor, device: torch.device) -> bool:

@@ -9,11 +9,12 @@ hybrid pool the target's sliding-window layers keep their K/V in a group of thei
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -24,12 +25,13 @@ from keel.cache.req_table import ReqToTokenTable
 from keel.cache.swa_pages import SwaPageMap
 from keel.config import EngineConfig
 from keel.debug.guards import guard_on
-from keel.distributed.parallel import split
+from keel.distributed.dp_attention import agree_round
+from keel.distributed.parallel import attention_split, tensor_parallel
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
 from keel.runner.cuda_graph import CudaGraphRunner, RunnerOutput
-from keel.runner.forward_batch import ForwardBatch
+from keel.runner.forward_batch import ForwardBatch, ForwardMode
 from keel.runner.sampler import SampleOutput, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class ModelRunner:
         self.req_table: Optional[ReqToTokenTable] = None
         self.attn_backend: Optional[AttentionBackend] = None
         self.cuda_graph: Optional[CudaGraphRunner] = None
+        self.dp_rounds = 0  # data-parallel attention rounds this runner took part in
+        self._previous_metadata: Any = None  # kept only with guard fresh-metadata off (seed 000's bug, for its test)
 
     def kv_bytes_per_token(self, num_layers: Optional[int] = None) -> int:
         """K/V bytes per token of `num_layers` of the model's layers (default: all)."""
@@ -106,7 +110,7 @@ class ModelRunner:
     @property
     def num_kv_heads(self) -> int:
         """The KV heads this rank holds (all of them without tensor parallelism)."""
-        return split(self.model_config.num_kv_heads, "KV heads")
+        return attention_split(self.model_config.num_kv_heads, "KV heads")
 
     def attach_kv(self, num_pages: int, table: ReqToTokenTable, swa: Optional[SwaGroup] = None) -> None:
         """Give the model its KV pool (num_pages pages, slots addressed through `table`; `swa`: its sliding-window
@@ -136,18 +140,39 @@ class ModelRunner:
         if self.model.needs_features and batch.input_features is None and guard_on("optional-explicit"):
             raise ValueError(f"ForwardBatch.input_features is missing: {self.model_config.architecture} reads the "
                              "target's hidden states for every token")
+        if tensor_parallel().dp_attention:
+            self.dp_rounds += 1
+            round_ = agree_round(batch.num_tokens, batch.mode.is_decode)
+            if round_ is None:  # no rank has a token: no forward anywhere
+                return RunnerOutput(torch.empty(0, self.model_config.vocab_size, device=self.device), None)
+            batch = dataclasses.replace(batch, dp=round_)
         if self.cuda_graph is not None and self.cuda_graph.can_run(batch):
             return self.cuda_graph.replay(batch)
+        if batch.dp is not None and batch.dp.decode and batch.batch_size < batch.dp.padded:
+            batch = batch.padded_to(batch.dp.padded)  # the shape every rank runs this round
         return self._forward_eager(batch)
+
+    def forward_idle(self) -> None:
+        """This rank's part of a data-parallel round in which it has no requests: an IDLE forward (zero tokens;
+        in a decode round, padding rows only), so the other ranks' gathers meet it."""
+        self.forward_full(ForwardBatch.idle(self.device))
 
     @torch.inference_mode()
     def _forward_eager(self, batch: ForwardBatch) -> RunnerOutput:
         if self.attn_backend is None or self.kv_pool is None:
             raise RuntimeError("ModelRunner.forward before attach_kv: the runner has no KV pool")
-        metadata = self.attn_backend.build_metadata(batch)
-        ctx = AttentionContext(self.attn_backend, metadata, self.kv_pool)
+        ctx = AttentionContext(self.attn_backend, self._metadata(batch), self.kv_pool, batch.dp)
         hidden, features = self.model(batch.input_ids, batch.positions, ctx, batch.input_features)
         return RunnerOutput(self.model.compute_logits(hidden[batch.logits_indices]), features)
+
+    def _metadata(self, batch: ForwardBatch) -> Any:
+        """The attention metadata of `batch`, built from it for every forward, IDLE included (guard fresh-metadata:
+        with it off, an IDLE forward reuses the previous forward's metadata, seed 000's bug)."""
+        if guard_on("fresh-metadata"):
+            return self.attn_backend.build_metadata(batch)
+        if batch.mode is not ForwardMode.IDLE or self._previous_metadata is None:
+            self._previous_metadata = self.attn_backend.build_metadata(batch)
+        return self._previous_metadata
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:

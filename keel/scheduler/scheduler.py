@@ -106,6 +106,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked)
 
+    @property
+    def load_tokens(self) -> int:
+        """Tokens of the requests this scheduler holds: running ones' so far, queued ones' prompts (what a
+        data-parallel controller balances)."""
+        held = self.running + ([self.chunked] if self.chunked is not None else [])
+        return sum(r.known_len for r in held) + sum(len(r.prompt_ids) for r in self.waiting)
+
     # ---- choosing the next batch -------------------------------------------------------------
 
     def schedule(self) -> Optional[ScheduledBatch]:

@@ -83,7 +83,9 @@ class EngineClient:
         self._heartbeats.start()
         ready.wait()
         spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(target=run_engine_process, name="keel-engine", daemon=True,
+        # several ranks: the engine process starts the others, which a daemon process may not; it still ends with
+        # this one (shutdown() stops it, and it exits by itself once orphaned)
+        self._process = spawn.Process(target=run_engine_process, name="keel-engine", daemon=self.config.tp_size == 1,
                                       args=(self.config, self._ipc_dir, self._secret))
         self._process.start()
 

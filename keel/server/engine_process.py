@@ -61,7 +61,10 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
 
         core = EngineCore(config)
         send(EngineReady(core.limits, core.kv_cache.page_size))
-        EngineLoop(core, requests, send, to_engine_decoder(secret)).run()
+        try:
+            EngineLoop(core, requests, send, to_engine_decoder(secret)).run()
+        finally:
+            core.close()  # the other ranks, if any
     except Exception:
         send(EngineFailed(traceback.format_exc()))
         raise

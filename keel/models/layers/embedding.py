@@ -2,7 +2,8 @@
 
 With several ranks each holds a contiguous slice of the vocabulary's rows: the embedding looks up the ids in
 its slice (zeros for the others) and the ranks sum; the LM head's logits for its slice are gathered from all
-ranks, so every rank has the whole vocabulary's logits (and samples the same token from them).
+ranks, so every rank has the whole vocabulary's logits (and samples the same token from them). Under
+data-parallel attention every rank holds the whole vocabulary (its tokens are its own).
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keel.distributed.parallel import all_gather_last_dim, all_reduce, split, tensor_parallel
+from keel.distributed.parallel import all_gather_last_dim, all_reduce, attention_split, tensor_parallel
 from keel.kernels.gemv import gemv, gemv_applies
 
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        rows = split(vocab_size, "the vocabulary")
-        self.first_id = tensor_parallel().rank * rows
+        rows = attention_split(vocab_size, "the vocabulary")
+        self.split = rows < vocab_size
+        self.first_id = tensor_parallel().rank * rows if self.split else 0
         self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
-        self.weight.tp_dim = 0
+        if self.split:
+            self.weight.tp_dim = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if tensor_parallel().size == 1:
+        if not self.split:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.first_id
         mine = (local >= 0) & (local < self.weight.shape[0])
@@ -45,11 +48,15 @@ class LMHead(nn.Module):
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
-            self.weight = nn.Parameter(torch.empty(split(vocab_size, "the vocabulary"), hidden_size),
+            self.weight = nn.Parameter(torch.empty(attention_split(vocab_size, "the vocabulary"), hidden_size),
                                        requires_grad=False)
-            self.weight.tp_dim = 0
+            if self.weight.shape[0] < vocab_size:
+                self.weight.tp_dim = 0
+        self.split = self.weight.shape[0] < vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fused and gemv_applies(hidden, self.weight):
-            return all_gather_last_dim(gemv(hidden, self.weight, out_dtype=torch.float32))
-        return all_gather_last_dim(F.linear(hidden, self.weight).float())
+            logits = gemv(hidden, self.weight, out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden, self.weight).float()
+        return all_gather_last_dim(logits) if self.split else logits

@@ -13,19 +13,16 @@ weight records `tp_dim`, the dimension of the checkpoint tensor that the ranks s
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keel.distributed.parallel import all_reduce, split, tensor_parallel
+from keel.distributed.parallel import Parallel, all_reduce, split, tensor_parallel
 from keel.kernels.gemv import gemv, gemv_applies
 from keel.models.layers.activation import SiluAndMul
 from keel.models.layers.norm import RMSNorm
-
-Parallel = Optional[Literal["column", "row"]]
-
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, fused: bool = False,
