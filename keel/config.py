@@ -86,8 +86,8 @@ class EngineConfig:
                                  "layer (attention heads, MLP and expert features, vocabulary); Llama-family models")
     ep_size: int = option(1, "expert parallelism over the tensor-parallel ranks (1, or --tp-size): each rank holds "
                                  "whole experts, a 1/ep share of them, instead of a slice of every expert")
-    disable_custom_all_reduce: bool = option(False, "send every all-reduce through NCCL (by default small ones on "
-                                                    "GPUs take a one-shot symmetric-memory path)")
+    enable_torch_symm_mem: bool = option(False, "small bfloat16 all-reduces on GPUs take a one-shot path through "
+                                                "torch's symmetric memory instead of NCCL")
     dp_size: int = option(1, "data-parallel attention ranks, with --enable-dp-attention (equal to --tp-size): each "
                                  "rank schedules its own requests and holds their KV, the MLP / expert layers are "
                                  "shared over all ranks")

@@ -21,10 +21,11 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
 from keel.config import EngineConfig
-from keel.distributed.parallel import tensor_parallel
+from keel.distributed.parallel import shutdown_tensor_parallel, tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def ranks_per_node(config: EngineConfig) -> int:
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     """`config` for `rank`: on GPUs, a machine's i-th rank runs on the i-th device from the configured one."""
+    if config.device == "auto" and torch.cuda.is_available():
+        config = dataclasses.replace(config, device="cuda")  # else every rank would pick the current device
     if config.device.startswith("cuda"):
         first = int(config.device.split(":")[1]) if ":" in config.device else 0
         return dataclasses.replace(config, device=f"cuda:{first + rank % ranks_per_node(config)}")
@@ -100,10 +103,12 @@ class RankProcesses:
         self._processes, self._killed = [], True
 
     def close(self) -> None:
-        """Stop the other ranks (once; later calls do nothing)."""
+        """Stop the other ranks and leave the group with them (once; later calls do nothing). Every rank leaves
+        at the same time: NCCL's teardown waits for its peers, so rank 0 must not wait for them to exit first."""
         atexit.unregister(self.close)
         if tensor_parallel().control is not None and not self._killed:
             dist.broadcast_object_list([None], src=0, group=tensor_parallel().control)
+        shutdown_tensor_parallel()
         for process in self._processes:
             process.join(timeout=30)
             if process.is_alive():

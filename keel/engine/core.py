@@ -29,7 +29,7 @@ from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
 from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
 from keel.distributed.dp_controller import DpController, RankStep
-from keel.distributed.ranks import RankProcesses, RankSetup
+from keel.distributed.ranks import RankProcesses, RankSetup, rank_config
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
@@ -69,11 +69,13 @@ class EngineCore:
         if config.tp_size > 1 and not getattr(model_class(self.model_config.architecture), "tensor_parallel", False):
             raise ValueError(f"--tp-size {config.tp_size}: keel splits Llama-family models (Llama, Mistral, Qwen2, "
                              f"Qwen3, Qwen3-MoE, Mixtral) over ranks, not {self.model_config.architecture}")
+        if config.tp_size > 1 and rank is None:
+            config = self.config = rank_config(config, 0)  # rank 0's device, as the others get theirs
         self.ranks = RankProcesses(config) if config.tp_size > 1 and rank is None else None
         setup = rank or (self.ranks.setup if self.ranks else RankSetup(0, 1, ""))
         init_tensor_parallel(setup.rank, setup.size, setup.init_method, resolve_device(config.device),
                              whole_experts=config.ep_size > 1, dp_attention=config.enable_dp_attention,
-                             custom_all_reduce=not config.disable_custom_all_reduce)
+                             symmetric_all_reduce=config.enable_torch_symm_mem)
         self.dp = DpController(config.dp_size) if config.enable_dp_attention and rank is None else None
         self.runner = ModelRunner(config, self.source, self.model_config)
         self.draft_runner = self._load_draft_model() if config.speculative_draft_model_path else None
@@ -352,7 +354,7 @@ class EngineCore:
     def close(self) -> None:
         """Stop the other ranks, if any (rank 0), and leave the group."""
         if self.ranks is not None:
-            self.ranks.close()
+            self.ranks.close()  # leaves the group along with the others
             self.ranks = None
         shutdown_tensor_parallel()
 
