@@ -95,56 +95,38 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_pt
 
 
 @triton.jit
-def _expert_gate_up_gemv_kernel(x_ptr, w13_ptr, out_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn, stride_o,
-                                TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
-    """out[pair, n] = silu(x[token] . gate[n]) * (x[token] . up[n]) of the pair's expert, for one pair and one tile
-    of n (K a multiple of BLOCK_K); a pair of an expert this rank does not hold (id NUM_EXPERTS) is skipped. As in
-    keel's dense GEMV, gate and up rows load in the same iteration and products are summed over k at the end."""
+def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we, stride_wn,
+                        stride_o, TOP_K: tl.constexpr, GATED: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One pair and one tile of n (K a multiple of BLOCK_K); pairs of an expert this rank does not hold (id
+    NUM_EXPERTS) are skipped. GATED: out[pair, n] = silu(x[token] . gate[n]) * (x[token] . up[n]), gate and up rows
+    loaded in the same iteration; else out[pair, n] = weight[pair] * (a[pair] . w2[expert, n]). As in keel's dense
+    GEMV, products are summed over k once, at the end. (Summing a token's k pairs inside the down projection's
+    programs was slower at top-8: each program then reads k experts' tiles, a few rows of short runs each.)"""
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair)
     if expert >= NUM_EXPERTS:
         return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    gate_rows = w13_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
-    up_rows = gate_rows + N.to(tl.int64) * stride_wn
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
-    gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + kk).to(tl.float32)
-        w_gate = tl.load(gate_rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-        w_up = tl.load(up_rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-        gate += w_gate.to(tl.float32) * x[None, :]
-        up += w_up.to(tl.float32) * x[None, :]
-    g = tl.sum(gate, 1)
-    gated = g * tl.sigmoid(g) * tl.sum(up, 1)
-    tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, gated.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _expert_down_gemv_kernel(a_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we, stride_wn,
-                             stride_o, NUM_EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[pair, n] = weight[pair] * (a[pair] . w2[expert, n]) for one pair and one tile of n (K a multiple of
-    BLOCK_K); pairs of other ranks' experts are skipped (their rows stay zero). Summing a token's k pairs inside
-    the kernel was slower at top-8: one program then reads k experts' tiles, each a few rows of short runs."""
-    pair = tl.program_id(0)
-    expert = tl.load(ids_ptr + pair)
-    if expert >= NUM_EXPERTS:
-        return
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    rows = w2_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
-    a_row = a_ptr + pair.to(tl.int64) * stride_a
+    rows = w_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
+    a_row = a_ptr + ((pair // TOP_K) if GATED else pair).to(tl.int64) * stride_a
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + kk).to(tl.float32)
         w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[None, :]
-    out = tl.sum(acc, 1) * tl.load(weights_ptr + pair)
+        if GATED:
+            w_up = tl.load(rows + N.to(tl.int64) * stride_wn + kk[None, :], mask=n_ok[:, None], other=0.0,
+                           eviction_policy="evict_first")
+            up += w_up.to(tl.float32) * a[None, :]
+    out = tl.sum(acc, 1)
+    if GATED:
+        out = out * tl.sigmoid(out) * tl.sum(up, 1)
+    else:
+        out = out * tl.load(weights_ptr + pair)
     tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -223,16 +205,12 @@ def _moe_unsorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     top_k = ids.numel() // tokens
-    config = gemv_config(hidden, norm=False, gate_up=True)  # the dense GEMV's tiles: an expert's rows alike
-    _expert_gate_up_gemv_kernel[(ids.numel(), triton.cdiv(two_i // 2, config.block_n))](
-        x, w13, gated, ids, two_i // 2, hidden, x.stride(0), w13.stride(0), w13.stride(1), gated.stride(0),
-        TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
     inter = two_i // 2
     down = torch.zeros(ids.numel(), hidden, dtype=x.dtype, device=x.device)  # pairs of skipped experts stay 0
-    config = gemv_config(inter, norm=False, gate_up=False)
-    _expert_down_gemv_kernel[(ids.numel(), triton.cdiv(hidden, config.block_n))](
-        gated, w2, down, ids, weights, hidden, inter, gated.stride(0), w2.stride(0), w2.stride(1), down.stride(0),
-        NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+    for a, w, out, n, k, first in ((x, w13, gated, inter, hidden, True), (gated, w2, down, hidden, inter, False)):
+        config = gemv_config(k, norm=False, gate_up=first)  # the dense GEMV's tiles: an expert's rows alike
+        _expert_gemv_kernel[(ids.numel(), triton.cdiv(n, config.block_n))](
+            a, w, out, ids, weights, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k,
+            GATED=first, NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return down.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -12,6 +12,7 @@ import keel
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV
 from keel.distributed.dp_controller import DpController, RankStep
+from tests.distributed.test_tensor_parallel import check_workload_on_ranks
 from tests.helpers import assert_same_greedy, random_prompts
 
 DP = dict(tp_size=2, dp_size=2, enable_dp_attention=True)
@@ -62,22 +63,7 @@ def test_requests_go_to_the_least_loaded_rank():
 def test_data_parallel_ranks_through_random_workloads(seed, tiny_model, monkeypatch):
     """Arrivals between steps (one rank often empty), aborts, forced retraction, chunking, overlap and the
     prefix cache, on each rank separately."""
-    from tests.scheduler.test_random_workloads import run_workload
-    from tests.scheduler.workloads import make_workload
-
-    workload = make_workload(seed)
-    monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
-    directory, _ = tiny_model("qwen3-moe")
-    solo = keel.Engine(str(directory), device="cpu", dtype="float32", chunked_prefill_size=None)
-    engine = keel.Engine(str(directory), device="cpu", dtype="float32", **DP, **workload.options)
-    try:
-        outputs, aborted = run_workload(engine.core, workload)
-        engine.core.check_idle()
-    finally:
-        engine.core.close()
-    for i, req in enumerate(workload.requests):
-        if i not in aborted:
-            assert_same_greedy(outputs[i], solo.generate([req.prompt], req.params)[0], f"seed {seed} request {i}")
+    check_workload_on_ranks(seed, tiny_model("qwen3-moe")[0], monkeypatch, **DP)
 
 
 @pytest.mark.parametrize("guard", ["on", "off"])

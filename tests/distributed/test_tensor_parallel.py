@@ -60,14 +60,19 @@ def test_mirrored_ranks_stay_in_step_through_random_workloads(seed, tiny_model, 
     """The mirror's premise: ranks fed the same commands schedule the same batches, through arrivals between
     steps, aborts, forced retraction, chunking, overlap and the prefix cache (a rank that scheduled another batch
     would stall or fail at the next collective, or change the gathered logits)."""
+    check_workload_on_ranks(seed, tiny_model("llama3")[0], monkeypatch, tp_size=2)
+
+
+def check_workload_on_ranks(seed: int, directory, monkeypatch, **parallel) -> None:
+    """Seeded random workload `seed` on an engine of several ranks (`parallel` options): every request that was not
+    aborted gets its solo output, and the engine ends idle."""
     from tests.scheduler.test_random_workloads import run_workload
     from tests.scheduler.workloads import make_workload
 
     workload = make_workload(seed)
     monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", str(workload.retract_every))
-    directory, _ = tiny_model("llama3")
     solo = keel.Engine(str(directory), device="cpu", dtype="float32", chunked_prefill_size=None)
-    engine = keel.Engine(str(directory), device="cpu", dtype="float32", tp_size=2, **workload.options)
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32", **parallel, **workload.options)
     try:
         outputs, aborted = run_workload(engine.core, workload)
         engine.core.check_idle()
