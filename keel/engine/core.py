@@ -67,8 +67,9 @@ class EngineCore:
             raise ValueError(f"--speculative-eagle-topk {config.speculative_eagle_topk} drafts a tree, which keel does "
                              f"not verify on sliding-window models ({config.model}); use --speculative-eagle-topk 1")
         if config.tp_size > 1 and not getattr(model_class(self.model_config.architecture), "tensor_parallel", False):
-            raise ValueError(f"--tp-size {config.tp_size}: keel splits Llama-family models (Llama, Mistral, Qwen2, "
-                             f"Qwen3, Qwen3-MoE, Mixtral) over ranks, not {self.model_config.architecture}")
+            raise ValueError(f"--tp-size {config.tp_size}: keel splits Llama-family and Gemma models (Llama, "
+                             "Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Gemma 2 and 3) over ranks, not "
+                             f"{self.model_config.architecture}")
         if config.tp_size > 1 and rank is None:
             config = self.config = rank_config(config, 0)  # rank 0's device, as the others get theirs
         self.ranks = RankProcesses(config) if config.tp_size > 1 and rank is None else None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from keel.attention.base import AttentionContext, AttentionLayer, Rotation
+from keel.distributed.parallel import attention_parallel, attention_split
 from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.activation import GeluTanhAndMul
@@ -37,14 +38,18 @@ class Gemma3Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, fused: bool,
                  qk_norm: bool) -> None:
         super().__init__()
-        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        # this rank's heads under tensor parallelism (all of them under data-parallel attention)
+        heads, kv_heads, head_dim = attention_split(config.num_heads, "attention heads"), \
+            attention_split(config.num_kv_heads, "KV heads"), config.head_dim
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
+        q_all, kv_all = config.num_heads * head_dim, config.num_kv_heads * head_dim
         scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
         self.layer = AttentionLayer(layer_id, heads, kv_heads, head_dim, scale, config.sliding_windows[layer_id],
                                     config.attn_logit_softcapping)
-        self.qkv_proj = FusedLinear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size),
-                                    bias=config.attention_bias, fused=fused)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias, fused=fused)
+        self.qkv_proj = FusedLinear(config.hidden_size, (q_all, kv_all, kv_all), bias=config.attention_bias,
+                                    fused=fused, parallel=attention_parallel("column"))
+        self.o_proj = Linear(q_all, config.hidden_size, bias=config.attention_bias, fused=fused,
+                             parallel=attention_parallel("row"))
         self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps) if qk_norm else nn.Identity()
         self.rotary = rotary
@@ -65,9 +70,9 @@ class Gemma3MLP(nn.Module):
             raise ValueError(f"unsupported Gemma 3 activation {config.hidden_act!r}; keel supports "
                              f"{SUPPORTED_ACTIVATIONS}")
         size = config.intermediate_size
-        self.gate_up_proj = FusedLinear(config.hidden_size, (size, size), fused=fused)
+        self.gate_up_proj = FusedLinear(config.hidden_size, (size, size), fused=fused, parallel="column")
         self.act = GeluTanhAndMul()
-        self.down_proj = Linear(size, config.hidden_size, fused=fused)
+        self.down_proj = Linear(size, config.hidden_size, fused=fused, parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -88,7 +93,10 @@ class Gemma3DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         attn = self.self_attn(positions, self.input_layernorm(hidden), ctx)
         hidden = hidden + self.post_attention_layernorm(attn)
-        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        x = self.pre_feedforward_layernorm(hidden)
+        # data-parallel attention: the split MLP runs on every rank's tokens; this rank keeps its own
+        mlp = self.mlp(x) if ctx.dp is None else ctx.dp.own(self.mlp(ctx.dp.gather(x)))
+        return hidden + self.post_feedforward_layernorm(mlp)
 
 
 class Gemma3Model(nn.Module):
@@ -115,6 +123,7 @@ class Gemma3Model(nn.Module):
 class Gemma3ForCausalLM(CausalLM):
     FUSED_WEIGHTS = LlamaForCausalLM.FUSED_WEIGHTS  # the same q/k/v and gate/up checkpoint names
     QK_NORM = True
+    tensor_parallel = True  # its layers split over ranks (--tp-size)
 
     def __init__(self, config: ModelConfig, max_positions: int, fused: bool = False) -> None:
         super().__init__()

@@ -42,17 +42,33 @@ def test_two_ranks_holding_whole_experts_give_the_tokens_of_one(kind, tiny_model
         assert_same_greedy(a, b, f"{kind}: prompt {i}")
 
 
-def test_what_does_not_split_yet_is_refused_in_one_line(tiny_model, tmp_path):
+def test_what_does_not_split_yet_is_refused_in_one_line(tiny_model):
+    directory, _ = tiny_model("llama3")
+    with pytest.raises(ValueError, match="speculative_algorithm: is not supported with --tp-size > 1 yet"):
+        keel.Engine(str(directory), device="cpu", tp_size=2, speculative_algorithm="NGRAM")
+
+
+@pytest.mark.parametrize("parallel", [dict(tp_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True)],
+                         ids=["tp", "dp-attention"])
+def test_gemma3_on_two_ranks_gives_the_tokens_of_one(parallel, make_engine, tmp_path):
+    """Gemma 3's attention heads and its GELU MLP split like Llama's, over a hybrid pool (sliding-window layers
+    in a pool of their own on each rank)."""
     from transformers import Gemma3ForCausalLM
 
     from tests.models.test_gemma3 import tiny_config, write_gemma
 
-    directory, _ = tiny_model("llama3")
-    with pytest.raises(ValueError, match="speculative_algorithm: is not supported with --tp-size > 1 yet"):
-        keel.Engine(str(directory), device="cpu", tp_size=2, speculative_algorithm="NGRAM")
-    gemma, _ = write_gemma(tmp_path, Gemma3ForCausalLM(tiny_config()))
-    with pytest.raises(ValueError, match="splits Llama-family models .* not Gemma3ForCausalLM"):
-        keel.Engine(str(gemma), device="cpu", tp_size=2)
+    directory, _ = write_gemma(tmp_path, Gemma3ForCausalLM(tiny_config()))
+    prompts = random_prompts([3, 20, 41], seed=9)
+    params = keel.SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=2)
+    single = make_engine(directory, page_size=4).generate(prompts, params)
+    engine = make_engine(directory, page_size=4, **parallel)
+    assert engine.core.kv_cache.swa is not None
+    try:
+        split = engine.generate(prompts, params)
+    finally:
+        engine.core.close()
+    for i, (a, b) in enumerate(zip(split, single)):
+        assert_same_greedy(a, b, f"gemma3 {parallel}: prompt {i}")
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("KEEL_TP_WORKLOADS", "4"))))  # more on demand
