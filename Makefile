@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 serve: venv
-	$(VENV)/bin/keel serve --model $(MODEL) --port $(PORT)
+	$(VENV)/bin/keel serve $(MODEL) --port $(PORT)
 
 demo: venv
 	$(VENV)/bin/keel generate --model $(MODEL) --chat --temperature 0 --max-new-tokens 48 "$(PROMPT)"

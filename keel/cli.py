@@ -1,6 +1,6 @@
 """The `keel` command.
 
-    keel serve --model keel-demo --port 8000                # OpenAI-compatible server
+    keel serve keel-demo --port 8000                        # OpenAI-compatible server (--model works too)
     keel bench serve --url http://127.0.0.1:8000 --num-prompts 100 --request-rate 4
     keel generate --model keel-demo "Hello"                 # stream one completion
     keel generate --model llama-3.2-1b --max-new-tokens 8 "a" "b"
@@ -14,6 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Optional
 
+from keel import __version__ as keel_version
 from keel.config import EngineConfig, ServerConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.sampling_params import SamplingParams
 from keel.spec import SIMULATE_ACCEPT_ENV
@@ -23,20 +24,25 @@ if TYPE_CHECKING:  # imported lazily at run time: `keel --help` stays fast
 
 # The engine's --seed already seeds every request of a CLI run, so there is no per-request --seed.
 _ENGINE_SEEDED = ("seed",)
+_MODEL_ALIASES = {"model": ("--model-path",)}  # SGLang's name for --model
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="keel: LLM inference and serving engine")
+    parser.add_argument("--version", action="version", version=f"keel {keel_version}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # `keel serve MODEL`, as `vllm serve MODEL`; --model (and SGLang's --model-path) still work
+    serve.add_argument("model_positional", nargs="?", metavar="MODEL", help="the model to serve (or --model)")
     add_dataclass_arguments(serve.add_argument_group("server options"), ServerConfig)
-    add_dataclass_arguments(serve.add_argument_group("engine options"), EngineConfig)
+    add_dataclass_arguments(serve.add_argument_group("engine options"), EngineConfig, aliases=_MODEL_ALIASES,
+                            required=("model",))
     gen = commands.add_parser("generate", help="generate completions for prompts",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("prompts", nargs="+", help="prompt text(s)")
     engine_opts = gen.add_argument_group("engine options")
-    add_dataclass_arguments(engine_opts, EngineConfig)
+    add_dataclass_arguments(engine_opts, EngineConfig, aliases=_MODEL_ALIASES)
     sampling_opts = gen.add_argument_group("sampling options")
     add_dataclass_arguments(sampling_opts, SamplingParams, skip=_ENGINE_SEEDED)
     gen.add_argument("--no-stream", action="store_true", help="print each completion when it is done")
@@ -110,6 +116,17 @@ def run_node_ranks(config: EngineConfig) -> None:
     run_node(config)
 
 
+def _served_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The model `keel serve` was given: positionally or as --model / --model-path (once); there is no default."""
+    given = [m for m in (args.model_positional, args.model) if m is not None]
+    if not given:
+        parser.error("keel serve needs a model: keel serve MODEL (a preset name, keel-demo, a Hugging Face "
+                     "directory or a GGUF file)")
+    if len(given) == 2 and given[0] != given[1]:
+        parser.error(f"two models given: {given[0]!r} and --model {given[1]!r}")
+    return given[0]
+
+
 def chat_ids(engine: Engine, prompt: str) -> list[int]:
     """`prompt` as one user message through the model's chat template (which adds any BOS itself)."""
     tokenizer = engine.tokenizer
@@ -121,7 +138,10 @@ def chat_ids(engine: Engine, prompt: str) -> list[int]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        args.model = _served_model(parser, args)
     logging.basicConfig(level=getattr(args, "log_level", "warning").upper(),
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -255,26 +255,36 @@ def _require(ok: bool, name: str, why: str) -> None:
 # ---- dataclass <-> argparse -------------------------------------------------------------
 
 
-def add_dataclass_arguments(parser: argparse._ActionsContainer, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per dataclass field (snake_case -> kebab-case) with the field's help text."""
+def add_dataclass_arguments(parser: argparse._ActionsContainer, cls: type, skip: tuple[str, ...] = (),
+                            aliases: Optional[dict[str, tuple[str, ...]]] = None,
+                            required: tuple[str, ...] = ()) -> None:
+    """Add one --flag per dataclass field (snake_case -> kebab-case) with the field's help text; `aliases`: more
+    flags for a field; `required`: fields with no default on this command (the flag defaults to None, and the
+    command checks that it was given)."""
     hints = typing.get_type_hints(cls)
     for f in _fields(cls, skip):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, ())]
         kind, element = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
+        if f.name in required:
+            default = None
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+            parser.add_argument(*flags, action="store_true", default=default, help=help_text)
         elif kind is list:
-            parser.add_argument(flag, nargs="*", type=element, default=default, help=help_text)
+            # one value per use (--stop a --stop b): a list flag must not swallow the positionals after it
+            parser.add_argument(*flags, action="append", type=element, default=None,
+                                help=f"{help_text} (repeat the flag for several)")
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, type=kind, default=default, help=help_text,  # None: leave the flag out
+            parser.add_argument(*flags, type=kind, default=default, help=help_text,  # None: leave the flag out
                                 choices=tuple(c for c in choices if c is not None) if choices else None)
 
 
 def dataclass_kwargs(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in _fields(cls, skip)}
+    """The fields given on the command line (a list flag never used keeps the field's default)."""
+    return {f.name: getattr(args, f.name) for f in _fields(cls, skip)
+            if not (getattr(args, f.name) is None and f.default is dataclasses.MISSING)}
 
 
 def _fields(cls: type, skip: tuple[str, ...]) -> list[dataclasses.Field]:

@@ -60,3 +60,34 @@ def test_serve_reaches_its_engine_spawn_without_importing_torch(keel_cache_dir):
                     "resolve_model('llama-3.2-1b')"], check=True)  # built once (that may import torch)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_version():
+    result = keel("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"keel {__import__('keel').__version__}"
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "keel serve needs a model: keel serve MODEL"),
+    (["keel-demo", "--model", "other"], "two models given: 'keel-demo' and --model 'other'"),
+])
+def test_serve_has_no_default_model(args, message):
+    result = keel("serve", *args, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_takes_the_model_positionally_or_by_either_flag():
+    from keel.cli import _served_model, build_parser
+
+    parser = build_parser()
+    for argv in (["serve", "m"], ["serve", "--model", "m"], ["serve", "--model-path", "m"],
+                 ["serve", "m", "--model", "m"]):
+        assert _served_model(parser, parser.parse_args(argv)) == "m"
+
+
+def test_a_list_option_does_not_swallow_the_prompt():
+    """`--stop x "prompt"`: the prompt stays a prompt (a list flag takes one value per use)."""
+    result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "4", "--stop", "zzz", "--stop", "qq",
+                  "--stop-token-ids", "1", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
