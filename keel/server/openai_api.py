@@ -153,8 +153,9 @@ async def collect(generations: list[Generation], request: Request) -> Optional[l
     run = asyncio.ensure_future(_run_to_end(generations))
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+    disconnected = gone.done()  # also when the run ended in the same instant: its requests were aborted
     gone.cancel()
-    if not run.done():
+    if disconnected or not run.done():
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
         logger.info("client of %s disconnected: its %d requests are aborted", generations[0].request_id,
@@ -168,11 +169,11 @@ async def collect(generations: list[Generation], request: Request) -> Optional[l
 
 
 async def _run_to_end(generations: list[Generation]) -> list[RequestOutput]:
-    results: dict[int, RequestOutput] = {}
-    async for event in merged_events(generations):
-        if event.finished:
-            results[event.index] = event.output
-    return [results[g.index] for g in generations]
+    """Each generation's whole output, once all have ended (read from the generation itself: one that ended
+    without a last event, as an aborted one does, has an output too)."""
+    async for _ in merged_events(generations):
+        pass
+    return [g.state.output for g in generations]
 
 
 async def _disconnected(request: Request) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import glob
 import json
+import logging
 import os
 import pickle
 import signal
@@ -21,11 +22,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import msgspec
 import pytest
 import zmq
+
+import keel
 
 from keel.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from tests.server.conftest import Server, start_server, stop_server
@@ -497,3 +501,44 @@ def test_the_api_key_guards_every_route_but_health(limited):
             assert assert_error(response, 401)["code"] == "invalid_api_key"
     assert httpx.get(f"{limited.url}/v1/models", headers=AUTH).status_code == 200
     assert post(limited, "/v1/completions", json=GOOD, headers=AUTH).status_code == 200
+
+
+class _EndedGeneration:
+    """A generation whose events end without a last (finished) event, as one aborted under it does."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.request_id = index, f"cmpl-{index}"
+        self.state = SimpleNamespace(output=keel.RequestOutput(str(index), "p", [1], finish_reason="abort"))
+
+    async def events(self):
+        return
+        yield
+
+
+class _GoneClient:
+    async def receive(self) -> dict:
+        return {"type": "http.disconnect"}
+
+
+def test_a_disconnect_as_the_generations_end_is_not_an_error(caplog):
+    """Issue 16 defect: a non-streaming client that disconnected just as its aborted requests ended got a KeyError
+    traceback logged (collect read a last event that never came); now it is the one quiet line."""
+    from keel.server.openai_api import collect
+
+    caplog.set_level(logging.INFO, logger="keel.server.openai_api")
+    generations = [_EndedGeneration(0), _EndedGeneration(1)]
+    assert asyncio.run(collect(generations, _GoneClient())) is None
+    assert "disconnected" in caplog.text and "Traceback" not in caplog.text
+
+
+class _StayingClient:
+    async def receive(self) -> dict:
+        await asyncio.Event().wait()  # never disconnects
+        return {}
+
+
+def test_generations_that_end_without_a_last_event_still_give_their_outputs():
+    from keel.server.openai_api import collect
+
+    outputs = asyncio.run(collect([_EndedGeneration(0), _EndedGeneration(1)], _StayingClient()))
+    assert [out.request_id for out in outputs] == ["0", "1"]
