@@ -21,6 +21,7 @@ from keel.spec import SIMULATE_ACCEPT_ENV
 
 if TYPE_CHECKING:  # imported lazily at run time: `keel --help` stays fast
     from keel.engine.engine import Engine
+    from keel.engine.outputs import TokenLogprob
 
 # The engine's --seed already seeds every request of a CLI run, so there is no per-request --seed.
 _ENGINE_SEEDED = ("seed",)
@@ -93,15 +94,31 @@ def generate(args: argparse.Namespace) -> None:
     engine = Engine(options.pop("model"), **options)
     inputs = [chat_ids(engine, p) for p in args.prompts] if args.chat else args.prompts
     echoed = [""] * len(args.prompts) if args.chat else args.prompts  # a chat answer is printed alone
-    if len(args.prompts) == 1 and not args.no_stream:
-        sys.stdout.write(echoed[0])
-        for delta in engine.stream(inputs[0], params):
+    if len(args.prompts) == 1 and not args.no_stream and not params.wants_logprobs:
+        stream = engine.stream(inputs[0], params)
+        first = next(stream, "")  # a request the engine refuses fails here, before the prompt is echoed
+        sys.stdout.write(echoed[0] + first)
+        for delta in stream:
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
     for prompt, out in zip(echoed, engine.generate(inputs, params)):
         print(f"--- [{out.finish_reason}, {len(out.token_ids)} tokens]\n{prompt}{out.text}")
+        if out.logprobs:
+            print(format_logprobs(engine, out.logprobs))
+
+
+def format_logprobs(engine: Engine, logprobs: list[TokenLogprob]) -> str:
+    """One line per generated token: the token, its log-prob, and the top alternatives asked for."""
+    def token(token_id: int) -> str:
+        return repr(engine.tokenizer.decode([token_id]))
+
+    lines = ["log-probs:"]
+    for lp in logprobs:
+        top = ", ".join(f"{token(t)} {v:.4f}" for t, v in lp.top)
+        lines.append(f"  {token(lp.token_id)} {lp.logprob:.4f}" + (f"  (top: {top})" if top else ""))
+    return "\n".join(lines)
 
 
 def run_node_ranks(config: EngineConfig) -> None:

@@ -91,3 +91,17 @@ def test_a_list_option_does_not_swallow_the_prompt():
                   "--stop-token-ids", "1", "Hello")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello")
+
+
+def test_generate_prints_the_log_probs_asked_for():
+    result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "3", "--temperature", "0",
+                  "--top-logprobs", "2", "Hello")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "log-probs:" in lines and len(lines) - lines.index("log-probs:") - 1 == 3
+    assert all(line.count("(top: ") == 1 for line in lines[lines.index("log-probs:") + 1:])
+
+
+def test_a_refused_request_is_not_echoed_first():
+    result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "100000", "Hello")
+    assert result.returncode != 0 and result.stdout == "" and "Traceback" not in result.stderr
