@@ -54,11 +54,6 @@ class DpRound:
         start = self.rank * self.padded
         return gathered[start:start + self.tokens[self.rank]]
 
-    def with_size(self, rows: int) -> DpRound:
-        """This decode round run at `rows` per rank (a captured CUDA graph's size)."""
-        assert self.decode and rows >= self.padded
-        return DpRound(self.rank, (rows,) * len(self.tokens), True)
-
 
 def agree_round(tokens: int, decode: bool) -> DpRound | None:
     """Exchange (on the host) what each rank brings to this round; None when no rank has a token (no forward).

@@ -218,7 +218,12 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._launched is not None or (self.dp is not None and self.dp.others_busy)
+        return self._has_own_work or (self.dp is not None and self.dp.others_busy)
+
+    @property
+    def _has_own_work(self) -> bool:
+        """Work of this rank's own: requests it holds, or a step in flight."""
+        return self.scheduler.has_work or self._launched is not None
 
     def step(self) -> list[CoreOutput]:
         """Schedule and launch one batch; returns what requests got from the steps whose results were read
@@ -243,7 +248,7 @@ class EngineCore:
     def rank_step(self) -> RankStep:
         """step() on this rank alone, with what a data-parallel controller needs to know after it."""
         outputs = self._step()
-        return RankStep(outputs, self.scheduler.load_tokens, self.scheduler.has_work or self._launched is not None)
+        return RankStep(outputs, self.scheduler.load_tokens, self._has_own_work)
 
     def _step(self) -> list[CoreOutput]:
         outputs: list[CoreOutput] = []

@@ -98,13 +98,13 @@ class CudaGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         if (batch.dp is not None) != (self.dp_rank_count is not None) or (batch.dp is not None and not batch.dp.decode):
             return False
-        rows = batch.dp.padded if batch.dp is not None else batch.batch_size  # a DP round: the size all ranks run
-        return batch.mode.is_decode and 0 < rows <= self.max_bs and (batch.tree is None or self.tree is not None)
+        return batch.mode.is_decode and 0 < _rows(batch) <= self.max_bs and (batch.tree is None or
+                                                                              self.tree is not None)
 
     def replay(self, batch: ForwardBatch) -> RunnerOutput:
         """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
         bs = batch.batch_size
-        size = next(s for s in self.sizes if s >= (batch.dp.padded if batch.dp is not None else bs))
+        size = next(s for s in self.sizes if s >= _rows(batch))
         _write_rows(self.input_ids, batch.input_ids, size, 0)
         _write_rows(self.positions, batch.positions, size, 0)
         if batch.mode is not ForwardMode.IDLE or guard_on("fresh-metadata"):  # off: seed 000's stale rows
@@ -123,6 +123,11 @@ class CudaGraphRunner:
         self.graphs[size].replay()
         out = self.outputs[size]
         return RunnerOutput(out.logits[:bs], out.features[:bs] if out.features is not None else None)
+
+
+def _rows(batch: ForwardBatch) -> int:
+    """Rows the graph must hold: the batch's, or in a data-parallel round the size every rank runs."""
+    return batch.dp.padded if batch.dp is not None else batch.batch_size
 
 
 def _write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
