@@ -359,6 +359,9 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop the other ranks, if any (rank 0), and leave the group."""
+        for runner in (self.runner, self.draft_runner):
+            if runner is not None:
+                runner.release_graphs()
         if self.ranks is not None:
             self.ranks.close()  # leaves the group along with the others
             self.ranks = None

@@ -10,6 +10,7 @@ hybrid pool the target's sliding-window layers keep their K/V in a group of thei
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -106,6 +107,14 @@ class ModelRunner:
         mc = self.model_config
         return KVPool.bytes_per_token(mc.num_layers if num_layers is None else num_layers, self.num_kv_heads,
                                       mc.head_dim, self.dtype)
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs. NCCL cannot tear down a communicator while a graph that holds its
+        collectives is alive (its teardown waits for them), so this comes before leaving the group."""
+        if self.cuda_graph is not None:
+            torch.cuda.synchronize(self.device)
+            self.cuda_graph = None
+            gc.collect()
 
     @property
     def num_kv_heads(self) -> int:
