@@ -60,6 +60,9 @@ class EngineConfig:
     disable_cuda_graph: bool = option(False, "run every decode step eagerly (CUDA graphs need the triton backend)")
     disable_overlap: bool = option(False, "finish each step before scheduling the next (by default the host "
                                           "schedules step N+1 while the device runs step N)")
+    constrained_json_disable_any_whitespace: bool = option(
+        False, "structured JSON output without whitespace between tokens (compact JSON). By default a model may "
+        "put whitespace there, at most 24 characters in a row")
     speculative_algorithm: Optional[str] = option(
         None, "speculative decoding: NGRAM (drafts from earlier matches of the latest tokens in the prompt and "
         "output), STANDALONE (a smaller model of the same vocabulary drafts), EAGLE or EAGLE3 (a draft head that "

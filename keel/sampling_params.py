@@ -7,6 +7,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from keel.grammar import GrammarSpec, InvalidGrammar, check_grammar
+
 
 class InvalidParameter(ValueError):
     """A sampling parameter with an invalid value; `param` names it."""
@@ -25,6 +27,7 @@ MAX_INT32 = 2**31 - 1  # counts and token ids must fit the engine's int32/int64 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 
 
 @dataclass
@@ -52,6 +55,10 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = field(
         default=None, metadata={"help": "return the log-prob of every prompt token after the first, with the "
                                         "top-N alternatives (0-20); such prompts skip the prefix cache"})
+    json_schema: Optional[str] = field(
+        default=None, metadata={"help": "constrain the output to JSON valid for this schema (JSON text)"})
+    regex: Optional[str] = field(default=None, metadata={"help": "constrain the output to match this regex"})
+    ebnf: Optional[str] = field(default=None, metadata={"help": "constrain the output to this EBNF grammar"})
 
     def __post_init__(self) -> None:
         # Types first: the server passes arbitrary JSON values, which must not reach list() or comparisons.
@@ -66,6 +73,7 @@ class SamplingParams:
         self._validate_numbers()
         self._validate_stops()
         self._validate_flags()
+        self._validate_grammar()
 
     def _validate_numbers(self) -> None:
         _check(_is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= MAX_INT32, "max_new_tokens",
@@ -104,6 +112,26 @@ class SamplingParams:
         _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
                                                 and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
                "prompt_logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]", self.prompt_logprobs)
+
+    def _validate_grammar(self) -> None:
+        given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
+        for name in given:
+            _check(isinstance(getattr(self, name), str), name, "must be a string", getattr(self, name))
+        _check(len(given) <= 1, given[-1] if given else "json_schema",
+               "only one of json_schema, regex and ebnf may be given", given)
+        if given:
+            try:
+                check_grammar(self.grammar)
+            except InvalidGrammar as e:
+                raise InvalidParameter(given[0], str(e)) from e
+
+    @property
+    def grammar(self) -> Optional[GrammarSpec]:
+        """The grammar the output must follow (json_schema, regex or ebnf), if any."""
+        for name in GRAMMAR_FIELDS:
+            if getattr(self, name) is not None:
+                return GrammarSpec(name, getattr(self, name))
+        return None
 
     @property
     def is_greedy(self) -> bool:

@@ -15,6 +15,7 @@ strings) belongs to the front end (the offline Engine, or the API server process
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import random
@@ -33,10 +34,12 @@ from keel.distributed.ranks import RankProcesses, RankSetup, rank_config
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
 from keel.engine.limits import RequestLimits, validate_request
 from keel.engine.outputs import CoreOutput, TokenLogprob
+from keel.grammar import Grammars
 from keel.models.eagle import EAGLE_HEADS, EagleHead
 from keel.models.loader import load_model_config
 from keel.models.registry import model_class
 from keel.models.source import resolve_model
+from keel.models.tokenizer import load_tokenizer
 from keel.runner.model_runner import ModelRunner, SwaGroup, free_memory_bytes, resolve_device
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
@@ -156,7 +159,8 @@ class EngineCore:
 
     @property
     def limits(self) -> RequestLimits:
-        return RequestLimits(self.model_config.vocab_size, self.context_length, self.kv_cache.capacity_tokens)
+        return RequestLimits(self.model_config.vocab_size, self.context_length, self.kv_cache.capacity_tokens,
+                             self.drafter is not None)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, naming the numbers, for a request the engine could never serve."""
@@ -177,6 +181,8 @@ class EngineCore:
         eos = () if params.ignore_eos else self.model_config.eos_token_ids
         stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
         req = Req(rid, list(prompt_ids), params, seed, stop_ids)
+        if params.grammar is not None:
+            req.grammar = self._grammars.matcher(params.grammar)
         self._probe(req)
         self._live.add(rid)
         target = self.dp.assign(len(prompt_ids), dp_rank) if self.dp is not None else None
@@ -185,6 +191,12 @@ class EngineCore:
         if target in (None, 0):
             self.scheduler.add(req)
         return rid
+
+    @functools.cached_property
+    def _grammars(self) -> Grammars:
+        """The grammar compiler, built for the first request with a grammar (it loads the tokenizer)."""
+        return Grammars(load_tokenizer(self.source), self.model_config.vocab_size, self.model_config.eos_token_ids,
+                        json_whitespace=not self.config.constrained_json_disable_any_whitespace)
 
     def _probe(self, req: Req) -> None:
         """Build `req`'s own sampling inputs on the host, as a batch would: a value the batch cannot hold fails

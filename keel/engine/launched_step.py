@@ -17,6 +17,7 @@ import torch
 
 from keel.debug.guards import guard_on
 from keel.engine.outputs import TokenLogprob
+from keel.grammar import apply_bitmask, fill_bitmask
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch
 from keel.scheduler.batch import (DraftTokens, DraftTree, PendingTokens, build_forward_batch,
@@ -70,8 +71,9 @@ class LaunchedStep:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """The next step cannot be built before these tokens are known: penalties count them on the host."""
-        return any(p.req.params.has_penalties for p in self.batch.sampled)
+        """The next step cannot be built before these tokens are known: penalties count them on the host, and a
+        grammar's matcher must take them before it can mask the next token."""
+        return any(p.req.params.has_penalties or p.req.grammar is not None for p in self.batch.sampled)
 
     def read(self) -> StepResults:
         """Wait for the results and append prompt log-probs to their requests; returns the sampled tokens."""
@@ -116,6 +118,9 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
         if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
             sampling = dataclasses.replace(sampling, steps=sampling.steps - _row_shifts(sampled_parts, previous))
         if drafts is None:
+            bitmask = fill_bitmask([r.grammar for r in reqs], logits.shape[-1])  # while the forward runs
+            if bitmask is not None:
+                apply_bitmask(logits[:num_rows], bitmask)
             sampled = runner.sample(logits[:num_rows], sampling)
             pending = PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)})
             row_tokens = sampled.token_ids

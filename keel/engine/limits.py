@@ -16,6 +16,7 @@ class RequestLimits:
     vocab_size: int
     context_length: int
     kv_capacity_tokens: int
+    speculative: bool = False  # speculative decoding is on: grammars cannot constrain its drafts yet
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
@@ -34,6 +35,9 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, limits: Requ
             raise InvalidParameter(name, f"{name}={getattr(params, name)} exceeds the vocabulary size {vocab}")
     if any(t >= vocab for t in params.stop_token_ids):
         raise InvalidParameter("stop_token_ids", f"stop_token_ids reach outside the vocabulary [0, {vocab})")
+    if limits.speculative and params.grammar is not None:
+        raise InvalidParameter(params.grammar.kind, f"{params.grammar.kind} (structured output) is not supported "
+                               "with speculative decoding: serve without --speculative-algorithm")
     total = len(prompt_ids) + params.max_new_tokens
     if total > limits.context_length:
         raise ContextLengthError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens={params.max_new_tokens} "

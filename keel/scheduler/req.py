@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from keel.engine.outputs import FinishReason, TokenLogprob
 from keel.sampling_params import SamplingParams
@@ -42,6 +42,9 @@ class Req:
     # drafts (on every draft_every-th decode step; more rarely while its drafts keep failing)
     draft_accept_mean: float = 1.0
     draft_every: int = 1
+    # Structured output: the xgrammar matcher of the request's grammar (SamplingParams.grammar), advanced by
+    # every token read back; the next step's bitmask comes from it
+    grammar: Optional[Any] = None
 
     @property
     def seq_len(self) -> int:
@@ -87,7 +90,9 @@ class Req:
         self.pending -= launched
         for kept, token_id in enumerate(token_ids, 1):
             self.output_ids.append(token_id)
-            if token_id in self.stop_token_ids:
+            if self.grammar is not None and not self.grammar.accept_token(token_id):
+                raise ValueError(f"request {self.rid}: token {token_id} was sampled outside its grammar")
+            if token_id in self.stop_token_ids or (self.grammar is not None and self.grammar.is_terminated()):
                 return kept, "stop"
             if len(self.output_ids) >= self.params.max_new_tokens:
                 return kept, "length"

@@ -25,7 +25,7 @@ from keel.server.engine_client import EngineClient
 from keel.server.errors import APIError
 from keel.server.generation import Generation, merged_events
 from keel.server.metrics import ServerMetrics
-from keel.server.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedContent
+from keel.server.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, UnsupportedContent
 from keel.server.tokenization import Tokenization, TooLongForContext
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,11 @@ logger = logging.getLogger(__name__)
 MAX_N = 128
 MAX_COMPLETION_LOGPROBS = 5
 # keel's name for a sampling parameter -> the request field a client sets
-_COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", "prompt_logprobs": "logprobs"}
-_CHAT_FIELDS = {"max_new_tokens": "max_completion_tokens"}
+_COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", "prompt_logprobs": "logprobs",
+                      "json_schema": "response_format"}
+_CHAT_FIELDS = {"max_new_tokens": "max_completion_tokens", "json_schema": "response_format"}
+# what {"type": "json_object"} promises: a JSON object, any keys
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
 RETRY_AFTER_S = 1  # told to clients refused because the queue is full
@@ -124,7 +127,22 @@ def common_fields(body: Union[CompletionRequest, ChatCompletionRequest]) -> dict
         presence_penalty=body.presence_penalty,
         stop=body.stop,
         ignore_eos=body.ignore_eos,
+        json_schema=json_schema(body.response_format),
+        regex=body.regex,
+        ebnf=body.ebnf,
     )
+
+
+def json_schema(response_format: Optional[ResponseFormat]) -> Optional[str]:
+    """The JSON schema a response_format asks for (as JSON text), or None for plain text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+        raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                       param="response_format")
+    return json.dumps(response_format.json_schema.schema_)
 
 
 async def make_generations(ctx: ServerContext, request_id: str, prompts: list[Prompt],
@@ -360,7 +378,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         max_tokens = max(ctx.client.limits.context_length - len(prompt.ids), 1)
     fields = {**common_fields(body), "seed": body.seed, "max_new_tokens": max_tokens, "logprobs": body.logprobs,
               "top_logprobs": body.top_logprobs or 0}
-    names = _CHAT_FIELDS if body.max_completion_tokens is not None else {"max_new_tokens": "max_tokens"}
+    names = _CHAT_FIELDS if body.max_completion_tokens is not None else {**_CHAT_FIELDS, "max_new_tokens": "max_tokens"}
     params = sampling_params(fields, names)
     check_request(ctx, prompt, params, "messages")
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -10,7 +10,7 @@ OpenAI-compatible servers usually do.
 from __future__ import annotations
 
 import reprlib
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,18 @@ class UnsupportedContent(ValueError):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class _SamplingFields(_Body):
@@ -45,6 +57,9 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
+    regex: Optional[str] = None  # extension (SGLang): the output matches this regular expression
+    ebnf: Optional[str] = None  # extension (SGLang): the output follows this EBNF grammar
 
 
 class CompletionRequest(_SamplingFields):
