@@ -237,6 +237,13 @@ class ServerConfig:
         "Retry-After")
     timeout_keep_alive: int = option(5, "seconds an idle keep-alive connection stays open")
     timeout_header_read: float = option(10.0, "seconds a connection may take to send a request's headers")
+    tool_call_parser: Optional[str] = option(
+        None, "the format the model writes tool calls in, to answer chat requests with `tools`: llama3 (Llama 3.x "
+        "JSON; also llama3_json) or hermes (<tool_call> tags: Hermes, Qwen 2.5, Qwen 3; also qwen25, qwen3)",
+        (None, "llama3", "llama3_json", "hermes", "qwen25", "qwen3"))
+    reasoning_parser: Optional[str] = option(
+        None, "move the model's <think>...</think> reasoning into reasoning_content: qwen3 or deepseek-r1",
+        (None, "qwen3", "deepseek-r1"))
 
     def __post_init__(self) -> None:
         for name in ("health_timeout", "shutdown_timeout", "max_request_body_mb", "max_fanout",

@@ -1,13 +1,13 @@
-"""Structured output: a request's grammar (a JSON schema, a regular expression or an EBNF grammar), compiled by
-xgrammar against the tokenizer, one matcher per request, and the token bitmask that keeps each next token inside
-its grammar.
+"""Structured output: a request's grammar (a JSON schema, a regular expression, an EBNF grammar, or a structural
+tag, which tool calls use), compiled by xgrammar against the tokenizer, one matcher per request, and the token
+bitmask that keeps each next token inside its grammar.
 
 The front end checks a grammar's syntax (check_grammar: no tokenizer needed, so a bad one is a 400 before the
 engine sees it); the engine compiles it (Grammars, cached per grammar) and keeps a matcher on the request. Each
 step that samples for such a request fills the bitmask on the host after the forward is queued, so the GPU runs
 the forward meanwhile, and applies it to the logits on the device before sampling. xgrammar is imported on first
-use: a server without grammar requests never pays its import (nor does the
-front end's flag parsing pay torch's).
+use: a server without grammar requests never pays its import (nor does the front end's flag parsing pay
+torch's).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 if TYPE_CHECKING:
     import torch
 
-GrammarKind = Literal["json_schema", "regex", "ebnf"]
+GrammarKind = Literal["json_schema", "regex", "ebnf", "structural_tag"]
 # xgrammar's errors start with a timestamp and the C++ source line: "[20:22:45] /project/cpp/x.cc:94: why"
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 # Whitespace between JSON tokens is free, but at most this many characters in a row: a model that keeps choosing
@@ -31,7 +31,7 @@ MAX_JSON_WHITESPACE = 24
 @dataclass(frozen=True)
 class GrammarSpec:
     kind: GrammarKind
-    source: str  # the JSON schema (as JSON text), the regular expression or the EBNF grammar
+    source: str  # the JSON schema (JSON text), the regular expression, the EBNF grammar or the structural tag (JSON)
 
 
 class InvalidGrammar(ValueError):
@@ -43,7 +43,7 @@ def check_grammar(spec: GrammarSpec) -> None:
     import xgrammar as xgr
 
     build = {"json_schema": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex,
-             "ebnf": xgr.Grammar.from_ebnf}[spec.kind]
+             "ebnf": xgr.Grammar.from_ebnf, "structural_tag": xgr.Grammar.from_structural_tag}[spec.kind]
     try:
         build(spec.source)
     except Exception as e:  # xgrammar raises RuntimeError (and a few others) with its parser's message
@@ -74,6 +74,8 @@ class Grammars:
                     max_whitespace_cnt=MAX_JSON_WHITESPACE if self.json_whitespace else None)
             elif spec.kind == "regex":
                 compiled = self._compiler.compile_regex(spec.source)
+            elif spec.kind == "structural_tag":
+                compiled = self._compiler.compile_structural_tag(spec.source)
             else:
                 compiled = self._compiler.compile_grammar(spec.source)
         except Exception as e:

@@ -27,7 +27,7 @@ MAX_INT32 = 2**31 - 1  # counts and token ids must fit the engine's int32/int64 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 @dataclass
@@ -59,6 +59,8 @@ class SamplingParams:
         default=None, metadata={"help": "constrain the output to JSON valid for this schema (JSON text)"})
     regex: Optional[str] = field(default=None, metadata={"help": "constrain the output to match this regex"})
     ebnf: Optional[str] = field(default=None, metadata={"help": "constrain the output to this EBNF grammar"})
+    structural_tag: Optional[str] = field(
+        default=None, metadata={"help": "constrain the output to this xgrammar structural tag (JSON text)"})
 
     def __post_init__(self) -> None:
         # Types first: the server passes arbitrary JSON values, which must not reach list() or comparisons.
@@ -118,7 +120,7 @@ class SamplingParams:
         for name in given:
             _check(isinstance(getattr(self, name), str), name, "must be a string", getattr(self, name))
         _check(len(given) <= 1, given[-1] if given else "json_schema",
-               "only one of json_schema, regex and ebnf may be given", given)
+               "only one of json_schema, regex, ebnf and structural_tag may be given", given)
         if given:
             try:
                 check_grammar(self.grammar)

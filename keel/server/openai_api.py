@@ -25,8 +25,11 @@ from keel.server.engine_client import EngineClient
 from keel.server.errors import APIError
 from keel.server.generation import Generation, merged_events
 from keel.server.metrics import ServerMetrics
-from keel.server.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, UnsupportedContent
+from keel.server.chat_answer import AnswerFormat, StreamedAnswer, answer_message
+from keel.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, NamedToolChoice,
+                                 ResponseFormat, UnsupportedContent)
 from keel.server.tokenization import Tokenization, TooLongForContext
+from keel.server.tool_calls import tool_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ MAX_COMPLETION_LOGPROBS = 5
 # keel's name for a sampling parameter -> the request field a client sets
 _COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", "prompt_logprobs": "logprobs",
                       "json_schema": "response_format"}
-_CHAT_FIELDS = {"max_new_tokens": "max_completion_tokens", "json_schema": "response_format"}
+_CHAT_FIELDS = {"max_new_tokens": "max_completion_tokens", "json_schema": "response_format",
+                "structural_tag": "tool_choice"}
 # what {"type": "json_object"} promises: a JSON object, any keys
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
@@ -367,50 +371,106 @@ async def stream_completion(ctx: ServerContext, body: CompletionRequest, prompts
 
 async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: Request):
     check_model(ctx, body.model)
-    if body.tools:
-        raise APIError(400, "tools are not supported", param="tools")
+    tools = offered_tools(ctx, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     check_capacity(ctx, 1, body.n)
-    prompt = await chat_prompt(ctx, body)
+    prompt = await chat_prompt(ctx, body, tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = max(ctx.client.limits.context_length - len(prompt.ids), 1)
     fields = {**common_fields(body), "seed": body.seed, "max_new_tokens": max_tokens, "logprobs": body.logprobs,
-              "top_logprobs": body.top_logprobs or 0}
+              "top_logprobs": body.top_logprobs or 0, "structural_tag": forced_tool_call(ctx, body, tools)}
     names = _CHAT_FIELDS if body.max_completion_tokens is not None else {**_CHAT_FIELDS, "max_new_tokens": "max_tokens"}
     params = sampling_params(fields, names)
     check_request(ctx, prompt, params, "messages")
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     generations = await make_generations(ctx, response_id, [prompt], [params], body.n)
+    fmt = AnswerFormat(ctx.config.reasoning_parser, ctx.config.tool_call_parser if tools else None,
+                       body.parallel_tool_calls)
     if body.stream:
-        return sse_stream(stream_chat(ctx, body, prompt, generations, response_id, created), response_id)
+        return sse_stream(stream_chat(ctx, body, fmt, prompt, generations, response_id, created), response_id)
     outputs = await collect(generations, request)
     if outputs is None:
         return client_gone()
-    choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
-                "logprobs": chat_logprobs(ctx, out.token_ids, out.logprobs) if body.logprobs else None,
-                "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]
+    choices = []
+    for i, out in enumerate(outputs):
+        message, finish_reason = answer_message(fmt, out.text, out.finish_reason)
+        choices.append({"index": i, "message": message, "finish_reason": finish_reason,
+                        "logprobs": chat_logprobs(ctx, out.token_ids, out.logprobs) if body.logprobs else None})
     return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
                          "model": ctx.model_name, "choices": choices, "usage": usage([prompt], outputs)})
 
 
-async def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> Prompt:
+def offered_tools(ctx: ServerContext, body: ChatCompletionRequest) -> Optional[list[dict[str, Any]]]:
+    """The tools the model is shown (None for none, or with tool_choice "none"), checked against the request."""
+    if not body.tools or body.tool_choice == "none":
+        if isinstance(body.tool_choice, NamedToolChoice) or body.tool_choice == "required":
+            raise APIError(400, "tool_choice asks for a tool call, but the request offers no tools", param="tools")
+        return None
+    if ctx.config.tool_call_parser is None:
+        raise APIError(400, "tools need a server started with --tool-call-parser (llama3 or hermes)", param="tools")
+    names = [tool.function.name for tool in body.tools]
+    if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in names:
+        raise APIError(400, f"tool_choice names the function {reprlib.repr(body.tool_choice.function.name)}, "
+                            "which is not among the tools", param="tool_choice")
+    return [tool.model_dump(exclude_none=True) for tool in body.tools]
+
+
+def forced_tool_call(ctx: ServerContext, body: ChatCompletionRequest, tools: Optional[list[dict[str, Any]]]
+                     ) -> Optional[str]:
+    """The grammar (a structural tag) that makes the answer a call, for tool_choice "required" or a named one."""
+    if tools is None or body.tool_choice in (None, "auto"):
+        return None
+    assert ctx.config.tool_call_parser is not None
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+    try:
+        return tool_grammar(ctx.config.tool_call_parser, tools, choice, body.parallel_tool_calls,
+                            compact=ctx.client.config.constrained_json_disable_any_whitespace)
+    except Exception as e:  # a parameters schema xgrammar cannot take
+        raise APIError(400, f"the tools cannot be enforced: {e}", param="tools") from e
+
+
+async def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest,
+                      tools: Optional[list[dict[str, Any]]] = None) -> Prompt:
     if not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [chat_message(m) for m in body.messages]
     except UnsupportedContent as e:
         raise APIError(400, str(e), param="messages") from e
     assert ctx.client.limits is not None
     try:  # the rendered prompt is at least as long as the contents
-        ctx.tokenization.check_fits("".join(m["content"] for m in messages), ctx.client.limits.context_length)
-        text = await ctx.tokenization.render_chat(messages)
+        ctx.tokenization.check_fits("".join(m["content"] or "" for m in messages), ctx.client.limits.context_length)
+        text = await ctx.tokenization.render_chat(messages, tools, body.chat_template_kwargs)
     except TooLongForContext as e:
         raise APIError(400, str(e), param="messages", code="context_length_exceeded") from e
     except Exception as e:  # templates raise on roles or orders they do not accept
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
     return Prompt(text, await encode_prompt(ctx, text, "messages", add_special_tokens=False))
+
+
+def chat_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it: role and content, and a tool exchange's fields where given."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.tool_calls is not None:
+        rendered["tool_calls"] = [_call_for_template(call) for call in message.tool_calls]
+        rendered["content"] = message.text() if message.content is not None else None
+    for name in ("name", "tool_call_id"):
+        if getattr(message, name) is not None:
+            rendered[name] = getattr(message, name)
+    return rendered
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier tool call with its arguments as a mapping: templates (Llama 3, Qwen) render them with tojson."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        except json.JSONDecodeError:
+            pass
+    return call
 
 
 def chat_logprobs(ctx: ServerContext, token_ids: list[int], entries: Optional[list[TokenLogprob]]
@@ -423,7 +483,7 @@ def chat_logprobs(ctx: ServerContext, token_ids: list[int], entries: Optional[li
                         for t, e in zip(token_ids, entries or [])]}
 
 
-async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, prompt: Prompt,
+async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, fmt: AnswerFormat, prompt: Prompt,
                       generations: list[Generation], response_id: str, created: int) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     header = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
@@ -433,19 +493,28 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, prompt: P
         yield sse({**header, "choices": [{"index": g.index, "delta": delta, "logprobs": None,
                                           "finish_reason": None}], **extra})
     finished: list[RequestOutput] = []
+    answers = {g.index: StreamedAnswer(fmt) for g in generations}
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: Optional[str] = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({**header, "choices": [choice], **extra})
+
     async for event in merged_events(generations):
         if event.error is not None:
             yield sse({"error": APIError(500, event.error, type="internal_error").body()["error"]})
             continue
         logprobs = chat_logprobs(ctx, event.token_ids, event.logprobs) if body.logprobs and event.logprobs else None
-        if event.text or logprobs:
-            choice = {"index": event.index, "delta": {"content": event.text}, "logprobs": logprobs,
-                      "finish_reason": None}
-            yield sse({**header, "choices": [choice], **extra})
+        deltas = answers[event.index].feed(event.text) if event.text else []
+        if logprobs and not deltas:
+            deltas = [{"content": ""}]  # the tokens' log-probs go out now, their text once it is decided
+        for i, delta in enumerate(deltas):
+            yield chunk(event.index, delta, logprobs if i == 0 else None)
         if event.finished:
             finished.append(event.output)
-            choice = {"index": event.index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}
-            yield sse({**header, "choices": [choice], **extra})
+            deltas, finish_reason = answers[event.index].finish(event.finish_reason)
+            for delta in deltas:
+                yield chunk(event.index, delta)
+            yield chunk(event.index, {}, finish_reason=finish_reason)
     if include_usage:
         yield sse({**header, "choices": [], "usage": usage([prompt], finished)})
     yield "data: [DONE]\n\n"

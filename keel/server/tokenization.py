@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, Optional, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -46,10 +46,11 @@ class Tokenization:
     async def decode(self, token_ids: list[int]) -> str:
         return await self.run(len(token_ids), lambda: self.tokenizer.decode(token_ids))
 
-    async def render_chat(self, messages: list[dict[str, str]]) -> str:
-        size = sum(len(m["content"]) for m in messages)
+    async def render_chat(self, messages: list[dict[str, Any]], tools: Optional[list[dict]] = None,
+                          template_kwargs: Optional[dict[str, Any]] = None) -> str:
+        size = sum(len(m["content"] or "") for m in messages)
         return await self.run(size, lambda: self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False))
+            messages, tools=tools, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})))
 
     async def run(self, size: int, work: Callable[[], T]) -> T:
         """`work()`, on the worker thread when `size` (characters or tokens) is large."""

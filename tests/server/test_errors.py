@@ -29,7 +29,9 @@ def post(server, path: str, **kwargs) -> httpx.Response:
     ("/v1/chat/completions", {"model": "keel-demo", "messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}, 400, "top_logprobs", None),
     ("/v1/chat/completions", {"model": "keel-demo", "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function"}]}, 400, "tools", None),
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ("/v1/chat/completions", {"model": "keel-demo", "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function"}]}, 400, "tools.0.function", None),
     ("/generate", {"text": "a", "input_ids": [1]}, 400, "text", None),
     ("/generate", {"text": "a", "sampling_params": {"temprature": 1}}, 400, "sampling_params", None),
 ])

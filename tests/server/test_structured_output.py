@@ -1,5 +1,6 @@
 """Structured output through `keel serve` and the official openai client: response_format json_schema and
-json_object, SGLang's regex and ebnf fields, on completions, chat and /generate, streamed or not."""
+json_object, SGLang's regex and ebnf fields, on completions, chat and /generate, streamed or not; tool calls
+(the Hermes format) and reasoning content (Qwen 3's)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, keel_cache_dir):
     # compact JSON: keel-demo, a toy model, would otherwise spend its tokens on free whitespace
-    running = start_server(tmp_path_factory.mktemp("server") / "serve.log", "--constrained-json-disable-any-whitespace")
+    running = start_server(tmp_path_factory.mktemp("server") / "serve.log", "--constrained-json-disable-any-whitespace",
+                           "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3")
     yield running
     stop_server(running)
 
@@ -96,3 +98,98 @@ def test_an_invalid_grammar_is_a_400_naming_it(client, extra, param, why):
         client.chat.completions.create(model="keel-demo", messages=MESSAGES, max_tokens=5, **extra)
     error = caught.value.body
     assert error["param"] == param and why in error["message"], error
+
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lima"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+SMALL = {"type": "integer", "minimum": -999, "maximum": 999}  # a toy model left free writes endless digits
+ADD = {"type": "object", "properties": {"a": SMALL, "b": SMALL}, "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "forecast", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
+SCHEMAS = {"weather": WEATHER, "add": ADD}
+
+
+def assert_calls(calls, only=None) -> None:
+    assert calls, "no tool call"
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in (only or SCHEMAS)
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_required_tool_choice_always_parses_to_a_declared_call(client):
+    """One call each (parallel_tool_calls false): keel-demo, a toy model, would go on calling until max_tokens,
+    where a trained model ends its turn (several calls in one answer: tests/server/test_tool_calls.py)."""
+    def ask(seed: int):
+        return client.chat.completions.create(model="keel-demo", messages=MESSAGES, temperature=1.0, seed=seed,
+                                              max_tokens=200, tools=TOOLS, tool_choice="required",
+                                              parallel_tool_calls=False).choices[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        choices = list(pool.map(ask, range(24)))
+    for choice in choices:
+        assert choice.finish_reason == "tool_calls", choice
+        assert_calls(choice.message.tool_calls)
+
+
+def test_named_tool_choice_and_single_calls(client):
+    choice = client.chat.completions.create(
+        model="keel-demo", messages=MESSAGES, temperature=1.0, seed=5, max_tokens=200, tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}}, parallel_tool_calls=False).choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    assert_calls(choice.message.tool_calls, only=["add"])
+
+
+def test_streamed_tool_calls_have_the_openai_shape(client):
+    stream = client.chat.completions.create(model="keel-demo", messages=MESSAGES, temperature=1.0, seed=9,
+                                            max_tokens=200, tools=TOOLS, tool_choice="required", stream=True,
+                                            parallel_tool_calls=False)
+    calls, finish = {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                entry = calls.setdefault(delta.index, {"id": delta.id, "name": "", "arguments": ""})
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and calls and list(calls) == list(range(len(calls)))
+    for entry in calls.values():
+        assert entry["id"].startswith("call_")
+        jsonschema.validate(json.loads(entry["arguments"]), SCHEMAS[entry["name"]])
+
+
+def test_tool_requests_the_server_refuses(client):
+    for extra, param in [(dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+                          "tool_choice"),
+                         (dict(tool_choice="required"), "tools")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="keel-demo", messages=MESSAGES, max_tokens=5, **extra)
+        assert caught.value.body["param"] == param
+
+
+def test_a_tool_exchange_renders_through_the_template(client):
+    """An assistant's earlier call and the tool's answer are accepted as messages (the template renders them)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    answer = client.chat.completions.create(model="keel-demo", messages=messages, max_tokens=5, tools=TOOLS)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+REASONED = 'root ::= "<think>" [a-z ]{1,12} "</think>" "\\n"? [a-z]{1,8}'
+
+
+def test_reasoning_content_whole_and_streamed(client):
+    """The grammar makes keel-demo think first; --reasoning-parser qwen3 moves the thought out of the content."""
+    extra = dict(model="keel-demo", messages=MESSAGES, temperature=1.0, seed=4, max_tokens=40,
+                 extra_body={"ebnf": REASONED})
+    message = client.chat.completions.create(**extra).choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert re.fullmatch(r"[a-z ]{1,12}", reasoning) and re.fullmatch(r"[a-z]{1,8}", message.content), message
+    streamed = {"reasoning_content": "", "content": ""}
+    for chunk in client.chat.completions.create(**extra, stream=True):
+        for choice in chunk.choices:
+            streamed["content"] += choice.delta.content or ""
+            streamed["reasoning_content"] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+    assert streamed == {"reasoning_content": reasoning, "content": message.content}
