@@ -24,9 +24,10 @@ from keel.sampling_params import SamplingParams
 from keel.server.errors import (APIError, api_error_handler, http_error_handler, internal_error_handler, parse_body,
                                 validation_error_handler)
 from keel.server.openai_api import (Prompt, ServerContext, check_capacity, check_request, client_gone, collect,
-                                    create_chat_completion, create_completion, encode_prompt, make_generations,
-                                    sampling_params, sse, sse_stream)
-from keel.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+                                    create_chat_completion, create_completion, detokenize, encode_prompt,
+                                    make_generations, sampling_params, sse, sse_stream, tokenize)
+from keel.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                                  TokenizeRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ def create_app(ctx: ServerContext, url: str) -> FastAPI:
     async def chat_completions(request: Request):
         body = parse_body(await read_body(request, limit), ChatCompletionRequest)
         return await create_chat_completion(ctx, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict:
+        return await tokenize(ctx, parse_body(await read_body(request, limit), TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict:
+        return await detokenize(ctx, parse_body(await read_body(request, limit), DetokenizeRequest))
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -35,15 +35,18 @@ class ServerMetrics:
         self.running = Gauge("keel_requests_running", "Requests holding KV in the engine", registry=r)
         self.waiting = Gauge("keel_requests_waiting", "Requests queued in the engine", registry=r)
         self.kv_pages_total = Gauge("keel_kv_pages_total", "KV pages in the pool", registry=r)
-        self.kv_pages_used = Gauge("keel_kv_pages_used", "KV pages not free (requests and prefix cache)",
-                                   registry=r)
+        self.kv_pages_used = Gauge("keel_kv_pages_used", "KV pages held: by requests, and cached pages requests "
+                                   "share (not evictable)", registry=r)
         self.kv_pages_cached = Gauge("keel_kv_pages_cached", "KV pages held by the prefix cache", registry=r)
+        self.kv_pages_evictable = Gauge("keel_kv_pages_evictable", "prefix-cache pages no request uses: free as "
+                                        "soon as the pool needs them", registry=r)
 
     def render(self, stats: Optional[EngineStats]) -> bytes:
         if stats is not None:
             self.running.set(stats.running)
             self.waiting.set(stats.waiting)
             self.kv_pages_total.set(stats.pages_total)
-            self.kv_pages_used.set(stats.pages_total - stats.pages_free)
+            self.kv_pages_used.set(stats.pages_held + stats.pages_cached_locked)
             self.kv_pages_cached.set(stats.pages_cached)
+            self.kv_pages_evictable.set(stats.pages_cached - stats.pages_cached_locked)
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import reprlib
@@ -27,7 +28,8 @@ from keel.server.generation import Generation, merged_events
 from keel.server.metrics import ServerMetrics
 from keel.server.chat_answer import AnswerFormat, StreamedAnswer, answer_message
 from keel.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, NamedToolChoice,
-                                 ResponseFormat, UnsupportedContent)
+                                 DetokenizeRequest, ResponseFormat, StreamOptions, TokenizeRequest,
+                                 UnsupportedContent)
 from keel.server.tokenization import Tokenization, TooLongForContext
 from keel.server.tool_calls import tool_grammar
 
@@ -121,6 +123,8 @@ def check_capacity(ctx: ServerContext, num_prompts: int, n: int) -> None:
 def common_fields(body: Union[CompletionRequest, ChatCompletionRequest]) -> dict[str, Any]:
     if not 1 <= body.n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", param="n")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     return dict(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -210,10 +214,15 @@ def client_gone() -> Response:
 
 
 def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, Any]:
+    """Token counts; cached_tokens: prompt tokens whose KV came from the prefix cache (the prompts' first
+    choices: each prompt counts once, as in prompt_tokens)."""
     prompt_tokens = sum(len(p.ids) for p in prompts)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
+    n = max(len(outputs) // max(len(prompts), 1), 1)
+    cached = sum(o.num_cached_tokens for o in outputs[::n])
     result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}
+                              "total_tokens": prompt_tokens + completion_tokens,
+                              "prompt_tokens_details": {"cached_tokens": cached}}
     accept_length = mean_accept_length(outputs)
     if accept_length is not None:  # an extension, as vLLM and SGLang add theirs: speculative decoding's acceptance
         result["speculative"] = {"verify_steps": sum(o.spec_verify_ct for o in outputs),
@@ -221,6 +230,26 @@ def usage(prompts: list[Prompt], outputs: list[RequestOutput]) -> dict[str, Any]
                                  "accepted_tokens": sum(o.spec_accepted_tokens for o in outputs),
                                  "accept_length": accept_length}
     return result
+
+
+class StreamUsage:
+    """The usage a stream reports: with include_usage, a last chunk of totals (and `"usage": null` in the
+    others); with continuous_usage_stats too (vLLM's), the counts so far in every chunk."""
+
+    def __init__(self, options: Optional[StreamOptions], prompts: list[Prompt]) -> None:
+        self.final = bool(options and options.include_usage)
+        self.continuous = self.final and bool(options and options.continuous_usage_stats)
+        self.prompt_tokens = sum(len(p.ids) for p in prompts)
+        self.completion_tokens = 0
+
+    def add(self, token_ids: list[int]) -> None:
+        self.completion_tokens += len(token_ids)
+
+    def field(self) -> dict[str, Any]:
+        if not self.continuous:
+            return {"usage": None} if self.final else {}
+        return {"usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                          "total_tokens": self.prompt_tokens + self.completion_tokens}}
 
 
 def sse(payload: Any) -> str:
@@ -256,13 +285,18 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     prompts = await completion_prompts(ctx, items)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}", param="logprobs")
+    if body.best_of not in (None, 1) and body.best_of != body.n:
+        raise APIError(400, "best_of other than 1 (or n) is not supported", param="best_of")
+    score_only = body.max_tokens == 0  # the prompt alone (with echo and logprobs: its log-probs), as vLLM
+    if score_only and body.stream:
+        raise APIError(400, "max_tokens 0 (score the prompt) is answered whole, not streamed", param="max_tokens")
     fields = common_fields(body)
     fields.update(seed=body.seed, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
                   prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
     checked = []
     for prompt in prompts:
         room = ctx.client.limits.context_length - len(prompt.ids)
-        max_tokens = body.max_tokens if body.max_tokens is not None else max(room, 1)
+        max_tokens = 1 if score_only else body.max_tokens if body.max_tokens is not None else max(room, 1)
         params = sampling_params({**fields, "max_new_tokens": max_tokens}, _COMPLETION_FIELDS)
         check_request(ctx, prompt, params, "prompt")
         checked.append(params)
@@ -275,6 +309,9 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     outputs = await collect(generations, request)
     if outputs is None:
         return client_gone()
+    if score_only:  # the one token generated to run the forward is not part of the answer
+        outputs = [dataclasses.replace(o, text="", token_ids=[], logprobs=[] if o.logprobs is not None else None,
+                                       finish_reason="length") for o in outputs]
     size = sum(len(p.ids) for p in prompts) if body.echo else sum(len(o.token_ids) for o in outputs)
     choices = await ctx.tokenization.run(size, lambda: [
         completion_choice(ctx, body, prompts[i // body.n], echoes[i // body.n] if echoes else None, i, out)
@@ -295,6 +332,8 @@ async def completion_prompts(ctx: ServerContext, items: list[Union[str, list[int
         raise APIError(400, "prompt is empty", param="prompt")
     result = []
     for item in items:
+        if not item:
+            raise APIError(400, "prompt is empty", param="prompt")
         if isinstance(item, str):
             result.append(Prompt(item, await encode_prompt(ctx, item, "prompt")))
         else:
@@ -332,14 +371,15 @@ def completion_logprobs(ctx: ServerContext, token_ids: list[int], entries: list[
         offsets.append(offset)
         offset += len(text)
         token_logprobs.append(entry.logprob if entry is not None else None)
-        top.append({token_text(ctx.tokenizer, t): lp for t, lp in entry.top} if entry is not None else None)
+        top.append({token_text(ctx.tokenizer, t): lp for t, lp in with_chosen(token_id, entry)}
+                   if entry is not None else None)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 async def stream_completion(ctx: ServerContext, body: CompletionRequest, prompts: list[Prompt],
                             echoes: Optional[list[str]], generations: list[Generation], response_id: str,
                             created: int) -> AsyncIterator[str]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tracked = StreamUsage(body.stream_options, prompts)
     header = {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name}
     started: set[int] = set()
     offsets: dict[int, int] = {}
@@ -352,16 +392,17 @@ async def stream_completion(ctx: ServerContext, body: CompletionRequest, prompts
         if event.error is not None:
             yield sse({"error": APIError(500, event.error, type="internal_error").body()["error"]})
             continue
+        tracked.add(event.token_ids)
         logprobs = None
         if body.logprobs is not None:
             logprobs = completion_logprobs(ctx, event.token_ids, event.logprobs, offsets.get(event.index, 0))
             offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in logprobs["tokens"])
         if text or event.finished or logprobs:
             choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": event.finish_reason}
-            yield sse({**header, "choices": [choice], **({"usage": None} if include_usage else {})})
+            yield sse({**header, "choices": [choice], **tracked.field()})
         if event.finished:
             finished[event.index] = event.output
-    if include_usage:
+    if tracked.final:
         yield sse({**header, "choices": [], "usage": usage(prompts, list(finished.values()))})
     yield "data: [DONE]\n\n"
 
@@ -433,25 +474,37 @@ def forced_tool_call(ctx: ServerContext, body: ChatCompletionRequest, tools: Opt
 
 async def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest,
                       tools: Optional[list[dict[str, Any]]] = None) -> Prompt:
+    text = await render_messages(ctx, body.messages, tools, body.chat_template_kwargs)
+    return Prompt(text, await encode_prompt(ctx, text, "messages", add_special_tokens=False))
+
+
+async def render_messages(ctx: ServerContext, messages: list[ChatMessage], tools: Optional[list[dict[str, Any]]],
+                          template_kwargs: Optional[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The chat template's text for `messages`; a 400 naming the problem if the template cannot take them."""
     if not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     try:
-        messages = [chat_message(m) for m in body.messages]
+        rendered = [chat_message(m) for m in messages]
     except UnsupportedContent as e:
         raise APIError(400, str(e), param="messages") from e
     assert ctx.client.limits is not None
     try:  # the rendered prompt is at least as long as the contents
-        ctx.tokenization.check_fits("".join(m["content"] or "" for m in messages), ctx.client.limits.context_length)
-        text = await ctx.tokenization.render_chat(messages, tools, body.chat_template_kwargs)
+        ctx.tokenization.check_fits("".join(m["content"] or "" for m in rendered), ctx.client.limits.context_length)
+        return await ctx.tokenization.render_chat(rendered, tools, template_kwargs, add_generation_prompt)
     except TooLongForContext as e:
         raise APIError(400, str(e), param="messages", code="context_length_exceeded") from e
     except Exception as e:  # templates raise on roles or orders they do not accept
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
-    return Prompt(text, await encode_prompt(ctx, text, "messages", add_special_tokens=False))
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def chat_message(message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates take it: role and content, and a tool exchange's fields where given."""
+    if message.role not in CHAT_ROLES:
+        raise APIError(400, f"unknown message role {reprlib.repr(message.role)}; roles are {', '.join(CHAT_ROLES)}",
+                       param="messages")
     rendered: dict[str, Any] = {"role": message.role, "content": message.text()}
     if message.tool_calls is not None:
         rendered["tool_calls"] = [_call_for_template(call) for call in message.tool_calls]
@@ -479,30 +532,39 @@ def chat_logprobs(ctx: ServerContext, token_ids: list[int], entries: Optional[li
         text = token_text(ctx.tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**item(t, e.logprob), "top_logprobs": [item(a, lp) for a, lp in e.top]}
+    return {"content": [{**item(t, e.logprob), "top_logprobs": [item(a, lp) for a, lp in with_chosen(t, e)]}
                         for t, e in zip(token_ids, entries or [])]}
+
+
+def with_chosen(token_id: int, entry: TokenLogprob) -> list[tuple[int, float]]:
+    """The top alternatives, and the chosen token after them when it is not among them (so up to k + 1 entries,
+    as OpenAI and vLLM return); none when none were asked for."""
+    top = list(entry.top)
+    if top and all(t != token_id for t, _ in top):
+        top.append((token_id, entry.logprob))
+    return top
 
 
 async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, fmt: AnswerFormat, prompt: Prompt,
                       generations: list[Generation], response_id: str, created: int) -> AsyncIterator[str]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    tracked = StreamUsage(body.stream_options, [prompt])
     header = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
-    extra = {"usage": None} if include_usage else {}
     for g in generations:
         delta = {"role": "assistant", "content": ""}
         yield sse({**header, "choices": [{"index": g.index, "delta": delta, "logprobs": None,
-                                          "finish_reason": None}], **extra})
+                                          "finish_reason": None}], **tracked.field()})
     finished: list[RequestOutput] = []
     answers = {g.index: StreamedAnswer(fmt) for g in generations}
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: Optional[str] = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return sse({**header, "choices": [choice], **extra})
+        return sse({**header, "choices": [choice], **tracked.field()})
 
     async for event in merged_events(generations):
         if event.error is not None:
             yield sse({"error": APIError(500, event.error, type="internal_error").body()["error"]})
             continue
+        tracked.add(event.token_ids)
         logprobs = chat_logprobs(ctx, event.token_ids, event.logprobs) if body.logprobs and event.logprobs else None
         deltas = answers[event.index].feed(event.text) if event.text else []
         if logprobs and not deltas:
@@ -515,6 +577,35 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest, fmt: Answ
             for delta in deltas:
                 yield chunk(event.index, delta)
             yield chunk(event.index, {}, finish_reason=finish_reason)
-    if include_usage:
+    if tracked.final:
         yield sse({**header, "choices": [], "usage": usage([prompt], finished)})
     yield "data: [DONE]\n\n"
+
+
+# ---- /tokenize, /detokenize (vLLM's) -------------------------------------------------------------
+
+
+async def tokenize(ctx: ServerContext, body: TokenizeRequest) -> dict[str, Any]:
+    if body.model is not None:
+        check_model(ctx, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages", param="prompt")
+    if body.messages is not None:
+        text = await render_messages(ctx, body.messages, None, None, body.add_generation_prompt)
+        ids = await encode_prompt(ctx, text, "messages", add_special_tokens=False)
+    else:
+        assert body.prompt is not None
+        ids = await encode_prompt(ctx, body.prompt, "prompt", body.add_special_tokens)
+    assert ctx.client.limits is not None
+    return {"count": len(ids), "max_model_len": ctx.client.limits.context_length, "tokens": ids}
+
+
+async def detokenize(ctx: ServerContext, body: DetokenizeRequest) -> dict[str, Any]:
+    if body.model is not None:
+        check_model(ctx, body.model)
+    assert ctx.client.limits is not None
+    vocab = ctx.client.limits.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+    return {"prompt": await ctx.tokenization.decode(body.tokens)}

@@ -25,6 +25,7 @@ class UnsupportedContent(ValueError):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class JsonSchemaFormat(_Body):
@@ -58,6 +59,7 @@ class _SamplingFields(_Body):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     response_format: Optional[ResponseFormat] = None
+    logit_bias: Optional[dict[str, float]] = None  # not implemented: refused unless empty
     regex: Optional[str] = None  # extension (SGLang): the output matches this regular expression
     ebnf: Optional[str] = None  # extension (SGLang): the output follows this EBNF grammar
 
@@ -67,6 +69,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = 16
     echo: bool = False
     logprobs: Optional[int] = None
+    best_of: Optional[int] = None  # only 1 (or unset): keel does not rank candidates
 
 
 class ContentPart(_Body):
@@ -131,3 +134,18 @@ class GenerateRequest(_Body):
     input_ids: Optional[list[int]] = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the template."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = None
+    tokens: list[int]

@@ -47,10 +47,11 @@ class Tokenization:
         return await self.run(len(token_ids), lambda: self.tokenizer.decode(token_ids))
 
     async def render_chat(self, messages: list[dict[str, Any]], tools: Optional[list[dict]] = None,
-                          template_kwargs: Optional[dict[str, Any]] = None) -> str:
+                          template_kwargs: Optional[dict[str, Any]] = None, add_generation_prompt: bool = True) -> str:
         size = sum(len(m["content"] or "") for m in messages)
         return await self.run(size, lambda: self.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})))
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False,
+            **(template_kwargs or {})))
 
     async def run(self, size: int, work: Callable[[], T]) -> T:
         """`work()`, on the worker thread when `size` (characters or tokens) is large."""

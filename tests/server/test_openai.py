@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -146,3 +147,91 @@ def test_native_generate(server, offline):
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert "".join(e["text"] for e in events) == expected.text
     assert sum((e["output_ids"] for e in events), []) == expected.token_ids
+
+
+# ---- OpenAI-compatibility gaps found with real clients (issue 16, item 4) ---------------------------------------
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, offline):
+    """lm-evaluation-harness's log-likelihood request: the prompt's log-probs and nothing generated."""
+    result = client.completions.create(model="keel-demo", prompt=PROMPT, max_tokens=0, temperature=0, logprobs=1,
+                                       echo=True)
+    choice = result.choices[0]
+    prompt_len = len(offline.tokenizer(PROMPT).input_ids)
+    assert choice.text == PROMPT and len(choice.logprobs.tokens) == prompt_len
+    scored = offline.generate(PROMPT, keel.SamplingParams(max_new_tokens=1, prompt_logprobs=1))[0]
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in scored.prompt_logprobs], abs=1e-5)
+    assert result.usage.completion_tokens == 0 and choice.finish_reason == "length"
+
+
+def test_top_logprobs_include_the_chosen_token(client):
+    """Up to k + 1 alternatives: the sampled token is listed when it is not among the top k."""
+    result = client.chat.completions.create(model="keel-demo", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=40, temperature=2.0, seed=1, logprobs=True, top_logprobs=1)
+    outside = 0
+    for item in result.choices[0].logprobs.content:
+        tops = [(t.token, t.logprob) for t in item.top_logprobs]
+        assert (item.token, item.logprob) in tops and len(tops) <= 2
+        outside += len(tops) == 2
+    assert outside, "at temperature 2 some sampled token should fall outside the top 1"
+    completion = client.completions.create(model="keel-demo", prompt=PROMPT, max_tokens=40, temperature=2.0,
+                                           seed=1, logprobs=1)
+    logprobs = completion.choices[0].logprobs
+    for token, top in zip(logprobs.tokens, logprobs.top_logprobs):
+        assert token in top and len(top) <= 2
+
+
+def test_continuous_usage_stats(client):
+    chunks = list(client.chat.completions.create(
+        model="keel-demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts)
+    assert counts[-1] == 8 and chunks[-1].usage.prompt_tokens == chunks[0].usage.prompt_tokens > 0
+
+
+def test_usage_reports_prefix_cache_hits(client):
+    prompt = "A prompt long enough to fill several KV pages of four tokens, sent twice. " * 3
+    first = client.completions.create(model="keel-demo", prompt=prompt, max_tokens=2, temperature=0)
+    second = client.completions.create(model="keel-demo", prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 8
+
+
+def test_tokenize_and_detokenize(server, offline):
+    ids = offline.tokenizer(PROMPT).input_ids
+    result = httpx.post(f"{server.url}/tokenize", json={"model": "keel-demo", "prompt": PROMPT}).json()
+    assert result["tokens"] == ids and result["count"] == len(ids) and result["max_model_len"] > 0
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"] == offline.tokenizer.decode(ids)
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["tokens"] == chat_prompt_ids(offline, [{"role": "user", "content": "Hi"}])
+    bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}},
+     "logit_bias"),
+])
+def test_unsupported_requests_are_refused_not_ignored(server, route, body, param):
+    response = httpx.post(f"{server.url}{route}", json={"model": "keel-demo", "max_tokens": 3, **body})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_kv_pages_used_counts_held_pages_only(server, client):
+    from tests.server.test_load import metric
+
+    client.completions.create(model="keel-demo", prompt="cache this prompt " * 4, max_tokens=3, temperature=0)
+    deadline = time.monotonic() + 5
+    while True:  # the engine sends fresh stats at least every STATS_INTERVAL_S
+        text = httpx.get(f"{server.url}/metrics").text
+        if metric(text, "keel_kv_pages_used") == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert metric(text, "keel_kv_pages_used") == 0  # idle: nothing held, whatever the cache keeps
+    assert metric(text, "keel_kv_pages_evictable") == metric(text, "keel_kv_pages_cached") > 0
