@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Optional
 
 from keel import __version__ as keel_version
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> None:
     from keel.models.source import resolve_model
-    from keel.server.engine_client import EngineClient
+    from keel.server.engine_client import EngineClient, EngineError
 
     engine_config = EngineConfig(**dataclass_kwargs(args, EngineConfig))
     if engine_config.node_rank > 0:
@@ -73,13 +74,20 @@ def serve(args: argparse.Namespace) -> None:
     if os.environ.get(SIMULATE_ACCEPT_ENV):
         raise ValueError(f"{SIMULATE_ACCEPT_ENV} is set: verification would accept draft tokens the model did not "
                          "choose; it is for `keel bench`, never for serving")
+    from keel.server.listen import bind
+
+    sock = bind(server_config)  # a busy port fails now, not after the model has loaded
     source = resolve_model(engine_config.model)  # converts a GGUF file or builds a preset once, before the engine
     client = EngineClient(engine_config)
     client.spawn()  # the engine loads the model while this process imports the web stack and the tokenizer
     try:
         from keel.server.launch import serve as run_server
 
-        run_server(source, client, server_config)
+        run_server(source, client, server_config, sock)
+    except EngineError as e:  # one line; the engine's traceback with --log-level debug
+        if e.details and logging.getLogger().isEnabledFor(logging.DEBUG):
+            sys.stderr.write(e.details)
+        sys.exit(f"keel: error: {e}")
     finally:
         client.stop_if_unstarted()
 
@@ -91,7 +99,11 @@ def generate(args: argparse.Namespace) -> None:
     options = dataclass_kwargs(args, EngineConfig)
     if options["node_rank"] > 0:
         return run_node_ranks(EngineConfig(**options))
+    started = time.perf_counter()
+    sys.stderr.write(f"keel: loading {options['model']}\n")  # loading takes seconds: say so at once
+    sys.stderr.flush()
     engine = Engine(options.pop("model"), **options)
+    sys.stderr.write(f"keel: loaded in {time.perf_counter() - started:.1f} s\n")
     inputs = [chat_ids(engine, p) for p in args.prompts] if args.chat else args.prompts
     echoed = [""] * len(args.prompts) if args.chat else args.prompts  # a chat answer is printed alone
     if len(args.prompts) == 1 and not args.no_stream and not params.wants_logprobs:

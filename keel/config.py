@@ -250,6 +250,8 @@ class ServerConfig:
                      "timeout_keep_alive", "timeout_header_read"):
             _require(getattr(self, name) > 0, name, "must be > 0")
         _require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
+        _require(1 <= self.port <= 65535, "port", "must be in [1, 65535]")
+        _require(bool(self.host.strip()), "host", "must not be empty")
         _require(self.api_key is None or bool(self.api_key), "api_key", "must not be empty")
 
     @property

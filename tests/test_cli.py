@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -105,3 +106,62 @@ def test_generate_prints_the_log_probs_asked_for():
 def test_a_refused_request_is_not_echoed_first():
     result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "100000", "Hello")
     assert result.returncode != 0 and result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_serve_fails_in_one_line_on_a_busy_port_before_loading():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = keel("serve", "keel-demo", "--port", port, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"keel: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "Loaded" not in result.stderr  # refused before the engine started loading
+
+
+@pytest.mark.parametrize("args,message", [(("--port", "70000"), "port: must be in [1, 65535]"),
+                                          (("--host", "no.such.host.invalid"), "cannot listen on no.such.host")])
+def test_serve_checks_host_and_port(args, message):
+    result = keel("serve", "keel-demo", *args, timeout=60)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_engine_start_up_failure_is_one_line():
+    from tests.server.conftest import free_port
+
+    args = ("serve", "keel-demo", "--port", str(free_port()), "--context-length", "100000")
+    result = keel(*args, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("keel: error: the engine failed to start: ValueError: keel-demo: "
+                                                      "context_length=100000 exceeds the model's "
+                                                      "max_position_embeddings=2048")
+    debug = keel(*args, "--log-level", "debug", timeout=120)  # the whole story, for a bug report
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_serving_line_comes_once_the_socket_listens(tmp_path):
+    import httpx
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "keel.cli", "serve", "keel-demo", "--port", str(port)],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "keel is serving" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200  # no retry needed
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_generate_says_it_is_loading_before_the_model_loads():
+    result = keel("generate", "--model", "keel-demo", "--max-new-tokens", "4", "Hi")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and lines[0] == "keel: loading keel-demo" and lines[1].startswith("keel: loaded in")

@@ -105,8 +105,10 @@ async def _limited(gate: asyncio.Semaphore, client: httpx.AsyncClient, url: str,
 
 async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
                        output_len: int) -> RequestResult:
+    # continuous_usage_stats (vLLM's, keel's): every chunk counts the tokens so far, so a chunk whose tokens
+    # decode to no text (dummy weights, a partial character) still times a token; elsewhere text chunks do
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     result = RequestResult(ok=False, input_len=len(prompt))
     start = last = time.perf_counter()
     try:
@@ -114,20 +116,31 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
                 return result
+            seen = 0  # tokens (or, without usage in chunks, text chunks) received so far
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    if result.ttft == 0.0:
+                if "error" in chunk:
+                    result.error = f"error event: {chunk['error'].get('message', chunk['error'])}"
+                    return result
+                counted = (chunk.get("usage") or {}).get("completion_tokens")
+                if counted is not None:
+                    result.output_tokens = counted
+                if not chunk.get("choices"):
+                    continue
+                carried = counted if counted is not None else seen + bool(chunk["choices"][0].get("text"))
+                if carried > seen:
+                    if seen == 0:
                         result.ttft = now - start
                     else:
                         result.itls.append(now - last)
-                    last = now
+                    seen, last = carried, now
         result.latency = time.perf_counter() - start
+        if seen == 0:
+            result.error = "the stream carried no token"
+            return result
         result.ok = True
     except httpx.HTTPError as e:
         result.error = repr(e)
@@ -135,11 +148,16 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
 
 
 def _stats(values: list[float]) -> dict[str, float]:
+    """Mean, median and the 90th and 99th percentiles (nearest rank)."""
     if not values:
-        return {"mean": 0.0, "median": 0.0, "p99": 0.0}
+        return {"mean": 0.0, "median": 0.0, "p90": 0.0, "p99": 0.0}
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p90": rank(0.9),
+            "p99": rank(0.99)}
 
 
 def summarize(config: BenchServeConfig, results: list[RequestResult], duration: float) -> dict:
@@ -174,6 +192,6 @@ def format_summary(s: dict) -> str:
     for key, label in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("e2e_latency_s", "end-to-end latency")):
         stats = s[key]
         lines.append(f"{label + ' (ms)':<28}mean {1e3 * stats['mean']:.1f}  median {1e3 * stats['median']:.1f}  "
-                     f"p99 {1e3 * stats['p99']:.1f}")
+                     f"p90 {1e3 * stats['p90']:.1f}  p99 {1e3 * stats['p99']:.1f}")
     lines += [f"error: {e}" for e in s["errors"]]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
 from keel.debug.guards import guard_on
 from keel.distributed.dp_attention import DpRound
@@ -83,7 +84,9 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            sizes = tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", unit="size",
+                         disable=None if tensor_parallel().rank == 0 else True)  # a bar on a terminal, rank 0's
+            for size in sizes:  # largest first, so smaller graphs reuse its memory
                 batch = self._batch(size)
                 for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
                     forward(batch)

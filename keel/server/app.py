@@ -32,16 +32,10 @@ from keel.server.protocol import (ChatCompletionRequest, CompletionRequest, Deto
 logger = logging.getLogger(__name__)
 
 
-def create_app(ctx: ServerContext, url: str) -> FastAPI:
+def create_app(ctx: ServerContext) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
-            await ctx.client.start()  # returns once the model is loaded and the engine answers
-        except BaseException:
-            ctx.client.close()
-            raise
-        logger.info("keel is serving %s at %s", ctx.model_name, url)
-        try:
+        try:  # the engine started before the app (launch.serve): the lifespan only stops it
             yield
         finally:
             await ctx.client.shutdown()

@@ -37,7 +37,11 @@ logger = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
-    pass
+    """The engine process failed or is gone; `details`: its traceback, when it sent one."""
+
+    def __init__(self, message: str, details: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class EngineClient:
@@ -101,7 +105,8 @@ class EngineClient:
             if await self._outputs.poll(500):
                 message = self._decoder.receive(await self._outputs.recv_multipart())
                 if isinstance(message, EngineFailed):
-                    raise EngineError(f"the engine failed to start:\n{message.error}")
+                    why = message.error.strip().splitlines()[-1]
+                    raise EngineError(f"the engine failed to start: {why}", message.error)
                 if isinstance(message, EngineReady):
                     self.limits, self.page_size = message.limits, message.page_size
                     break

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -66,8 +67,8 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
         finally:
             core.close()  # the other ranks, if any
     except Exception:
-        send(EngineFailed(traceback.format_exc()))
-        raise
+        send(EngineFailed(traceback.format_exc()))  # the API process reports it, in one line while starting
+        sys.exit(1)
     finally:
         stop_heartbeat.set()
         outputs.close(linger=1000)

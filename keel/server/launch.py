@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import types
 from typing import Optional
 
@@ -15,36 +16,38 @@ from keel.config import ServerConfig
 from keel.models.tokenizer import load_tokenizer
 from keel.models.source import ModelSource
 from keel.server.app import create_app
-from keel.server.engine_client import EngineClient
+from keel.server.engine_client import EngineClient, EngineError
 from keel.server.metrics import ServerMetrics
 from keel.server.openai_api import ServerContext
 from keel.server.tokenization import Tokenization
+
+logger = logging.getLogger(__name__)
 
 
 class EngineLost(SystemExit):
     """The engine process died or failed: the server has stopped, and exits non-zero for a supervisor."""
 
 
-def serve(source: ModelSource, client: EngineClient, server_config: ServerConfig) -> None:
-    """Serve `source` with `client`'s engine (already spawned) until Ctrl-C or SIGTERM: requests in flight then
-    finish (or are cut off with an error after --shutdown-timeout), the engine process stops, and nothing is left
-    running. If the engine is lost, every
+def serve(source: ModelSource, client: EngineClient, server_config: ServerConfig, sock: socket.socket) -> None:
+    """Serve `source` with `client`'s engine (already spawned) on `sock` (bound) until Ctrl-C or SIGTERM: requests
+    in flight then finish (or are cut off with an error after --shutdown-timeout), the engine process stops, and
+    nothing is left running. If the engine fails to start this raises EngineError; if it is lost later, every
     pending request fails at once, the server stops and this raises EngineLost (exit status 1)."""
     logging.getLogger("keel").setLevel(logging.INFO)
-    url = f"http://{server_config.host}:{server_config.port}"
     tokenizer = load_tokenizer(source)
     ctx = ServerContext(client, tokenizer, Tokenization(tokenizer), ServerMetrics(),
                         server_config.served_model_name or client.config.model, server_config)
-    app = create_app(ctx, url)
     http = functools.partial(HeaderTimeoutProtocol, header_timeout_s=server_config.timeout_header_read)
-    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level="info", http=http,
+    config = uvicorn.Config(create_app(ctx), log_level="info", http=http,
                             timeout_keep_alive=server_config.timeout_keep_alive,
                             timeout_graceful_shutdown=int(server_config.shutdown_timeout) + 5)
-    server = _Server(config, ctx.client, server_config.shutdown_timeout)
+    server = _Server(config, ctx, f"http://{server_config.host}:{server_config.port}")
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once its graceful shutdown is done: nothing is left to do
+    if server.start_error is not None:
+        raise server.start_error
     if server.engine_lost:
         raise EngineLost(1)
 
@@ -54,16 +57,42 @@ class _Server(uvicorn.Server):
     with an error by keel itself (before uvicorn would cut their connections); and when the engine is lost,
     the server stops on its own."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext, url: str) -> None:
         super().__init__(config)
-        self.client = client
-        self.grace_s = grace_s
+        self.ctx, self.url = ctx, url
+        self.client = ctx.client
+        self.grace_s = ctx.config.shutdown_timeout
         self.engine_lost = False
-        client.on_fatal = self._engine_lost
+        self.exit_signals = 0
+        self.start_error: Optional[EngineError] = None
+        self.client.on_fatal = self._engine_lost
+
+    async def serve(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        """Wait for the engine (the model loads) before uvicorn starts the app and listens."""
+        try:
+            await self.client.start()
+        except EngineError as e:
+            self.start_error = e
+            self.client.close()
+            return
+        await super().serve(sockets)
+
+    async def startup(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:  # listening now
+            logger.info("keel is serving %s at %s", self.ctx.model_name, self.url)
 
     def handle_exit(self, sig: int, frame: Optional[types.FrameType]) -> None:
-        if not self.should_exit:
+        """First signal: a graceful shutdown (requests get --shutdown-timeout to finish). Second: every request
+        still running ends now, with an error its client can read, and the shutdown goes on. Third: uvicorn's
+        forced exit."""
+        self.exit_signals += 1
+        if self.exit_signals == 1:
             self.client.fail_pending_after(self.grace_s, "the server is shutting down")
+        elif self.exit_signals == 2:
+            logger.info("second interrupt: ending the requests still running")
+            self.client.fail_pending_after(0.0, "the server is shutting down now")
+            return  # not uvicorn's forced exit, which would cancel the requests' tasks mid-response
         super().handle_exit(sig, frame)
 
     def _engine_lost(self, error: str) -> None:

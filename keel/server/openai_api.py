@@ -397,7 +397,7 @@ async def stream_completion(ctx: ServerContext, body: CompletionRequest, prompts
         if body.logprobs is not None:
             logprobs = completion_logprobs(ctx, event.token_ids, event.logprobs, offsets.get(event.index, 0))
             offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in logprobs["tokens"])
-        if text or event.finished or logprobs:
+        if text or event.finished or logprobs or (tracked.continuous and event.token_ids):  # counted tokens go out
             choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": event.finish_reason}
             yield sse({**header, "choices": [choice], **tracked.field()})
         if event.finished:

@@ -113,5 +113,7 @@ def test_bench_serve_reports_its_figures(server, tmp_path):
         assert label in result.stdout
     summary = json.loads(out.read_text())
     assert summary["completed"] == 12 and summary["failed"] == 0
+    assert "p90" in result.stdout and 0 < summary["ttft_s"]["median"] <= summary["e2e_latency_s"]["median"]
+    assert summary["itl_s"]["median"] > 0
     assert 12 * 4 <= summary["total_output_tokens"] <= 12 * 12
     assert summary["ttft_s"]["median"] > 0 and summary["output_throughput"] > 0

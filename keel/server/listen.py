@@ -1,0 +1,21 @@
+"""The server's listening socket, bound by `keel serve` before anything slow happens (no web stack, no torch)."""
+
+from __future__ import annotations
+
+import socket
+
+from keel.config import ServerConfig
+
+
+def bind(server_config: ServerConfig) -> socket.socket:
+    """The server's socket, bound now (before the model loads): a busy port or a bad host fails at once, in one
+    line. uvicorn listens on it once the engine is ready."""
+    host, port = server_config.host, server_config.port
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
