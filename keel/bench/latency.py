@@ -193,7 +193,8 @@ def kv_bytes_per_step(runner, bs: int, input_len: int, output_len: int) -> float
 
 
 def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, output_len: int, hbm: float) -> dict:
-    """The median run (by engine step time); bandwidth figures for the engine step and the runner alone."""
+    """The median run (by engine step time), with the median prefill of all runs (a first run's compile does
+    not show as its prefill); bandwidth figures for the engine step and the runner alone."""
     runner = engine.core.runner
     run = sorted(runs, key=lambda r: r["engine_step_s"])[len(runs) // 2]
     step_bytes = weight_bytes_read_per_step(runner.model, bs) + kv_bytes_per_step(runner, bs, input_len, output_len)
@@ -204,7 +205,8 @@ def summarize(engine: keel.Engine, runs: list[dict], bs: int, input_len: int, ou
             "cuda_graph": runner.cuda_graph is not None, "tp_size": engine.config.tp_size,
             "ep_size": engine.config.ep_size,
             "overlap": engine.core.overlap, "dtype": str(runner.dtype), "batch_size": bs, "input_len": input_len,
-            "output_len": output_len, "runs": len(runs), "prefill_s": run["prefill_s"], "decode_step_s": step,
+            "output_len": output_len, "runs": len(runs), "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "decode_step_s": step,
             "runner_step_s": runner_step, "decode_tok_s": bs / step, "bytes_per_step": step_bytes,
             "achieved_bw": step_bytes / step, "hbm_bw": hbm, "bw_fraction": step_bytes / step / hbm,
             "runner_bw_fraction": step_bytes / runner_step / hbm if runner_step else None,

@@ -2,22 +2,24 @@
 
 Requests arrive as a Poisson process at --request-rate (inf: all at once), optionally capped at
 --max-concurrency in flight; each streams a /v1/completions request with a prompt of random
-token ids (lengths drawn from --input-len) and max_tokens from --output-len with ignore_eos, so
-the work is the same on every server that honours ignore_eos (keel, vLLM, SGLang). Reports
-throughput, time to first token, inter-token latency and end-to-end latency.
+token ids (lengths drawn from --input-len), or the prompts of a --dataset file, and max_tokens from
+--output-len with ignore_eos, so the work is the same on every server that honours ignore_eos (keel, vLLM,
+SGLang). Reports throughput, time to first token, inter-token latency and end-to-end latency; with several
+--request-rates, one run per rate and a plot of throughput against latency (--plot).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import httpx
 
@@ -34,6 +36,9 @@ class BenchServeConfig:
     seed: int
     token_id_range: int  # prompt token ids are drawn from [0, token_id_range)
     output_json: Optional[str]
+    dataset: Optional[str] = None  # JSON lines: {"prompt": text, "output_len": n (optional)}
+    request_rates: tuple[float, ...] = ()  # several runs, one per rate (request_rate is then unused)
+    plot: Optional[str] = None  # PNG of throughput against latency over request_rates
 
 
 @dataclass
@@ -51,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf: all at once")
+    parser.add_argument("--request-rates", type=float, nargs="+", default=(), metavar="RATE",
+                        help="one run per rate (requests/s), reported side by side")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="with --request-rates: draw output throughput against TTFT and ITL here")
+    parser.add_argument("--dataset", default=None, metavar="JSONL",
+                        help='prompts, one JSON object per line: {"prompt": "...", "output_len": 128}; output_len '
+                             "is optional (default: drawn from --output-len)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     parser.add_argument("--input-len", type=int, nargs=2, default=(128, 512), metavar=("MIN", "MAX"),
                         help="prompt lengths, uniform in [MIN, MAX] tokens")
@@ -64,25 +76,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchServeConfig:
+    if args.plot and len(args.request_rates) < 2:
+        raise ValueError("--plot draws one point per rate: give --request-rates with two or more rates")
     return BenchServeConfig(args.url.rstrip("/"), args.num_prompts, args.request_rate, args.max_concurrency,
                             tuple(args.input_len), tuple(args.output_len), args.model, args.seed,
-                            args.token_id_range, args.output_json)
+                            args.token_id_range, args.output_json, args.dataset, tuple(args.request_rates),
+                            args.plot)
 
 
 def run(config: BenchServeConfig) -> dict:
-    results, duration = asyncio.run(_run(config))
-    summary = summarize(config, results, duration)
-    print(format_summary(summary))
+    """One run (--request-rate), or one per --request-rates; the summary, or {"rates": summaries}."""
+    summaries = []
+    for rate in config.request_rates or (config.request_rate,):
+        one = dataclasses.replace(config, request_rate=rate)
+        results, duration = asyncio.run(_run(one))
+        summaries.append(summarize(one, results, duration))
+        if config.request_rates:
+            print(f"--- request rate {rate:g}/s")
+        print(format_summary(summaries[-1]))
+    report = summaries[0] if not config.request_rates else {"rates": summaries}
     if config.output_json:
         with open(config.output_json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+            json.dump(report, f, indent=2)
+    if config.plot:
+        plot(summaries, config.plot)
+    return report
+
+
+def plot(summaries: list[dict], path: str) -> None:
+    """Output throughput against median and p99 TTFT and ITL, one point per request rate."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or keel-llm[bench])") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    throughput = [s["output_throughput"] for s in summaries]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "ttft_s", "time to first token"), (axes[1], "itl_s", "inter-token latency")):
+        for stat, style in (("median", "o-"), ("p99", "s--")):
+            ax.plot(throughput, [1e3 * s[key][stat] for s in summaries], style, label=stat)
+        for s, x in zip(summaries, throughput):
+            ax.annotate(f"{s['config']['request_rate']}/s", (x, 1e3 * s[key]["median"]), fontsize=7)
+        ax.set(xlabel="output throughput (tok/s)", ylabel="ms", title=title)
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def make_work(config: BenchServeConfig, rng: random.Random) -> list[tuple[Union[str, list[int]], int]]:
+    """(prompt, output length) per request: the dataset's prompts in order (cycled), or random token ids."""
+    if config.dataset is None:
+        return [([rng.randrange(config.token_id_range) for _ in range(rng.randint(*config.input_len))],
+                 rng.randint(*config.output_len)) for _ in range(config.num_prompts)]
+    with open(config.dataset, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+        raise ValueError(f"{config.dataset}: each line must be a JSON object with a string 'prompt'")
+    picked = [rows[i % len(rows)] for i in range(config.num_prompts)]
+    return [(r["prompt"], int(r.get("output_len") or rng.randint(*config.output_len))) for r in picked]
 
 
 async def _run(config: BenchServeConfig) -> tuple[list[RequestResult], float]:
     rng = random.Random(config.seed)
-    work = [([rng.randrange(config.token_id_range) for _ in range(rng.randint(*config.input_len))],
-             rng.randint(*config.output_len)) for _ in range(config.num_prompts)]
+    work = make_work(config, rng)
     limits = httpx.Limits(max_connections=config.max_concurrency or config.num_prompts)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         model = config.model or (await client.get(f"{config.url}/v1/models")).json()["data"][0]["id"]
@@ -97,19 +156,19 @@ async def _run(config: BenchServeConfig) -> tuple[list[RequestResult], float]:
         return results, time.perf_counter() - start
 
 
-async def _limited(gate: asyncio.Semaphore, client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
-                   output_len: int) -> RequestResult:
+async def _limited(gate: asyncio.Semaphore, client: httpx.AsyncClient, url: str, model: str,
+                   prompt: Union[str, list[int]], output_len: int) -> RequestResult:
     async with gate:
         return await _one_request(client, url, model, prompt, output_len)
 
 
-async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: Union[str, list[int]],
                        output_len: int) -> RequestResult:
     # continuous_usage_stats (vLLM's, keel's): every chunk counts the tokens so far, so a chunk whose tokens
     # decode to no text (dummy weights, a partial character) still times a token; elsewhere text chunks do
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    result = RequestResult(ok=False, input_len=len(prompt))
+    result = RequestResult(ok=False, input_len=len(prompt) if isinstance(prompt, list) else 0)
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -125,9 +184,11 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
                 if "error" in chunk:
                     result.error = f"error event: {chunk['error'].get('message', chunk['error'])}"
                     return result
-                counted = (chunk.get("usage") or {}).get("completion_tokens")
+                usage = chunk.get("usage") or {}
+                counted = usage.get("completion_tokens")
                 if counted is not None:
                     result.output_tokens = counted
+                result.input_len = usage.get("prompt_tokens", result.input_len)  # a text prompt's, in tokens
                 if not chunk.get("choices"):
                     continue
                 carried = counted if counted is not None else seen + bool(chunk["choices"][0].get("text"))

@@ -117,3 +117,24 @@ def test_bench_serve_reports_its_figures(server, tmp_path):
     assert summary["itl_s"]["median"] > 0
     assert 12 * 4 <= summary["total_output_tokens"] <= 12 * 12
     assert summary["ttft_s"]["median"] > 0 and summary["output_throughput"] > 0
+
+
+def test_bench_serve_sweeps_rates_over_a_dataset_and_plots(server, tmp_path):
+    import subprocess
+    import sys
+
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": "The scheduler", "output_len": 6}\n{"prompt": "A cache"}\n')
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "keel.cli", "bench", "serve", "--url", server.url, "--num-prompts", "6",
+         "--request-rates", "10", "inf", "--dataset", str(dataset), "--output-len", "4", "8",
+         "--output-json", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rates = json.loads(out.read_text())["rates"]
+    assert [r["config"]["request_rate"] for r in rates] == [10.0, "inf"]
+    assert all(r["completed"] == 6 and r["failed"] == 0 and r["total_input_tokens"] > 6 for r in rates)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refused = subprocess.run([sys.executable, "-m", "keel.cli", "bench", "serve", "--url", server.url, "--plot",
+                              str(png)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--request-rates" in refused.stderr and "Traceback" not in refused.stderr
