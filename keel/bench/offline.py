@@ -6,11 +6,13 @@ import argparse
 import gc
 import random
 import time
+from typing import Optional
 
 import torch
 
 import keel
-from keel.bench.common import append_result, environment, hf_model_like, sync
+from keel.bench.common import append_result, environment, hf_model_like, measure_hbm_bandwidth, sync
+from keel.bench.roofline import StepRoofline, measure_matmul_rate
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.engine.outputs import mean_accept_length
 
@@ -44,16 +46,20 @@ def run(args: argparse.Namespace) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the baseline's KV pool goes back before the measured engine sizes its own
     engine = keel.Engine(options.pop("model"), **options)
-    prompts, output_lens, outputs, elapsed, output_tok_s = _timed(engine, args)
     device = engine.core.runner.device
+    roofline = StepRoofline(engine.core.runner, measure_hbm_bandwidth(device),
+                            measure_matmul_rate(device, engine.core.runner.dtype))
+    prompts, output_lens, outputs, elapsed, output_tok_s = _timed(engine, args, roofline)
     input_tokens, output_tokens = sum(map(len, prompts)), sum(len(o.token_ids) for o in outputs)
     record = {**environment(device), "bench": "offline", "model": engine.config.model,
               "attention_backend": engine.core.runner.attention_backend, "num_prompts": args.num_prompts,
               "input_len": list(args.input_len), "output_len": list(args.output_len), "seconds": elapsed,
               "input_tokens": input_tokens, "output_tokens": output_tokens,
-              "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tok_s}
+              "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tok_s,
+              **roofline.totals.report(elapsed, roofline.hbm, roofline.matmul)}
     print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s: "
           f"{record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
+    print(format_roofline(record))
     if baseline_tok_s is not None:
         record.update(speculative_algorithm=engine.config.speculative_algorithm,
                       accept_length=mean_accept_length(outputs) or 1.0,
@@ -70,18 +76,28 @@ def run(args: argparse.Namespace) -> dict:
     return record
 
 
-def _timed(engine: keel.Engine, args: argparse.Namespace) -> tuple[list[list[int]], list[int],
-                                                                    list[keel.RequestOutput], float, float]:
-    """Prompts, output lengths, outputs, seconds and output tokens per second of one timed run (after warm-up)."""
+def format_roofline(r: dict) -> str:
+    return (f"roofline: {r['roofline_steps']} steps reading {r['roofline_bytes'] / 1e9:.1f} GB and computing "
+            f"{r['roofline_flops'] / 1e12:.1f} TFLOP need {r['roofline_s']:.2f} s at the measured "
+            f"{r['hbm_bw'] / 1e12:.2f} TB/s and {r['matmul_flops'] / 1e12:.0f} TFLOP/s: this run reached "
+            f"{100 * r['roofline_fraction']:.1f}% of its roofline")
+
+
+def _timed(engine: keel.Engine, args: argparse.Namespace, roofline: Optional[StepRoofline] = None
+           ) -> tuple[list[list[int]], list[int], list[keel.RequestOutput], float, float]:
+    """Prompts, output lengths, outputs, seconds and output tokens per second of one timed run (after warm-up);
+    `roofline` sees the timed run's batches."""
     prompts, output_lens = make_work(args, engine.core.model_config.vocab_size)
     params = [keel.SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in output_lens]
     engine.generate(prompts[:4], params[:4])  # warm up
     device = engine.core.runner.device
     sync(device)
+    engine.core.on_schedule = roofline
     start = time.perf_counter()
     outputs = engine.generate(prompts, params, progress=True)
     sync(device)
     elapsed = time.perf_counter() - start
+    engine.core.on_schedule = None
     return prompts, output_lens, outputs, elapsed, sum(len(o.token_ids) for o in outputs) / elapsed
 
 

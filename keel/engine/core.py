@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -99,6 +100,7 @@ class EngineCore:
             logger.warning("%s=%s: verification accepts that many tokens per step on average, whatever the drafts: "
                            "outputs are NOT the model's (for benchmarks only)", SIMULATE_ACCEPT_ENV, simulate)
         self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
+        self.on_schedule: Optional[Callable[[ScheduledBatch], None]] = None  # sees every batch (benchmarks)
 
     def _load_draft_model(self) -> ModelRunner:
         """The drafter's model, run at the target's context length: a model of the target's vocabulary
@@ -268,6 +270,8 @@ class EngineCore:
                                            or self.scheduler.wants_drafts()):
             outputs += self._read_launched()
         batch = self.scheduler.schedule()
+        if batch is not None and self.on_schedule is not None:
+            self.on_schedule(batch)
         outputs = self._take_failed() + outputs
         previous, self._launched = self._launched, None
         if batch is not None:
