@@ -137,3 +137,32 @@ def test_grammars_are_refused_under_speculative_decoding():
     with pytest.raises(InvalidParameter, match="not supported with speculative decoding") as caught:
         validate_request([1, 2], keel.SamplingParams(regex="a+"), limits)
     assert caught.value.param == "regex"
+
+
+def test_a_token_outside_the_grammar_ends_that_request_alone(tiny_model, make_engine):
+    """Should a mask ever fail, the matcher's refusal ends its request with an error; the batch goes on."""
+    directory, _ = tiny_model("llama3")
+    engine = make_engine(directory)
+    core = engine.core
+    free = core.add_request([1, 2, 3], keel.SamplingParams(max_new_tokens=6, ignore_eos=True))
+    constrained = core.add_request([4, 5, 6], sampled(1, regex="[a-c]+"))
+    req = next(r for r in core.scheduler.waiting if r.rid == constrained)
+
+    class Refusing:  # a matcher whose mask allows what it then refuses
+        def __init__(self, matcher):
+            self.matcher = matcher
+
+        def fill_next_token_bitmask(self, bitmask, row):
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+        def accept_token(self, token_id):
+            return False
+
+    req.grammar = Refusing(req.grammar)
+    final = {}
+    while core.has_work:
+        for out in core.step():
+            if out.finish_reason is not None:
+                final[out.rid] = out
+    assert final[constrained].finish_reason == "abort" and "outside its grammar" in final[constrained].error
+    assert final[free].finish_reason == "length" and final[free].error is None

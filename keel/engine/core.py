@@ -354,7 +354,7 @@ class EngineCore:
         first = len(req.output_ids) == kept
         prompt_logprobs = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
         return CoreOutput(req.rid, appended.token_ids, wanted, appended.finish_reason,
-                          req.num_cached_tokens if first else None, prompt_logprobs=prompt_logprobs,
+                          req.num_cached_tokens if first else None, req.error, prompt_logprobs=prompt_logprobs,
                           num_draft_tokens=appended.num_draft, num_accepted_tokens=appended.num_accepted)
 
     def _after_step(self) -> None:

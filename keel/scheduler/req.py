@@ -90,8 +90,9 @@ class Req:
         self.pending -= launched
         for kept, token_id in enumerate(token_ids, 1):
             self.output_ids.append(token_id)
-            if self.grammar is not None and not self.grammar.accept_token(token_id):
-                raise ValueError(f"request {self.rid}: token {token_id} was sampled outside its grammar")
+            if self.grammar is not None and not self.grammar.accept_token(token_id):  # the mask failed: end it alone
+                self.error = f"request {self.rid}: token {token_id} was sampled outside its grammar"
+                return kept, "abort"
             if token_id in self.stop_token_ids or (self.grammar is not None and self.grammar.is_terminated()):
                 return kept, "stop"
             if len(self.output_ids) >= self.params.max_new_tokens:

@@ -379,7 +379,7 @@ class Scheduler:
             if part.num_draft:
                 self._update_draft_rate(part.req, len(token_ids[index]) - 1)
             if reason is not None:
-                self._finish(part.req, reason)
+                self._finish(part.req, reason, part.req.error)
             appended.append(TokenAppended(index, part.req, token_ids[index][:count], reason, part.num_draft,
                                           len(token_ids[index]) - 1))
         return appended
