@@ -218,7 +218,7 @@ def test_bad_gguf_files_fail_with_one_clear_line(make_file, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "keel.cli", "generate", "--model", str(path), "hi"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("keel: loading")]
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1 and lines[0].startswith("keel: error:") and message in lines[0], result.stderr
     assert not list((tmp_path / "cache").glob("gguf/*/config.json"))  # nothing half-converted is cached
