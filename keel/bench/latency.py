@@ -20,6 +20,7 @@ import torch
 import keel
 from keel.bench.common import (append_result, environment, hf_model_like, measure_hbm_bandwidth, median_time,
                                sync, weight_bytes_read_per_step)
+from keel.bench.roofline import measure_matmul_rate, prefill_flops
 from keel.cache.kv_pool import KVPool
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.models.loader import load_model_config
@@ -65,11 +66,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         return run_speculative(engine, args, baseline)
     runner = engine.core.runner
     hbm = measure_hbm_bandwidth(runner.device)
+    matmul = measure_matmul_rate(runner.device, runner.dtype)
     results = []
     for bs in args.batch_sizes:
         for input_len in args.input_lens:
             runs = [time_case(engine, bs, input_len, args.output_len) for _ in range(args.runs)]
             record = summarize(engine, runs, bs, input_len, args.output_len, hbm)
+            flops = prefill_flops(runner, bs, input_len)
+            record.update(prefill_flops=flops, matmul_flops=matmul,
+                          prefill_matmul_fraction=flops / record["prefill_s"] / matmul)
             if args.compare == "hf" and bs == 1:
                 record["hf"] = time_hf(engine, input_len, args.output_len, hbm, record["bytes_per_step"])
                 record["speedup_vs_hf"] = record["hf"]["decode_step_s"] / record["decode_step_s"]
@@ -236,8 +241,10 @@ def time_hf(engine: keel.Engine, input_len: int, output_len: int, hbm: float, st
 
 
 def format_record(r: dict) -> str:
+    prefill = (f" = {100 * r['prefill_matmul_fraction']:.1f}% of the measured {r['matmul_flops'] / 1e12:.0f} "
+               "TFLOP/s" if "prefill_matmul_fraction" in r else "")
     line = (f"{r['model']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']}: prefill "
-            f"{1e3 * r['prefill_s']:.1f} ms, decode step {1e3 * r['decode_step_s']:.3f} ms, "
+            f"{1e3 * r['prefill_s']:.1f} ms{prefill}, decode step {1e3 * r['decode_step_s']:.3f} ms, "
             f"{r['decode_tok_s']:.0f} tok/s, {r['achieved_bw'] / 1e12:.2f} TB/s = {100 * r['bw_fraction']:.1f}% of "
             f"measured HBM {r['hbm_bw'] / 1e12:.2f} TB/s; {r['step_over_roofline']:.2f}x roofline (")
     if r["runner_step_s"] is not None:

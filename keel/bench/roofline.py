@@ -62,13 +62,23 @@ class StepRoofline:
         return self.kv_layer_bytes * (read + part.extend_len * len(self.windows))
 
     def _attention_flops(self, part: BatchPart) -> float:
-        """Causal: the i-th new token attends to the prefix and the new tokens up to itself (within a window)."""
-        prefix = part.seq_len - part.extend_len
-        pairs = 0
-        for w in self.windows:
-            full = part.extend_len * prefix + part.extend_len * (part.extend_len + 1) // 2
-            pairs += full if w is None else min(full, part.extend_len * w)
-        return self.attention_flops * pairs
+        return self.attention_flops * attention_pairs(part.extend_len, part.seq_len - part.extend_len, self.windows)
+
+
+def attention_pairs(new_tokens: int, prefix: int, windows: tuple) -> int:
+    """(query, key) pairs over the layers when `new_tokens` follow `prefix` cached ones: causal, the i-th new token
+    attends to the prefix and the new tokens up to itself (at most its window)."""
+    full = new_tokens * prefix + new_tokens * (new_tokens + 1) // 2
+    return sum(full if w is None else min(full, new_tokens * w) for w in windows)
+
+
+def prefill_flops(runner, batch_size: int, input_len: int) -> float:
+    """Matmul FLOPs of prefilling `batch_size` prompts of `input_len` tokens, attention included."""
+    mc = runner.model_config
+    tokens = batch_size * input_len
+    attention = 4 * attention_heads(runner) * mc.head_dim * batch_size * attention_pairs(input_len, 0,
+                                                                                          mc.sliding_windows)
+    return 2 * active_matmul_params(runner.model) * tokens + attention
 
 
 def attention_heads(runner) -> int:

@@ -40,3 +40,19 @@ def test_bench_offline_reports_its_roofline(tiny_model, tmp_path, capsys):
     record = offline.run(args)
     assert record["roofline_steps"] > 0 and record["roofline_bytes"] > 0 and record["roofline_flops"] > 0
     assert "roofline:" in capsys.readouterr().out
+
+
+def test_bench_latency_counts_its_prefill_flops(tiny_model, tmp_path):
+    from keel.bench import latency
+    from keel.bench.roofline import prefill_flops
+
+    directory, _ = tiny_model("llama3")
+    args = build_parser().parse_args(
+        ["bench", "latency", "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",
+         "--input-lens", "10", "--output-len", "4", "--runs", "1", "--result-file", str(tmp_path / "r.jsonl")])
+    (record,) = latency.run(args)
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32")
+    runner, mc = engine.core.runner, engine.core.model_config
+    by_hand = 2 * active_matmul_params(runner.model) * 20 + 4 * mc.num_heads * mc.head_dim * mc.num_layers * 2 * 55
+    assert math.isclose(record["prefill_flops"], by_hand) and math.isclose(prefill_flops(runner, 2, 10), by_hand)
+    assert "prefill_matmul_fraction" in record
