@@ -28,7 +28,7 @@ from keel.cache.kv_cache import KVCacheManager
 from keel.cache.kv_plan import plan_kv
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
-from keel.debug.invariants import check_idle, check_invariants, strict_checks_enabled
+from keel.debug.invariants import check_drained, check_idle, check_invariants, strict_checks_enabled
 from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
 from keel.distributed.dp_controller import DpController, RankStep
 from keel.distributed.ranks import RankProcesses, RankSetup, rank_config
@@ -358,10 +358,10 @@ class EngineCore:
                           num_draft_tokens=appended.num_draft, num_accepted_tokens=appended.num_accepted)
 
     def _after_step(self) -> None:
-        if not self.has_work:
-            check_idle(self.scheduler)  # always on: cheap when idle, and a leak is caught where it happens
-        elif self.strict_checks:
-            check_invariants(self.scheduler)
+        if self.strict_checks:
+            (check_invariants if self.has_work else check_idle)(self.scheduler)
+        elif not self.has_work:
+            check_drained(self.scheduler)  # always on, counters only: a leak is caught where it happens, for free
 
     def check_idle(self) -> None:
         """Raise InvariantViolation unless the engine is drained and every page is free or evictable cache."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import keel
-from keel.debug.invariants import InvariantViolation, check_invariants
+from keel.debug.invariants import InvariantViolation, check_drained, check_invariants
 from tests.helpers import random_prompts
 
 
@@ -69,3 +69,44 @@ def test_page_freed_under_a_running_request(busy_engine):
 def test_stray_kv_holder(busy_engine):
     busy_engine.scheduler.running.pop()
     expect(busy_engine, "holds KV but is neither running nor chunked")
+
+
+@pytest.fixture
+def drained_engine(tiny_model):
+    """An engine that has served requests and drained, its prefix cache holding their pages."""
+    directory, _ = tiny_model("llama3")
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32", page_size=4)
+    engine.generate(random_prompts([9, 14], seed=41), keel.SamplingParams(max_new_tokens=3))
+    check_drained(engine.core.scheduler)  # sound before each corruption
+    return engine.core
+
+
+def test_the_drain_check_counts_a_leaked_page(drained_engine):
+    drained_engine.kv_cache.pages.alloc(torch.tensor([999]))
+    with pytest.raises(InvariantViolation, match="1 leaked"):
+        check_drained(drained_engine.scheduler)
+
+
+def test_the_drain_check_counts_a_taken_row(drained_engine):
+    drained_engine.kv_cache.rows.alloc(torch.tensor([999]))
+    with pytest.raises(InvariantViolation, match="1 rows are taken"):
+        check_drained(drained_engine.scheduler)
+
+
+def test_the_drain_check_counts_a_lock_left_behind(drained_engine):
+    radix = drained_engine.kv_cache.radix
+    radix.lock(next(radix.nodes()))
+    with pytest.raises(InvariantViolation, match="cached pages are still locked"):
+        check_drained(drained_engine.scheduler)
+
+
+def test_the_engine_checks_counters_when_it_drains_without_strict_checks(tiny_model, monkeypatch):
+    """A leak is caught on the step that drains the engine even with the full recount off."""
+    monkeypatch.setenv("KEEL_STRICT_CHECKS", "0")
+    directory, _ = tiny_model("llama3")
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32", page_size=4)
+    engine.core.add_request([1, 2, 3], keel.SamplingParams(max_new_tokens=2))
+    engine.core.kv_cache.pages.alloc(torch.tensor([999]))
+    with pytest.raises(InvariantViolation, match="leaked"):
+        while engine.core.has_work:
+            engine.core.step()
