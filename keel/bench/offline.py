@@ -12,6 +12,7 @@ import torch
 
 import keel
 from keel.bench.common import append_result, environment, hf_model_like, measure_hbm_bandwidth, sync
+from keel.bench.prompts import random_requests
 from keel.bench.roofline import StepRoofline, measure_matmul_rate
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.engine.outputs import mean_accept_length
@@ -22,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(512, 512), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", dest="bench_seed", type=int, default=0, help="seed of the prompts")
+    parser.add_argument("--token-id-range", type=int, default=None,
+                        help="prompt token ids are drawn below this (default: the model's vocabulary size)")
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' generate_batch on the same prompts (needs MIN == MAX output)")
     parser.add_argument("--result-file", default="bench_results.jsonl")
@@ -29,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_work(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
-    rng = random.Random(args.bench_seed)
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*args.input_len))] for _ in range(args.num_prompts)]
-    return prompts, [rng.randint(*args.output_len) for _ in range(args.num_prompts)]
+    """The prompts `keel bench serve` sends with the same seed, lengths and --token-id-range (default: the vocabulary)."""
+    work = random_requests(random.Random(args.bench_seed), args.num_prompts, args.input_len, args.output_len,
+                           args.token_id_range or vocab)
+    return [prompt for prompt, _ in work], [output_len for _, output_len in work]
 
 
 def run(args: argparse.Namespace) -> dict:

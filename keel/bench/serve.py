@@ -16,12 +16,15 @@ import dataclasses
 import json
 import math
 import random
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 import httpx
+
+from keel.bench.prompts import random_requests
 
 
 @dataclass
@@ -129,8 +132,8 @@ def plot(summaries: list[dict], path: str) -> None:
 def make_work(config: BenchServeConfig, rng: random.Random) -> list[tuple[Union[str, list[int]], int]]:
     """(prompt, output length) per request: the dataset's prompts in order (cycled), or random token ids."""
     if config.dataset is None:
-        return [([rng.randrange(config.token_id_range) for _ in range(rng.randint(*config.input_len))],
-                 rng.randint(*config.output_len)) for _ in range(config.num_prompts)]
+        return random_requests(rng, config.num_prompts, config.input_len, config.output_len,  # type: ignore[return-value]
+                               config.token_id_range)
     with open(config.dataset, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
@@ -143,7 +146,9 @@ async def _run(config: BenchServeConfig) -> tuple[list[RequestResult], float]:
     rng = random.Random(config.seed)
     work = make_work(config, rng)
     limits = httpx.Limits(max_connections=config.max_concurrency or config.num_prompts)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    # Nagle's algorithm off, as real clients should have it: a request's body otherwise waits for the server's ACK
+    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), transport=transport) as client:
         model = config.model or (await client.get(f"{config.url}/v1/models")).json()["data"][0]["id"]
         gate = asyncio.Semaphore(config.max_concurrency or config.num_prompts)
         start = time.perf_counter()
