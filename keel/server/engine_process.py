@@ -54,8 +54,9 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
     outputs = context.socket(zmq.PUSH)
     outputs.connect(addresses["outputs"])
     stop_heartbeat = threading.Event()
-    threading.Thread(target=_heartbeat, args=(context, addresses["heartbeat"], secret, stop_heartbeat), daemon=True,
-                     name="keel-heartbeat").start()
+    heartbeat = threading.Thread(target=_heartbeat, args=(context, addresses["heartbeat"], secret, stop_heartbeat),
+                                 daemon=True, name="keel-heartbeat")
+    heartbeat.start()
     send = functools.partial(_send, outputs, secret)
     try:
         from keel.engine.core import EngineCore
@@ -71,6 +72,7 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
         sys.exit(1)
     finally:
         stop_heartbeat.set()
+        heartbeat.join(2 * HEARTBEAT_S)  # before the context ends: a beat being sent then raised ContextTerminated
         outputs.close(linger=1000)
         requests.close(linger=0)
         context.term()

@@ -9,6 +9,7 @@ request so the engine releases its KV at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from keel.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from keel.engine.outputs import CoreOutput, FinishReason, RequestOutput, TokenLogprob
 from keel.engine.request_state import RequestState
 from keel.engine.stop_strings import StopAutomaton
 from keel.sampling_params import SamplingParams
@@ -56,30 +57,34 @@ class Generation:
         self.state = RequestState(str(self.rid), prompt, prompt_ids, params, tokenizer, stops)
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
+        """One event per batch of engine outputs: when the consumer falls behind the engine, the outputs waiting
+        for it go out together (as vLLM merges them), so a busy API process spends its time per event, not per
+        token, and keeps up with any engine."""
         queue = self.client.submit(self.rid, self.prompt_ids, self.params, self.request_id)
         output = self.state.output
         arrival = last_token = time.monotonic()
         try:
             while not output.finished:
-                out = await queue.get()
-                if self.state.update(out):  # a stop string ended it: the engine stops too, and may cache it
-                    self.client.abort(self.rid, reason="stop")
-                now = time.monotonic()
-                if out.token_ids:
-                    (self.metrics.ttft if len(output.token_ids) == len(out.token_ids) else self.metrics.itl).observe(
-                        now - last_token)
+                waiting = [await queue.get()]
+                while not queue.empty():
+                    waiting.append(queue.get_nowait())
+                token_ids: list[int] = []
+                logprobs: list[TokenLogprob] = []
+                for out in waiting:
+                    if output.finished:
+                        break  # a stop string ended it: what follows is past the end
+                    if self.state.update(out):  # a stop string ended it: the engine stops too, and may cache it
+                        self.client.abort(self.rid, reason="stop")
+                    self._observe(out)
+                    token_ids += out.token_ids
+                    logprobs += out.logprobs or []
+                if token_ids:
+                    now = time.monotonic()
+                    first = len(output.token_ids) == len(token_ids)
+                    (self.metrics.ttft if first else self.metrics.itl).observe(now - last_token)
                     last_token = now
-                    self.metrics.generation_tokens.inc(len(out.token_ids))
-                if out.num_draft_tokens:  # mean accept length = 1 + accepted / verify steps
-                    self.metrics.spec_verify_steps.inc()
-                    self.metrics.spec_draft_tokens.inc(out.num_draft_tokens)
-                    self.metrics.spec_accepted_tokens.inc(out.num_accepted_tokens)
-                if out.num_cached_tokens is not None:
-                    self.metrics.prompt_tokens.inc(len(self.prompt_ids))
-                    self.metrics.cache_hit_tokens.inc(out.num_cached_tokens)
-                yield GenerationEvent(self.index, self.state.take_delta(), list(out.token_ids),
-                                      list(out.logprobs or []), output.finish_reason, output.error,
-                                      len(output.token_ids), output)
+                yield GenerationEvent(self.index, self.state.take_delta(), token_ids, logprobs, output.finish_reason,
+                                      output.error, len(output.token_ids), output)
             self.metrics.e2e.observe(time.monotonic() - arrival)
             self.metrics.requests.labels(output.finish_reason).inc()
         finally:
@@ -88,6 +93,16 @@ class Generation:
             else:  # abandoned: the client went away, or the consumer failed
                 self.client.abort(self.rid)
                 self.metrics.requests.labels("abort").inc()
+
+    def _observe(self, out: CoreOutput) -> None:
+        self.metrics.generation_tokens.inc(len(out.token_ids))
+        if out.num_draft_tokens:  # mean accept length = 1 + accepted / verify steps
+            self.metrics.spec_verify_steps.inc()
+            self.metrics.spec_draft_tokens.inc(out.num_draft_tokens)
+            self.metrics.spec_accepted_tokens.inc(out.num_accepted_tokens)
+        if out.num_cached_tokens is not None:
+            self.metrics.prompt_tokens.inc(len(self.prompt_ids))
+            self.metrics.cache_hit_tokens.inc(out.num_cached_tokens)
 
     async def result(self) -> RequestOutput:
         async for _ in self.events():
@@ -98,6 +113,11 @@ class Generation:
 async def merged_events(generations: list[Generation]) -> AsyncIterator[GenerationEvent]:
     """Events of several generations as they come. If the consumer stops early, every generation is
     cancelled, which aborts those still running."""
+    if len(generations) == 1:  # the common case, without a task and a queue between
+        async with contextlib.aclosing(generations[0].events()) as events:  # closed (aborting) if we are
+            async for event in events:
+                yield event
+        return
     queue: asyncio.Queue[Optional[GenerationEvent]] = asyncio.Queue()
 
     async def pump(generation: Generation) -> None:

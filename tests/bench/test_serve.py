@@ -6,20 +6,36 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
+import aiohttp
+from aiohttp import web
 
 from keel.bench.serve import _one_request, _stats
 
 
-def scripted(events: list[dict]) -> httpx.AsyncClient:
-    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-    return httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(200, text=body)))
-
-
 def run(events: list[dict]):
+    """_one_request against a server that streams `events` (then [DONE]) as SSE."""
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for part in body.split("\n\n")[:-1]:  # one write per event, as a server streams them
+            await response.write(f"{part}\n\n".encode())
+        return response
+
     async def go():
-        async with scripted(events) as client:
-            return await _one_request(client, "http://bench", "m", [1, 2, 3], 4)
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as client:
+                return await _one_request(client, f"http://127.0.0.1:{port}", "m", [1, 2, 3], 4)
+        finally:
+            await runner.cleanup()
     return asyncio.run(go())
 
 
@@ -49,3 +65,22 @@ def test_text_chunks_count_where_the_server_reports_no_usage():
 def test_percentiles():
     stats = _stats([float(v) for v in range(1, 101)])
     assert (stats["median"], stats["p90"], stats["p99"]) == (50.5, 90.0, 99.0)
+
+
+def test_bench_offline_draws_the_prompts_bench_serve_sends():
+    """One seed, lengths and id range give both benchmarks the same requests, so their throughputs compare."""
+    import argparse
+    import random
+
+    from keel.bench import offline, serve
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    serve_args = parser.parse_args(["--url", "http://x", "--num-prompts", "5", "--input-len", "3", "9",
+                                    "--output-len", "2", "7", "--seed", "4", "--token-id-range", "1000"])
+    config = serve.config_from_args(serve_args)
+    sent = serve.make_work(config, random.Random(config.seed))
+    offline_args = argparse.Namespace(bench_seed=4, num_prompts=5, input_len=(3, 9), output_len=(2, 7),
+                                      token_id_range=1000)
+    prompts, output_lens = offline.make_work(offline_args, vocab=32000)
+    assert sent == list(zip(prompts, output_lens))
+    assert len({len(p) for p in prompts}) > 1 and max(max(p) for p in prompts) < 1000

@@ -1,0 +1,31 @@
+"""EngineCore's process settings (keel/engine/core.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keel.engine.core import limit_host_threads
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_gpu_engine_keeps_one_host_thread(threads, monkeypatch):
+    """Small host tensors spread over every core made each step wait on descheduled threads under load."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    limit_host_threads(torch.device("cpu"))
+    assert torch.get_num_threads() == 4  # a model on the CPU needs its threads
+    limit_host_threads(torch.device("cuda", 0))
+    assert torch.get_num_threads() == 1
+
+
+def test_omp_num_threads_overrides(threads, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    limit_host_threads(torch.device("cuda", 0))
+    assert torch.get_num_threads() == 4
