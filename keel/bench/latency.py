@@ -20,6 +20,7 @@ import torch
 import keel
 from keel.bench.common import (append_result, environment, hf_model_like, measure_hbm_bandwidth, median_time,
                                sync, weight_bytes_read_per_step)
+from keel.bench.profile import add_profile_arguments, format_report, profile_steps
 from keel.bench.roofline import measure_matmul_rate, prefill_flops
 from keel.cache.kv_pool import KVPool
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also time transformers (static cache) on the same batch-1 cases")
     parser.add_argument("--result-file", default="bench_results.jsonl")
+    add_profile_arguments(parser)
     add_dataclass_arguments(parser.add_argument_group("engine options"), EngineConfig)
 
 
@@ -62,8 +64,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the baseline's KV pool goes back before the measured engine sizes its own
     engine = keel.Engine(options.pop("model"), **options)
-    if baseline is not None:
-        return run_speculative(engine, args, baseline)
+    results = run_speculative(engine, args, baseline) if baseline is not None else time_cases(engine, args)
+    if args.profile is not None:  # the first case once more; the trace skips its prefill step and the first decode
+        bs, input_len = args.batch_sizes[0], args.input_lens[0]
+        report = profile_steps(engine.core, lambda: time_engine(engine, bs, input_len, args.output_len), args.profile,
+                               2, args.profile_steps)
+        print(format_report(report, engine.core.runner.device.type == "cuda"))
+    return results
+
+
+def time_cases(engine: keel.Engine, args: argparse.Namespace) -> list[dict]:
     runner = engine.core.runner
     hbm = measure_hbm_bandwidth(runner.device)
     matmul = measure_matmul_rate(runner.device, runner.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import random
 import time
@@ -12,6 +13,7 @@ import torch
 
 import keel
 from keel.bench.common import append_result, environment, hf_model_like, measure_hbm_bandwidth, sync
+from keel.bench.profile import add_profile_arguments, format_report, profile_steps
 from keel.bench.prompts import random_requests
 from keel.bench.roofline import StepRoofline, measure_matmul_rate
 from keel.config import EngineConfig, add_dataclass_arguments, dataclass_kwargs
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' generate_batch on the same prompts (needs MIN == MAX output)")
     parser.add_argument("--result-file", default="bench_results.jsonl")
+    add_profile_arguments(parser)
     add_dataclass_arguments(parser.add_argument_group("engine options"), EngineConfig, skip=("seed",))
 
 
@@ -70,6 +73,12 @@ def run(args: argparse.Namespace) -> dict:
                       baseline_output_tok_s=baseline_tok_s, speedup_vs_no_speculation=output_tok_s / baseline_tok_s)
         print(f"speculative decoding: mean accept length {record['accept_length']:.2f} tokens per verify step; "
               f"without it {baseline_tok_s:.0f} output tok/s: {record['speedup_vs_no_speculation']:.2f}x")
+    if args.profile is not None:  # the trace's window: the run's middle steps
+        skip = max(0, roofline.totals.steps // 2 - args.profile_steps // 2)
+        report = profile_steps(engine.core, lambda: engine.generate(prompts, _greedy(output_lens)), args.profile,
+                               skip, args.profile_steps)
+        record["profile"] = dataclasses.asdict(report)
+        print(format_report(report, device.type == "cuda"))
     if args.compare == "hf":
         del outputs
         record["hf"] = time_hf(engine, prompts, output_lens[0])
@@ -92,7 +101,7 @@ def _timed(engine: keel.Engine, args: argparse.Namespace, roofline: Optional[Ste
     """Prompts, output lengths, outputs, seconds and output tokens per second of one timed run (after warm-up);
     `roofline` sees the timed run's batches."""
     prompts, output_lens = make_work(args, engine.core.model_config.vocab_size)
-    params = [keel.SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in output_lens]
+    params = _greedy(output_lens)
     engine.generate(prompts[:4], params[:4])  # warm up
     device = engine.core.runner.device
     sync(device)
@@ -103,6 +112,10 @@ def _timed(engine: keel.Engine, args: argparse.Namespace, roofline: Optional[Ste
     elapsed = time.perf_counter() - start
     engine.core.on_schedule = None
     return prompts, output_lens, outputs, elapsed, sum(len(o.token_ids) for o in outputs) / elapsed
+
+
+def _greedy(output_lens: list[int]) -> list[keel.SamplingParams]:
+    return [keel.SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in output_lens]
 
 
 def time_hf(engine: keel.Engine, prompts: list[list[int]], output_len: int) -> dict:

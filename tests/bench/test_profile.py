@@ -1,0 +1,72 @@
+"""`--profile` of `keel bench offline` and `keel bench latency` (CPU, tiny model): the trace is written, the top ops
+and every step's wall and host time are reported, and the engine is left as it was."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+import keel
+from keel.bench import latency, offline
+from keel.bench.profile import profile_steps, timed_steps
+from keel.cli import build_parser
+
+
+def test_bench_offline_profile_writes_a_trace_and_reports_steps(tiny_model, tmp_path, capsys):
+    directory, _ = tiny_model("llama3")
+    trace = tmp_path / "trace.json.gz"
+    args = build_parser().parse_args(
+        ["bench", "offline", "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--num-prompts", "4",
+         "--input-len", "5", "9", "--output-len", "6", "6", "--result-file", str(tmp_path / "r.jsonl"),
+         "--profile", str(trace), "--profile-steps", "3"])
+    record = offline.run(args)
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any(e.get("name") == "aten::mm" or e.get("name") == "aten::addmm" for e in events)
+    profile = record["profile"]
+    assert profile["window_steps"] == 3 and profile["top_ops"]
+    modes = {t["mode"]: t for t in profile["steps"]}
+    assert "decode" in modes and "extend" in modes
+    # the profiled run repeats the timed one's work: every request decodes 5 tokens after its first
+    assert sum(t["steps"] for t in profile["steps"]) >= 6
+    assert all(0 < t["median_host_ms"] and 0 <= t["host_bound_share"] <= 1 for t in profile["steps"])
+    out = capsys.readouterr().out
+    assert f"profile: trace of 3 steps written to {trace}" in out and "host-bound" in out
+
+
+def test_bench_latency_profile(tiny_model, tmp_path, capsys):
+    directory, _ = tiny_model("llama3")
+    trace = tmp_path / "trace.json"
+    args = build_parser().parse_args(
+        ["bench", "latency", "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",
+         "--input-lens", "6", "--output-len", "8", "--runs", "1", "--result-file", str(tmp_path / "r.jsonl"),
+         "--profile", str(trace), "--profile-steps", "4"])
+    latency.run(args)
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert "profile: trace of 4 steps" in capsys.readouterr().out
+
+
+def test_profile_steps_restores_the_engine(tiny_model, tmp_path):
+    directory, _ = tiny_model("llama3")
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32")
+    seen = []
+    engine.core.on_schedule = seen.append
+    params = keel.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    report = profile_steps(engine.core, lambda: engine.generate([[1, 2, 3]], params), str(tmp_path / "t.json"), 0, 2)
+    assert seen and report.window_steps == 2  # the hook set before still saw every batch
+    assert "step" not in vars(engine.core) and engine.core.on_schedule == seen.append
+    assert engine.generate([[1, 2, 3]], params)[0].token_ids  # and the engine still runs
+
+
+def test_timed_steps_times_steps_that_launch_nothing_too(tiny_model):
+    directory, _ = tiny_model("llama3")
+    engine = keel.Engine(str(directory), device="cpu", dtype="float32")
+    with timed_steps(engine.core, lambda: None) as samples:
+        engine.core.step()  # nothing to run
+    assert [s.mode for s in samples] == ["none"]
+
+
+def test_profile_steps_must_be_positive():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "offline", "--model", "m", "--profile", "t.json", "--profile-steps", "0"])
