@@ -1,10 +1,12 @@
 """`--profile PATH` of `keel bench offline` and `keel bench latency`: the benchmark's work once more under torch's
 profiler, after the timed runs (so the figures they report carry no profiling overhead).
 
-It writes a trace of a window of engine steps (chrome://tracing or ui.perfetto.dev; gzipped when PATH ends in .gz),
-prints the kernels that took the most device time in the window (on a CPU: the ops that took the most host time),
-and, over every step of the run, each kind of step's wall time and host time: the CPU time of the thread that
-runs the engine. A step whose host time is close to its wall time is host-bound: the device waited for Python.
+It writes a trace of a window of engine steps (chrome://tracing or ui.perfetto.dev; gzipped when PATH ends in .gz)
+and prints the kernels that took the most device time in the window (on a CPU: the ops that took the most host
+time). For the steps outside the window (the profiler's per-op overhead would inflate the host's share) it prints
+each kind of step's median wall time and how long the host waited in it for the device to finish the step before
+(`EngineCore.device_wait_s`). A step that hardly waits is host-bound: the device idled while Python worked. (The
+thread's CPU time cannot tell: CUDA spins while it waits.)
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from keel.engine.core import EngineCore
 from keel.scheduler.scheduler import ScheduledBatch
 
-HOST_BOUND = 0.9  # a step whose host time is at least this share of its wall time counts as host-bound
+HOST_BOUND = 0.1  # a step that waits for the device less than this share of its wall time counts as host-bound
 TOP_OPS = 15
 
 
@@ -40,10 +44,10 @@ class OpTime:
 @dataclass(frozen=True)
 class StepTimes:
     mode: str  # the batch's forward mode, or "none" for a step that launched nothing
-    steps: int
+    steps: int  # outside the traced window
     median_wall_ms: float
-    median_host_ms: float
-    host_bound_share: float  # of these steps, the share whose host time is >= HOST_BOUND x wall
+    median_wait_ms: float  # waiting for the device
+    host_bound_share: float  # the share of these steps that waited less than HOST_BOUND x their wall time
 
 
 @dataclass(frozen=True)
@@ -54,18 +58,18 @@ class ProfileReport:
     steps: list[StepTimes]
 
 
-@dataclass
-class _Step:
+@dataclass(frozen=True)
+class StepSample:
     mode: str
     wall_s: float
-    host_s: float
+    wait_s: float
 
 
 @contextmanager
-def timed_steps(core: EngineCore, after_step: Callable[[], None]) -> Iterator[list[_Step]]:
-    """Times every core.step() inside the block (wall, and the calling thread's CPU time) and calls `after_step`
+def timed_steps(core: EngineCore, after_step: Callable[[], None]) -> Iterator[list[StepSample]]:
+    """Times every core.step() inside the block (wall, and the host's wait for the device) and calls `after_step`
     after each; core.on_schedule, if set, still sees every batch."""
-    samples: list[_Step] = []
+    samples: list[StepSample] = []
     step, on_schedule = core.step, core.on_schedule
     mode = ["none"]
 
@@ -76,9 +80,9 @@ def timed_steps(core: EngineCore, after_step: Callable[[], None]) -> Iterator[li
 
     def timed_step():
         mode[0] = "none"
-        wall, host = time.perf_counter(), time.thread_time()
+        waited, start = core.device_wait_s, time.perf_counter()
         outputs = step()
-        samples.append(_Step(mode[0], time.perf_counter() - wall, time.thread_time() - host))
+        samples.append(StepSample(mode[0], time.perf_counter() - start, core.device_wait_s - waited))
         after_step()
         return outputs
 
@@ -96,25 +100,26 @@ def timed_steps(core: EngineCore, after_step: Callable[[], None]) -> Iterator[li
 
 def profile_steps(core: EngineCore, run: Callable[[], object], path: str, skip_steps: int,
                   window_steps: int) -> ProfileReport:
-    """Runs `run` (which steps `core`), tracing steps [skip_steps, skip_steps + window_steps) into `path`."""
-    device = core.runner.device
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    """Runs `run` (which steps `core`), tracing steps [skip_steps + 1, skip_steps + 1 + window_steps) into `path`
+    (the step before them warms the profiler up)."""
+    on_device = core.runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities, schedule=schedule(skip_first=skip_steps, wait=0, warmup=1,
                                                           active=window_steps, repeat=1)) as profiler:
         with timed_steps(core, profiler.step) as samples:
             run()
     _export(profiler, path)
-    events = profiler.key_averages()
-    on_device = device.type == "cuda"
-    return ProfileReport(path, min(window_steps, max(0, len(samples) - skip_steps - 1)), _top_ops(events, on_device),
-                         _step_times(samples))
+    first = skip_steps + 1
+    traced = samples[first:first + window_steps]
+    untraced = samples[:first] + samples[first + window_steps:]
+    return ProfileReport(path, len(traced), _top_ops(profiler.events(), on_device), _step_times(untraced or samples))
 
 
 def _export(profiler: profile, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
     if not path.endswith(".gz"):
         profiler.export_chrome_trace(path)
         return
+    directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(suffix=".json", dir=directory, delete=False) as raw:
         name = raw.name
     try:
@@ -126,37 +131,46 @@ def _export(profiler: profile, path: str) -> None:
 
 
 def _top_ops(events, on_device: bool) -> list[OpTime]:
-    def own_us(event) -> float:
-        return event.self_device_time_total if on_device else event.self_cpu_time_total
+    """Kernels by device time (each kernel counted once, not again under the op that launched it), or, on a CPU,
+    ops by their own host time."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if on_device and e.device_type == DeviceType.CUDA:
+            if e.name.startswith("ProfilerStep"):  # the step's annotation on the device's timeline
+                continue
+            own = e.time_range.elapsed_us()
+        elif not on_device and e.device_type == DeviceType.CPU:
+            own = e.self_cpu_time_total
+        else:
+            continue
+        # on a CPU the profiler's step ranges own the Python time spent outside any op
+        name = "(Python outside torch ops)" if e.name.startswith("ProfilerStep") else e.name
+        totals[name][0] += 1
+        totals[name][1] += own
+    total = sum(us for _, us in totals.values()) or 1.0
+    top = sorted(totals.items(), key=lambda item: -item[1][1])[:TOP_OPS]
+    return [OpTime(name, int(calls), us / 1e3, us / total) for name, (calls, us) in top]
 
-    timed = [e for e in events if own_us(e) > 0]
-    total = sum(own_us(e) for e in timed)
-    top = sorted(timed, key=own_us, reverse=True)[:TOP_OPS]
-    # the profiler's own step ranges own the Python time spent outside any op
-    return [OpTime("(Python outside torch ops)" if e.key.startswith("ProfilerStep") else e.key, e.count,
-                   own_us(e) / 1e3, own_us(e) / total) for e in top]
 
-
-def _step_times(samples: list[_Step]) -> list[StepTimes]:
-    by_mode: dict[str, list[_Step]] = defaultdict(list)
+def _step_times(samples: list[StepSample]) -> list[StepTimes]:
+    by_mode: dict[str, list[StepSample]] = defaultdict(list)
     for s in samples:
         by_mode[s.mode].append(s)
     return [StepTimes(mode, len(steps), 1e3 * statistics.median(s.wall_s for s in steps),
-                      1e3 * statistics.median(s.host_s for s in steps),
-                      sum(s.host_s >= HOST_BOUND * s.wall_s for s in steps) / len(steps))
+                      1e3 * statistics.median(s.wait_s for s in steps),
+                      sum(s.wait_s < HOST_BOUND * s.wall_s for s in steps) / len(steps))
             for mode, steps in sorted(by_mode.items(), key=lambda item: -len(item[1]))]
 
 
 def format_report(report: ProfileReport, on_device: bool) -> str:
-    what = "device" if on_device else "host"
+    pdl = " (a kernel launched with PDL counts the time it waits for the one before)" if on_device else ""
     lines = [f"profile: trace of {report.window_steps} steps written to {report.trace_path}",
-             f"  top ops by {what} time in those steps:"]
+             f"  top ops by {'device' if on_device else 'host'} time in those steps{pdl}:"]
     lines += [f"  {op.total_ms:10.2f} ms {100 * op.share:5.1f}% {op.calls:7d} calls  {_short(op.name)}"
               for op in report.top_ops]
-    lines.append("  host time per step, over the whole run (wall / host CPU, medians; host-bound: host >= "
-                 f"{HOST_BOUND:.0%} of wall):")
-    lines += [f"  {t.mode:14s} {t.steps:6d} steps  {t.median_wall_ms:8.2f} / {t.median_host_ms:8.2f} ms  "
-              f"host-bound {100 * t.host_bound_share:5.1f}%" for t in report.steps]
+    lines.append(f"  the other steps (medians; host-bound: waited for the device < {HOST_BOUND:.0%} of the step):")
+    lines += [f"  {t.mode:14s} {t.steps:6d} steps {t.median_wall_ms:9.2f} ms, waiting for the device "
+              f"{t.median_wait_ms:8.2f} ms, host-bound {100 * t.host_bound_share:5.1f}%" for t in report.steps]
     return "\n".join(lines)
 
 

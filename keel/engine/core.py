@@ -103,6 +103,7 @@ class EngineCore:
                            "outputs are NOT the model's (for benchmarks only)", SIMULATE_ACCEPT_ENV, simulate)
         self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
         self.on_schedule: Optional[Callable[[ScheduledBatch], None]] = None  # sees every batch (benchmarks)
+        self.device_wait_s = 0.0  # the host's time waiting for the device to finish steps, summed (benchmarks)
 
     def _load_draft_model(self) -> ModelRunner:
         """The drafter's model, run at the target's context length: a model of the target's vocabulary
@@ -343,6 +344,7 @@ class EngineCore:
 
     def _read(self, step: LaunchedStep) -> list[CoreOutput]:
         results = step.read()
+        self.device_wait_s += results.device_wait_s
         return [self._token_output(appended, results) for appended in self.scheduler.process(step.batch,
                                                                                               results.token_ids)]
 

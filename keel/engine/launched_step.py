@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,6 +58,7 @@ class PromptScores:
 class StepResults:
     token_ids: list[list[int]]  # per sampled part: its token (speculative: accepted drafts, then one more)
     logprobs: Optional[list[list[TokenLogprob]]]  # per sampled part, one per token, when any request asked
+    device_wait_s: float = 0.0  # how long the host waited for the device to finish the step
 
 
 @dataclass(frozen=True)
@@ -77,21 +79,24 @@ class LaunchedStep:
 
     def read(self) -> StepResults:
         """Wait for the results and append prompt log-probs to their requests; returns the sampled tokens."""
+        waited = 0.0
         if self.done is not None:
+            start = time.perf_counter()
             self.done.synchronize()
+            waited = time.perf_counter() - start
         if self.prompt_scores is not None:
             _append_prompt_logprobs(self.prompt_scores)
         if self.token_ids is None:
-            return StepResults([], None)
+            return StepResults([], None, waited)
         rows = self.token_ids.tolist()
         sampled = self.batch.sampled
         counts = self.counts.tolist() if self.counts is not None else [1] * len(sampled)
         starts = _row_starts(sampled)
         token_ids = [rows[start:start + count] for start, count in zip(starts, counts)]
         if self.logprobs is None:
-            return StepResults(token_ids, None)
+            return StepResults(token_ids, None, waited)
         logprobs = self.logprobs.to_list(rows)
-        return StepResults(token_ids, [logprobs[start:start + count] for start, count in zip(starts, counts)])
+        return StepResults(token_ids, [logprobs[start:start + count] for start, count in zip(starts, counts)], waited)
 
 
 @torch.inference_mode()
