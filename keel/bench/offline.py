@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt token ids are drawn below this (default: the model's vocabulary size)")
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' generate_batch on the same prompts (needs MIN == MAX output)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="time the work this many times and report the median run (every run's time is printed)")
     parser.add_argument("--result-file", default="bench_results.jsonl")
     add_profile_arguments(parser)
     add_dataclass_arguments(parser.add_argument_group("engine options"), EngineConfig, skip=("seed",))
@@ -56,16 +58,25 @@ def run(args: argparse.Namespace) -> dict:
     device = engine.core.runner.device
     roofline = StepRoofline(engine.core.runner, measure_hbm_bandwidth(device),
                             measure_matmul_rate(device, engine.core.runner.dtype))
-    prompts, output_lens, outputs, elapsed, output_tok_s = _timed(engine, args, roofline)
+    if args.runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {args.runs}")
+    # every run takes the same steps (the same prompts, greedy): the roofline is summed over the first
+    runs = [_timed(engine, args, roofline if i == 0 else None) for i in range(args.runs)]
+    prompts, output_lens, outputs, elapsed, output_tok_s = sorted(runs, key=lambda run: run[3])[len(runs) // 2]
+    run_seconds = [run[3] for run in runs]
+    del runs
     input_tokens, output_tokens = sum(map(len, prompts)), sum(len(o.token_ids) for o in outputs)
     record = {**environment(device), "bench": "offline", "model": engine.config.model,
               "attention_backend": engine.core.runner.attention_backend, "num_prompts": args.num_prompts,
               "input_len": list(args.input_len), "output_len": list(args.output_len), "seconds": elapsed,
+              "run_seconds": run_seconds,
               "input_tokens": input_tokens, "output_tokens": output_tokens,
               "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tok_s,
               **roofline.totals.report(elapsed, roofline.hbm, roofline.matmul)}
-    print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s: "
-          f"{record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
+    runs_note = f" (median of {len(run_seconds)} runs: {', '.join(f'{t:.2f}' for t in run_seconds)} s)" \
+        if len(run_seconds) > 1 else ""
+    print(f"keel: {args.num_prompts} prompts, {input_tokens} input + {output_tokens} output tokens in {elapsed:.1f} s"
+          f"{runs_note}: {record['total_tok_s']:.0f} total tok/s, {record['output_tok_s']:.0f} output tok/s")
     print(format_roofline(record))
     if baseline_tok_s is not None:
         record.update(speculative_algorithm=engine.config.speculative_algorithm,
