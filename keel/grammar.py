@@ -47,7 +47,7 @@ def check_grammar(spec: GrammarSpec) -> None:
     try:
         build(spec.source)
     except Exception as e:  # xgrammar raises RuntimeError (and a few others) with its parser's message
-        raise InvalidGrammar(f"invalid {spec.kind}: {_LOCATION.sub('', str(e).strip()).splitlines()[0]}") from e
+        raise _invalid(spec, e) from e
 
 
 class Grammars:
@@ -79,8 +79,13 @@ class Grammars:
             else:
                 compiled = self._compiler.compile_grammar(spec.source)
         except Exception as e:
-            raise InvalidGrammar(f"invalid {spec.kind}: {_LOCATION.sub('', str(e).strip()).splitlines()[0]}") from e
+            raise _invalid(spec, e) from e
         return xgr.GrammarMatcher(compiled)
+
+
+def _invalid(spec: GrammarSpec, error: Exception) -> InvalidGrammar:
+    """xgrammar's message, its first line without the source location."""
+    return InvalidGrammar(f"invalid {spec.kind}: {_LOCATION.sub('', str(error).strip()).splitlines()[0]}")
 
 
 def fill_bitmask(matchers: list[Optional[Any]], vocab_size: int) -> Optional[torch.Tensor]:

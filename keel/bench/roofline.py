@@ -43,12 +43,18 @@ class StepRoofline:
         self.attention_flops = 4 * attention_heads(runner) * mc.head_dim  # per layer and (query, key) pair
         self.matmul_params = active_matmul_params(runner.model)
         self.totals = RooflineTotals()
+        self._weights_by_tokens: dict[int, float] = {}  # a walk over every parameter: once per batch size
+
+    def _weight_bytes(self, tokens: int) -> float:
+        if tokens not in self._weights_by_tokens:
+            self._weights_by_tokens[tokens] = weight_bytes_read_per_step(self.model, tokens)
+        return self._weights_by_tokens[tokens]
 
     def __call__(self, batch: ScheduledBatch) -> None:
         tokens = sum(p.extend_len for p in batch.parts)
         if tokens == 0:
             return
-        step_bytes = weight_bytes_read_per_step(self.model, tokens) + sum(self._kv_bytes(p) for p in batch.parts)
+        step_bytes = self._weight_bytes(tokens) + sum(self._kv_bytes(p) for p in batch.parts)
         step_flops = 2 * self.matmul_params * tokens + sum(self._attention_flops(p) for p in batch.parts)
         t = self.totals
         t.steps += 1
