@@ -35,7 +35,8 @@ class KVPool:
         self._v: dict[int, torch.Tensor] = {}
         self.k_cache, self.v_cache = self._group(  # the full group's
             full_layers, self.num_slots, num_kv_heads, head_dim, dtype, device)
-        self._group(sorted(swa_layers), (num_swa_pages + 1) * page_size, num_kv_heads, head_dim, dtype, device)
+        self.swa_k_cache, self.swa_v_cache = self._group(  # the sliding-window group's ([0, ...] without one)
+            sorted(swa_layers), (num_swa_pages + 1) * page_size, num_kv_heads, head_dim, dtype, device)
 
     def _group(self, layers: list[int], num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

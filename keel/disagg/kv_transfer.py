@@ -1,0 +1,225 @@
+"""KV transfer between a prefill and a decode server's pools, with NIXL (the transfer library vLLM's and SGLang's
+disaggregation use): UCX over host memory on a CPU, GPU memory on GPUs.
+
+Each side's agent registers its pool's K and V buffers once. The decode side hands the prefill side a `PeerInfo`
+(its agent's metadata and its pool's `KVLayout`: where each layer's pages are) in the bootstrap exchange; from
+then on the prefill side writes a request's pages straight into the decode side's pages (a one-sided WRITE: the
+decode side's host does nothing), and NIXL tells the decode side when a transfer has landed, by the notification
+the writer attached (the request's id).
+
+A layout is the pool's geometry, not its contents: a page of layer l of a buffer lies at
+address + l * layer_bytes + page * page_bytes. Both sides must agree on everything but the addresses and the
+number of pages (each sizes its own pool); `connect` checks that.
+
+`pip install --no-deps nixl-cu13` installs NIXL (its declared dependencies would pull a CUDA build of torch);
+keel imports it only when an agent is made.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from keel.cache.kv_pool import KVPool
+
+
+class TransferError(RuntimeError):
+    """A KV transfer could not be set up or did not complete."""
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """One registered buffer: the K or the V of a layer group, [layers, slots, kv_heads, head_dim]."""
+
+    name: str  # "full.k", "full.v", "swa.k", "swa.v"
+    address: int
+    layers: int
+    pages: int  # per layer, the reserved page 0 included
+    page_bytes: int
+    device_id: int
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.pages * self.page_bytes
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    mem_type: str  # NIXL's: "DRAM" (host memory) or "VRAM"
+    buffers: tuple[BufferLayout, ...]
+
+    def buffer(self, name: str) -> BufferLayout:
+        for buffer in self.buffers:
+            if buffer.name == name:
+                return buffer
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a decode server hands a prefill server in the bootstrap exchange."""
+
+    name: str  # its agent's
+    metadata: bytes  # its agent's NIXL metadata (how to reach it, its registered memory)
+    layout: KVLayout
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    """Which pages of one request move: full-pool pages (every full-attention layer) and, on a hybrid pool, the
+    sliding-window pages of its window (every sliding-window layer); source and destination side by side."""
+
+    src_full: tuple[int, ...]
+    dst_full: tuple[int, ...]
+    src_swa: tuple[int, ...] = ()
+    dst_swa: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.src_full) != len(self.dst_full) or len(self.src_swa) != len(self.dst_swa):
+            raise ValueError(f"a page plan pairs pages one to one; got {len(self.src_full)} -> {len(self.dst_full)} "
+                             f"full and {len(self.src_swa)} -> {len(self.dst_swa)} sliding-window pages")
+
+
+class TransferState(enum.Enum):
+    IN_PROGRESS = "in_progress"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class Transfer:
+    request_id: str
+    peer: str
+    handle: Optional[Any]  # NIXL's transfer handle; None once released
+    state: TransferState
+
+
+def kv_layout(pool: KVPool) -> KVLayout:
+    """The geometry and addresses of `pool`'s K and V buffers."""
+    groups = [("full", pool.k_cache, pool.v_cache)]
+    if pool.swa_layers:
+        groups.append(("swa", pool.swa_k_cache, pool.swa_v_cache))
+    buffers = []
+    for group, k, v in groups:
+        for part, tensor in (("k", k), ("v", v)):
+            layers, slots = tensor.shape[:2]
+            slot_bytes = tensor[0, 0].numel() * tensor.element_size()
+            buffers.append(BufferLayout(f"{group}.{part}", tensor.data_ptr(), layers, slots // pool.page_size,
+                                        pool.page_size * slot_bytes, tensor.device.index or 0))
+    return KVLayout("VRAM" if pool.k_cache.is_cuda else "DRAM", tuple(buffers))
+
+
+def check_compatible(ours: KVLayout, theirs: KVLayout) -> None:
+    """Both pools must hold the same buffers, layers and page size in bytes (pages counts may differ)."""
+    mine = {b.name: (b.layers, b.page_bytes) for b in ours.buffers}
+    other = {b.name: (b.layers, b.page_bytes) for b in theirs.buffers}
+    if mine != other:
+        raise TransferError(f"the peer's KV pool does not match ours: (layers, page bytes) per buffer {other}, "
+                            f"ours {mine} (same model, dtype, page size and parallelism needed on both sides)")
+
+
+class KVTransferAgent:
+    """One server's NIXL agent over its KV pool: the decode side hands out `peer_info()`, the prefill side
+    `connect`s to it and `write`s requests' pages, the decode side collects `arrived()` request ids."""
+
+    def __init__(self, name: str, pool: KVPool) -> None:
+        from nixl_cu13 import nixl_agent, nixl_agent_config
+
+        self.name = name
+        self.layout = kv_layout(pool)
+        self._agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        tensors = [pool.k_cache, pool.v_cache] + ([pool.swa_k_cache, pool.swa_v_cache] if pool.swa_layers else [])
+        self._registered = self._agent.register_memory(self._agent.get_reg_descs(tensors))
+        self._peers: dict[str, KVLayout] = {}
+
+    def peer_info(self) -> PeerInfo:
+        return PeerInfo(self.name, self._agent.get_agent_metadata(), self.layout)
+
+    def connect(self, peer: PeerInfo) -> None:
+        """Learn how to reach `peer` and where its pages are (once per peer; again after it restarts)."""
+        check_compatible(self.layout, peer.layout)
+        if peer.name in self._peers:
+            self._agent.remove_remote_agent(peer.name)
+        self._agent.add_remote_agent(peer.metadata)
+        self._peers[peer.name] = peer.layout
+
+    def disconnect(self, peer: str) -> None:
+        if self._peers.pop(peer, None) is not None:
+            self._agent.remove_remote_agent(peer)
+
+    def write(self, peer: str, request_id: str, plan: PagePlan) -> Transfer:
+        """Start writing the plan's pages of every layer into `peer`'s pool; `peer` is told `request_id` when they
+        have landed. Raises TransferError when it cannot even start."""
+        theirs = self._peers.get(peer)
+        if theirs is None:
+            raise TransferError(f"no connection to KV peer {peer!r} (its bootstrap exchange has not happened)")
+        local, remote = [], []
+        for group, src, dst in (("full", plan.src_full, plan.dst_full), ("swa", plan.src_swa, plan.dst_swa)):
+            if not src:
+                continue
+            for part in ("k", "v"):
+                name = f"{group}.{part}"
+                local.append(_page_descs(self.layout.buffer(name), src))
+                remote.append(_page_descs(theirs.buffer(name), dst))
+        if not local:
+            raise TransferError(f"request {request_id}: nothing to transfer")
+        mem = self.layout.mem_type
+        try:
+            handle = self._agent.initialize_xfer(
+                "WRITE", self._agent.get_xfer_descs(np.concatenate(local), mem),
+                self._agent.get_xfer_descs(np.concatenate(remote), theirs.mem_type), peer, request_id.encode())
+            state = self._agent.transfer(handle)
+        except Exception as e:  # NIXL raises its own errors (nixlBackendError, ...) for a peer it cannot reach
+            raise TransferError(f"request {request_id}: the KV transfer to {peer!r} failed to start: {e}") from e
+        return Transfer(request_id, peer, handle, _state(state))
+
+    def poll(self, transfer: Transfer) -> TransferState:
+        """The transfer's state now (a finished one's handle is released here)."""
+        if transfer.state is TransferState.IN_PROGRESS and transfer.handle is not None:
+            try:
+                transfer.state = _state(self._agent.check_xfer_state(transfer.handle))
+            except Exception:
+                transfer.state = TransferState.FAILED
+        if transfer.state is not TransferState.IN_PROGRESS:
+            self.release(transfer)
+        return transfer.state
+
+    def release(self, transfer: Transfer) -> None:
+        """Give the handle back (an abort of one in progress stops waiting for it; NIXL may still finish it)."""
+        if transfer.handle is not None:
+            handle, transfer.handle = transfer.handle, None
+            try:
+                self._agent.release_xfer_handle(handle)
+            except Exception:
+                pass  # an in-flight handle NIXL will not release yet: its own finalizer retries
+
+    def arrived(self) -> list[str]:
+        """Request ids whose pages peers have finished writing into this pool since the last call."""
+        notes = self._agent.get_new_notifs()
+        return [message.decode() for messages in notes.values() for message in messages]
+
+    def close(self) -> None:
+        for peer in list(self._peers):
+            self.disconnect(peer)
+        self._agent.deregister_memory(self._registered)
+
+
+def _page_descs(buffer: BufferLayout, pages: tuple[int, ...]) -> np.ndarray:
+    """NIXL descriptors (address, bytes, device id) of `pages` in every layer of `buffer`, layer by layer."""
+    index = np.asarray(pages, dtype=np.int64)
+    if index.size and (index.min() <= 0 or index.max() >= buffer.pages):
+        raise TransferError(f"pages {pages} outside 1..{buffer.pages - 1} of the {buffer.name} buffer")
+    layers = np.arange(buffer.layers, dtype=np.int64)[:, None]
+    addresses = buffer.address + layers * buffer.layer_bytes + index[None, :] * buffer.page_bytes
+    descs = np.empty((addresses.size, 3), dtype=np.int64)
+    descs[:, 0] = addresses.reshape(-1)
+    descs[:, 1] = buffer.page_bytes
+    descs[:, 2] = buffer.device_id
+    return descs
+
+
+def _state(status: str) -> TransferState:
+    return {"DONE": TransferState.DONE, "PROC": TransferState.IN_PROGRESS}.get(status, TransferState.FAILED)
