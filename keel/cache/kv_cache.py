@@ -118,6 +118,10 @@ class KVCacheManager:
     def row(self, owner: int) -> int:
         return self._held(owner).row
 
+    def cached_pages(self, owner: int) -> int:
+        """Leading pages of `owner`'s row that belong to the prefix cache."""
+        return self._held(owner).cached_pages
+
     def kv_len(self, owner: int) -> int:
         return int(self._kv_lens[self._held(owner).row])
 

@@ -5,7 +5,7 @@ Invariants (any violation raises InvariantViolation listing everything found):
   exactly one owner; every page a request owns is in its row, past its cached prefix; the cache
   owns exactly the pages of its tree, each in one node; the cache's counters match its tree.
 - rows: every request holding KV owns exactly its row; no other row is taken.
-- requests: waiting requests hold nothing, running and chunked ones hold KV, none is in two places.
+- requests: waiting requests hold nothing, running, chunked and parked ones hold KV, none is in two places.
 - radix locks: each node's lock count equals the number of holding requests whose locked path
   passes through it; a request's cached prefix is exactly the pages of its locked path.
 - device table (when asked): each held row's request->token slots agree with its host pages.
@@ -99,7 +99,8 @@ def _drained_problems(scheduler: Scheduler) -> list[str]:
 def _request_problems(s: Scheduler) -> list[str]:
     problems = []
     holding = s.running + ([s.chunked] if s.chunked is not None else [])
-    places = Counter(r.rid for r in [*s.waiting, *holding])
+    parked = list(s.parked.values())
+    places = Counter(r.rid for r in [*s.waiting, *holding, *parked])
     problems += [f"request {rid} is in {n} places at once" for rid, n in places.items() if n > 1]
     for req in s.waiting:
         if req.rid in s.kv.held:
@@ -111,8 +112,11 @@ def _request_problems(s: Scheduler) -> list[str]:
             problems.append(f"running request {req.rid} holds no KV")
         if req.status != ReqStatus.RUNNING:
             problems.append(f"request {req.rid} is running with status {req.status.value}")
-    strays = set(s.kv.held) - {r.rid for r in holding}
-    problems += [f"owner {rid} holds KV but is neither running nor chunked" for rid in sorted(strays)]
+    for rid, req in s.parked.items():
+        if req.rid != rid or rid not in s.kv.held or req.status != ReqStatus.TRANSFERRING:
+            problems.append(f"parked request {rid} holds no KV or has status {req.status.value}")
+    strays = set(s.kv.held) - {r.rid for r in holding + parked}
+    problems += [f"owner {rid} holds KV but is neither running, chunked nor parked" for rid in sorted(strays)]
     return problems
 
 

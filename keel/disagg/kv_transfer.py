@@ -18,12 +18,17 @@ keel imports it only when an agent is made.
 from __future__ import annotations
 
 import enum
+import itertools
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 from keel.cache.kv_pool import KVPool
+
+
+FAIL_EVERY_ENV = "KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY"  # fault injection: every N-th transfer fails to start
 
 
 class TransferError(RuntimeError):
@@ -91,7 +96,7 @@ class TransferState(enum.Enum):
 
 @dataclass
 class Transfer:
-    request_id: str
+    note: str
     peer: str
     handle: Optional[Any]  # NIXL's transfer handle; None once released
     state: TransferState
@@ -134,6 +139,8 @@ class KVTransferAgent:
         tensors = [pool.k_cache, pool.v_cache] + ([pool.swa_k_cache, pool.swa_v_cache] if pool.swa_layers else [])
         self._registered = self._agent.register_memory(self._agent.get_reg_descs(tensors))
         self._peers: dict[str, KVLayout] = {}
+        self._fail_every = int(os.environ.get(FAIL_EVERY_ENV, "0") or 0)
+        self._writes = itertools.count(1)
 
     def peer_info(self) -> PeerInfo:
         return PeerInfo(self.name, self._agent.get_agent_metadata(), self.layout)
@@ -150,12 +157,15 @@ class KVTransferAgent:
         if self._peers.pop(peer, None) is not None:
             self._agent.remove_remote_agent(peer)
 
-    def write(self, peer: str, request_id: str, plan: PagePlan) -> Transfer:
-        """Start writing the plan's pages of every layer into `peer`'s pool; `peer` is told `request_id` when they
-        have landed. Raises TransferError when it cannot even start."""
+    def write(self, peer: str, note: str, plan: PagePlan) -> Transfer:
+        """Start writing the plan's pages of every layer into `peer`'s pool; `peer` gets `note` (NIXL's
+        notification: the request's id, and what else travels with its KV) once they have landed. Raises
+        TransferError when it cannot even start."""
         theirs = self._peers.get(peer)
         if theirs is None:
             raise TransferError(f"no connection to KV peer {peer!r} (its bootstrap exchange has not happened)")
+        if self._fail_every and next(self._writes) % self._fail_every == 0:
+            raise TransferError(f"the KV transfer {note!r} to {peer!r} failed to start ({FAIL_EVERY_ENV})")
         local, remote = [], []
         for group, src, dst in (("full", plan.src_full, plan.dst_full), ("swa", plan.src_swa, plan.dst_swa)):
             if not src:
@@ -165,16 +175,16 @@ class KVTransferAgent:
                 local.append(_page_descs(self.layout.buffer(name), src))
                 remote.append(_page_descs(theirs.buffer(name), dst))
         if not local:
-            raise TransferError(f"request {request_id}: nothing to transfer")
+            raise TransferError(f"{note}: nothing to transfer")
         mem = self.layout.mem_type
         try:
             handle = self._agent.initialize_xfer(
                 "WRITE", self._agent.get_xfer_descs(np.concatenate(local), mem),
-                self._agent.get_xfer_descs(np.concatenate(remote), theirs.mem_type), peer, request_id.encode())
+                self._agent.get_xfer_descs(np.concatenate(remote), theirs.mem_type), peer, note.encode())
             state = self._agent.transfer(handle)
         except Exception as e:  # NIXL raises its own errors (nixlBackendError, ...) for a peer it cannot reach
-            raise TransferError(f"request {request_id}: the KV transfer to {peer!r} failed to start: {e}") from e
-        return Transfer(request_id, peer, handle, _state(state))
+            raise TransferError(f"the KV transfer {note!r} to {peer!r} failed to start: {e}") from e
+        return Transfer(note, peer, handle, _state(state))
 
     def poll(self, transfer: Transfer) -> TransferState:
         """The transfer's state now (a finished one's handle is released here)."""
@@ -197,7 +207,7 @@ class KVTransferAgent:
                 pass  # an in-flight handle NIXL will not release yet: its own finalizer retries
 
     def arrived(self) -> list[str]:
-        """Request ids whose pages peers have finished writing into this pool since the last call."""
+        """The notes of the transfers peers have finished writing into this pool since the last call."""
         notes = self._agent.get_new_notifs()
         return [message.decode() for messages in notes.values() for message in messages]
 

@@ -30,6 +30,7 @@ from keel.cache.kv_plan import plan_kv
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_drained, check_idle, check_invariants, strict_checks_enabled
+from keel.disagg.engine_side import DisaggSide, KVDestination, Role
 from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
 from keel.distributed.dp_controller import DpController, RankStep
 from keel.distributed.ranks import RankProcesses, RankSetup, rank_config
@@ -103,6 +104,7 @@ class EngineCore:
                            "outputs are NOT the model's (for benchmarks only)", SIMULATE_ACCEPT_ENV, simulate)
         self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
         self.on_schedule: Optional[Callable[[ScheduledBatch], None]] = None  # sees every batch (benchmarks)
+        self.disagg: Optional[DisaggSide] = None  # a prefill or decode server's side (enable_disaggregation)
         self.device_wait_s = 0.0  # the host's time waiting for the device to finish steps, summed (benchmarks)
 
     def _load_draft_model(self) -> ModelRunner:
@@ -172,13 +174,33 @@ class EngineCore:
         validate_request(prompt_ids, params, self.limits)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: Optional[int] = None,
-                    dp_rank: Optional[int] = None) -> int:
+                    dp_rank: Optional[int] = None, kv_destination: Optional[KVDestination] = None) -> int:
         """Queue a request; returns its id (`rid` when the caller names it: a positive id not in use). Under
-        data-parallel attention it goes to the least loaded rank, or to `dp_rank` (SGLang's data_parallel_rank)."""
-        self.validate(prompt_ids, params)
+        data-parallel attention it goes to the least loaded rank, or to `dp_rank` (SGLang's data_parallel_rank).
+        A prefill server's request names its `kv_destination` (from the decode server's `preallocate`): it draws
+        its first token with the decode server's seed, and finishes once its KV is there."""
         if dp_rank is not None and (self.dp is None or not 0 <= dp_rank < self.config.dp_size):
             raise ValueError(f"data_parallel_rank {dp_rank}: the engine has {self.config.dp_size} data-parallel "
                              "attention rank(s)" + ("" if self.dp else " (--enable-dp-attention is off)"))
+        if kv_destination is not None and (self.disagg is None or self.disagg.role != "prefill"):
+            raise ValueError("a request with a KV destination needs a prefill server (enable_disaggregation)")
+        if kv_destination is not None:  # one token here, the rest on the decode server
+            params = dataclasses.replace(params, seed=kv_destination.seed, max_new_tokens=1)
+        req = self._new_req(prompt_ids, params, rid)
+        req.kv_destination = kv_destination
+        self._live.add(req.rid)
+        rid = req.rid
+        target = self.dp.assign(len(prompt_ids), dp_rank) if self.dp is not None else None
+        if self.ranks is not None and target != 0:  # with the seed drawn here, so every rank samples alike
+            self.ranks.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=req.seed), rid,
+                            to=target)
+        if target in (None, 0):
+            self.scheduler.add(req)
+        return rid
+
+    def _new_req(self, prompt_ids: list[int], params: SamplingParams, rid: Optional[int]) -> Req:
+        """A checked request, not yet queued anywhere."""
+        self.validate(prompt_ids, params)
         rid = next(self._rids) if rid is None else rid
         if rid <= 0 or rid in self._live:
             raise ValueError(f"request id {rid} is not positive or already in use")
@@ -189,13 +211,42 @@ class EngineCore:
         if params.grammar is not None:
             req.grammar = self._grammars.matcher(params.grammar)
         self._probe(req)
-        self._live.add(rid)
-        target = self.dp.assign(len(prompt_ids), dp_rank) if self.dp is not None else None
-        if self.ranks is not None and target != 0:  # with the seed drawn here, so every rank samples alike
-            self.ranks.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=seed), rid, to=target)
-        if target in (None, 0):
-            self.scheduler.add(req)
-        return rid
+        return req
+
+    # ---- disaggregation ----------------------------------------------------------------------------
+
+    def enable_disaggregation(self, role: Role, name: Optional[str] = None,
+                              transfer_timeout_s: float = 300.0) -> DisaggSide:
+        """Make this engine a prefill or a decode server of a disaggregated deployment (keel/disagg): its KV pool
+        is registered with a NIXL agent named `name`; `connect` the prefill side to the decode side's
+        `peer_info()` before sending."""
+        if self.disagg is not None:
+            raise ValueError(f"this engine is already a {self.disagg.role} server")
+        unsupported = {"speculative decoding": self.drafter is not None, "a hybrid sliding-window pool":
+                       self.kv_cache.swa is not None, "several ranks": self.config.tp_size > 1}
+        if any(unsupported.values()):
+            raise ValueError(f"disaggregation does not support {', '.join(k for k, v in unsupported.items() if v)} "
+                             "yet")
+        assert self.runner.kv_pool is not None
+        self.disagg = DisaggSide(role, self.scheduler, self.kv_cache, self.runner.kv_pool,
+                                 name or f"keel-{role}-{os.getpid()}-{id(self):x}", transfer_timeout_s)
+        return self.disagg
+
+    def preallocate(self, prompt_ids: list[int], params: SamplingParams,
+                    rid: Optional[int] = None) -> Optional[KVDestination]:
+        """Decode server: take a request whose prompt a prefill server computes, holding the KV it will write;
+        None (nothing held, nothing queued) if it does not fit now. The request decodes once its KV has arrived."""
+        if self.disagg is None or self.disagg.role != "decode":
+            raise ValueError("preallocate needs a decode server (enable_disaggregation)")
+        if params.wants_logprobs or params.prompt_logprobs is not None:
+            raise ValueError("log-probs are not served by disaggregated servers yet (the prefill server's first "
+                             "token and prompt scores do not travel with the KV)")
+        req = self._new_req(prompt_ids, params, rid)
+        destination = self.disagg.preallocate(req)
+        if destination is not None:
+            self._live.add(req.rid)
+        self._after_step()
+        return destination
 
     @functools.cached_property
     def _grammars(self) -> Grammars:
@@ -222,6 +273,11 @@ class EngineCore:
             self.ranks.send("abort_many", list(rids), reason)
         live = [rid for rid in rids if rid in self._live]
         aborted = [req.rid for req in self.scheduler.abort_many(set(live), reason)]
+        if self.disagg is not None:  # parked ones: freed once their transfer no longer touches their KV
+            for rid in live:
+                if rid in self.scheduler.parked and rid not in self.disagg.aborted:
+                    self.disagg.abort(rid)
+                    aborted.append(rid)
         if self.dp is not None:
             aborted = live  # rank 0 knows every rank's live requests; the others abort theirs
         self._live.difference_update(live)
@@ -287,12 +343,14 @@ class EngineCore:
             self.runner.forward_idle()  # the other ranks' forwards gather from this one: meet them
         if previous is not None:
             outputs += self._read(previous)
-        elif batch is None and self.scheduler.has_work and not outputs:
+        elif batch is None and self.scheduler.has_batch_work and not outputs:
             raise RuntimeError("the scheduler has requests but could schedule none of them")
         if self._launched is not None and not self.overlap:
             outputs += self._read_launched()
         if self._launched is None:
             self.kv_cache.set_fence(None)  # nothing in flight: fenced pages and rows are free again
+        if self.disagg is not None:
+            outputs += self.disagg.poll()
         self._live.difference_update(out.rid for out in outputs if out.finish_reason is not None)
         self._after_step()
         return outputs
@@ -379,6 +437,9 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop the other ranks, if any (rank 0), and leave the group."""
+        if self.disagg is not None:
+            self.disagg.close()
+            self.disagg = None
         for runner in (self.runner, self.draft_runner):
             if runner is not None:
                 runner.release_graphs()

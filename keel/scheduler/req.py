@@ -13,6 +13,7 @@ from keel.sampling_params import SamplingParams
 class ReqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    TRANSFERRING = "transferring"  # disaggregation: parked with its KV while the KV moves (Scheduler.parked)
     FINISHED = "finished"
 
 
@@ -45,6 +46,8 @@ class Req:
     # Structured output: the xgrammar matcher of the request's grammar (SamplingParams.grammar), advanced by
     # every token read back; the next step's bitmask comes from it
     grammar: Optional[Any] = None
+    # Disaggregation, prefill side: where its prompt's KV goes once prefilled (a KVDestination); None: served here
+    kv_destination: Optional[Any] = None
 
     @property
     def seq_len(self) -> int:

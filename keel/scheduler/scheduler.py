@@ -19,7 +19,8 @@ lengths are then upper bounds, KV is allocated for them, and the next step finds
 on the device; reading the verify gives back what neither it nor the step after it uses.
 
 A request is always in exactly one place: `waiting`, `chunked` (mid-prefill), `running`
-(prefilled or prefilling this step, then decoding), or finished; so abort() finds it anywhere.
+(prefilled or prefilling this step, then decoding), `parked` (disaggregation: holding KV outside any
+batch while it moves between servers), or finished; so abort() finds it anywhere.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Optional[Req] = None
+        # Disaggregation: requests holding KV outside any batch while it moves: on a decode server, preallocated
+        # and waiting for the prefill server's pages; on a prefill server, prefilled and sending them
+        self.parked: dict[int, Req] = {}
         self.failed: list[Req] = []  # finished with an error while scheduling; the core reports them
         self.new_token_ratio = INITIAL_NEW_TOKEN_RATIO
         self._last_mode: Optional[ForwardMode] = None
@@ -104,6 +108,11 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked or self.parked)
+
+    @property
+    def has_batch_work(self) -> bool:
+        """Requests a batch could take (parked ones wait for their KV to move, not for a batch)."""
         return bool(self.waiting or self.running or self.chunked)
 
     @property
@@ -301,7 +310,7 @@ class Scheduler:
         return req.seq_len - self.kv.kv_len(req.rid) + self.new_token_ratio * remaining_output
 
     def _holding_kv(self) -> list[Req]:
-        return self.running + ([self.chunked] if self.chunked is not None else [])
+        return self.running + ([self.chunked] if self.chunked is not None else []) + list(self.parked.values())
 
     def _extend(self, req: Req, budget: int) -> Optional[BatchPart]:
         """The next prefill step of an admitted request: all of the rest, or a page-aligned chunk of it."""
@@ -378,7 +387,11 @@ class Scheduler:
         for index, part, count, reason in kept:
             if part.num_draft:
                 self._update_draft_rate(part.req, len(token_ids[index]) - 1)
-            if reason is not None:
+            if reason in ("stop", "length") and part.req.kv_destination is not None:
+                part.req.finish_reason = reason  # prefilled for a decode server: it finishes once its KV is there
+                self._park(part.req)
+                reason = None
+            elif reason is not None:
                 self._finish(part.req, reason, part.req.error)
             appended.append(TokenAppended(index, part.req, token_ids[index][:count], reason, part.num_draft,
                                           len(token_ids[index]) - 1))
@@ -393,13 +406,63 @@ class Scheduler:
         req.draft_every = min(MAX_DRAFT_INTERVAL, 2 * req.draft_every) if failing else 1
 
     def abort_many(self, rids: set[int], reason: FinishReason = "abort") -> list[Req]:
-        """Finish these requests wherever they are, in one pass over the queues; returns those found unfinished."""
-        found = [req for req in (*self.waiting, *self._holding_kv()) if req.rid in rids]
+        """Finish these requests wherever they are, in one pass over the queues; returns those found unfinished.
+        Parked ones are not touched: their KV may be in flight (the disaggregation side ends them)."""
+        found = [req for req in (*self.waiting, *self.running, *([self.chunked] if self.chunked else []))
+                 if req.rid in rids]
         for req in found:
             self._finish(req, reason, remove_from_queue=False)
         if found:
             self.waiting = deque(r for r in self.waiting if r.status != ReqStatus.FINISHED)
         return found
+
+    # ---- disaggregation: requests parked while their KV moves ------------------------------------------
+
+    def preallocate(self, req: Req) -> bool:
+        """Decode server: hold the KV of `req`'s whole prompt (its cached prefix, and new pages for the rest, which
+        the prefill server writes) and park it until they have arrived; False, holding nothing, if it does not
+        fit now."""
+        if len(self._holding_kv()) >= self.config.max_running_requests:
+            return False
+        if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
+            return False
+        if (self._holding_kv() and not self._fits(req)) or self.kv.grow([req.rid], [req.seq_len]) is None:
+            self.kv.release(req.rid)
+            return False
+        req.num_cached_tokens = self.kv.cached_pages(req.rid) * self.kv.page_size
+        self._park(req)
+        return True
+
+    def _park(self, req: Req) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        req.status = ReqStatus.TRANSFERRING
+        self.parked[req.rid] = req
+
+    def unpark(self, rid: int, first_token: Optional[int]) -> tuple[Req, Optional[FinishReason]]:
+        """A parked request's KV has moved: with `first_token` (decode server: the prefill server's sampled
+        token), it joins the running requests, unless that token ends it; without, it finishes normally (prefill
+        server: its KV has been sent; its pages go into the prefix cache)."""
+        req = self.parked.pop(rid)
+        req.status = ReqStatus.RUNNING
+        if first_token is None:
+            self._finish(req, req.finish_reason or "length")
+            return req, req.finish_reason
+        req.pending += 1
+        _, reason = req.append_tokens([first_token])
+        if reason is not None:
+            self._finish(req, reason, req.error)
+        else:
+            self.running.append(req)
+        return req, reason
+
+    def drop_parked(self, rid: int, error: Optional[str]) -> Req:
+        """End a parked request, its KV freed (not cached): its transfer failed, or it was aborted and nothing
+        writes into or reads from its pages any more."""
+        req = self.parked.pop(rid)
+        req.status = ReqStatus.RUNNING
+        self._finish(req, "abort", error)
+        return req
 
     def _finish(self, req: Req, reason: FinishReason, error: Optional[str] = None,
                 remove_from_queue: bool = True) -> None:

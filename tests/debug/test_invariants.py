@@ -68,7 +68,7 @@ def test_page_freed_under_a_running_request(busy_engine):
 
 def test_stray_kv_holder(busy_engine):
     busy_engine.scheduler.running.pop()
-    expect(busy_engine, "holds KV but is neither running nor chunked")
+    expect(busy_engine, "holds KV but is neither running, chunked nor parked")
 
 
 @pytest.fixture

@@ -1,0 +1,162 @@
+"""The engine's side of disaggregation, for either role.
+
+Decode server: `preallocate` admits a request with the KV of its whole prompt (its cached prefix, new pages for
+the rest) and parks it (Scheduler.parked) until the prefill server's pages have landed; the `KVDestination` it
+returns tells the prefill server where to write. NIXL's notification of the landed pages carries the first token,
+so the request then joins the running ones like any prefilled request.
+
+Prefill server: a request added with a `KVDestination` is prefilled as usual; once its first token is read back
+it is parked with its KV instead of finishing, its pages are written into the decode server's, and it finishes
+(its pages going into the prefix cache) when the transfer is done, or with an error when it failed.
+
+Pages that a transfer may still write or read are never freed: an aborted parked request keeps its KV until its
+transfer has ended (prefill side: the transfer's state; decode side: the notification, the sender saying it is
+done with it, or the transfer timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from keel.cache.kv_cache import KVCacheManager
+from keel.cache.kv_pool import KVPool
+from keel.disagg.kv_transfer import KVTransferAgent, PagePlan, PeerInfo, Transfer, TransferError, TransferState
+from keel.engine.outputs import CoreOutput
+from keel.scheduler.req import Req
+from keel.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a decode server wants a request's prompt KV (handed to the prefill server with the request)."""
+
+    peer: str  # the decode server's transfer agent
+    rid: int  # the request's id there
+    seed: int  # its sampling seed there: the prefill server draws the first token with it
+    first_page: int  # pages before this one come from the decode server's own prefix cache
+    pages: tuple[int, ...]  # its pages for the rest of the prompt, in order
+
+
+class DisaggSide:
+    def __init__(self, role: Role, scheduler: Scheduler, kv: KVCacheManager, pool: KVPool, name: str,
+                 transfer_timeout_s: float) -> None:
+        self.role = role
+        self.scheduler = scheduler
+        self.kv = kv
+        self.agent = KVTransferAgent(name, pool)
+        self.transfer_timeout_s = transfer_timeout_s
+        self.sending: dict[int, Transfer] = {}  # prefill: transfers in flight, by request
+        self.receiving: dict[int, float] = {}  # decode: preallocated requests, by id, and when to give up on them
+        self.aborted: set[int] = set()  # parked requests already reported finished, waiting for their transfer
+
+    # ---- both roles ----------------------------------------------------------------------------
+
+    def peer_info(self) -> PeerInfo:
+        return self.agent.peer_info()
+
+    def connect(self, peer: PeerInfo) -> None:
+        self.agent.connect(peer)
+
+    def poll(self) -> list[CoreOutput]:
+        """Start the transfers of requests parked since the last call, and end the requests whose transfers have
+        ended; their outputs."""
+        return self._poll_sends() if self.role == "prefill" else self._poll_arrivals()
+
+    def abort(self, rid: int) -> None:
+        """A parked request is finished for its client: its KV is freed once no transfer touches it."""
+        if self.role == "prefill" and rid not in self.sending:
+            self.scheduler.drop_parked(rid, None)  # no transfer started for it
+            return
+        self.aborted.add(rid)
+
+    def close(self) -> None:
+        self.agent.close()
+
+    # ---- decode server -------------------------------------------------------------------------
+
+    def preallocate(self, req: Req) -> Optional[KVDestination]:
+        """Hold `req`'s prompt KV and park it; None (nothing held) if it does not fit now."""
+        if not self.scheduler.preallocate(req):
+            return None
+        self.receiving[req.rid] = time.monotonic() + self.transfer_timeout_s
+        first = self.kv.cached_pages(req.rid)
+        pages = tuple(self.kv.row_pages(req.rid)[first:].tolist())
+        return KVDestination(self.agent.name, req.rid, req.seed, first, pages)
+
+    def sender_done(self, rid: int) -> None:
+        """The prefill server will write nothing more into this request's pages (its transfer failed or it
+        aborted it): a request still waiting for them can be dropped now instead of at its timeout."""
+        if rid in self.receiving and rid in self.aborted:
+            self._drop_received(rid)
+
+    def _poll_arrivals(self) -> list[CoreOutput]:
+        outputs = []
+        for note in self.agent.arrived():
+            rid, token = (int(field) for field in note.split(":"))
+            if rid not in self.receiving:
+                logger.warning("KV arrived for request %d, which is no longer waiting for it", rid)
+                continue
+            if rid in self.aborted:
+                self._drop_received(rid)
+                continue
+            del self.receiving[rid]
+            req, reason = self.scheduler.unpark(rid, token)
+            outputs.append(CoreOutput(rid, [token], None, reason, req.num_cached_tokens, req.error))
+        now = time.monotonic()
+        for rid in [rid for rid, deadline in self.receiving.items() if deadline < now]:
+            reported = rid in self.aborted
+            req = self._drop_received(rid, f"request {rid}: its KV did not arrive within "
+                                           f"{self.transfer_timeout_s:.0f} s")
+            if not reported:
+                outputs.append(CoreOutput(rid, [], None, "abort", req.num_cached_tokens, req.error))
+        return outputs
+
+    def _drop_received(self, rid: int, error: Optional[str] = None) -> Req:
+        del self.receiving[rid]
+        self.aborted.discard(rid)
+        return self.scheduler.drop_parked(rid, error)
+
+    # ---- prefill server ------------------------------------------------------------------------
+
+    def _poll_sends(self) -> list[CoreOutput]:
+        outputs = []
+        for rid, req in list(self.scheduler.parked.items()):
+            if rid not in self.sending:
+                outputs += self._send(req)
+        for rid, transfer in list(self.sending.items()):
+            state = self.agent.poll(transfer)
+            if state is TransferState.IN_PROGRESS:
+                continue
+            del self.sending[rid]
+            if rid in self.aborted:
+                self.aborted.discard(rid)
+                self.scheduler.drop_parked(rid, None)
+            elif state is TransferState.DONE:
+                req, reason = self.scheduler.unpark(rid, None)
+                outputs.append(CoreOutput(rid, [], None, reason))
+            else:
+                req = self.scheduler.drop_parked(rid, f"request {rid}: the KV transfer to {transfer.peer!r} failed")
+                outputs.append(CoreOutput(rid, [], None, "abort", error=req.error))
+        return outputs
+
+    def _send(self, req: Req) -> list[CoreOutput]:
+        """Start writing `req`'s prompt KV into its destination; on failure it ends with the error."""
+        dest: KVDestination = req.kv_destination
+        pages = tuple(self.kv.row_pages(req.rid)[dest.first_page:].tolist())
+        try:
+            if len(pages) != len(dest.pages):
+                raise TransferError(f"request {req.rid}: {len(pages)} pages of KV to send, the decode server "
+                                    f"holds {len(dest.pages)} for them")
+            note = f"{dest.rid}:{req.output_ids[0]}"
+            self.sending[req.rid] = self.agent.write(dest.peer, note, PagePlan(pages, dest.pages))
+            return []
+        except TransferError as e:
+            self.scheduler.drop_parked(req.rid, str(e))
+            return [CoreOutput(req.rid, [], None, "abort", error=str(e))]
