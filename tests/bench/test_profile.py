@@ -14,14 +14,17 @@ from keel.bench.profile import profile_steps, timed_steps
 from keel.cli import build_parser
 
 
+def _bench_args(bench: str, directory, tmp_path, trace, steps: int, *work: str):
+    return build_parser().parse_args(
+        ["bench", bench, "--model", str(directory), "--device", "cpu", "--dtype", "float32", *work,
+         "--result-file", str(tmp_path / "r.jsonl"), "--profile", str(trace), "--profile-steps", str(steps)])
+
+
 def test_bench_offline_profile_writes_a_trace_and_reports_steps(tiny_model, tmp_path, capsys):
     directory, _ = tiny_model("llama3")
     trace = tmp_path / "trace.json.gz"
-    args = build_parser().parse_args(
-        ["bench", "offline", "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--num-prompts", "4",
-         "--input-len", "5", "9", "--output-len", "10", "10", "--result-file", str(tmp_path / "r.jsonl"),
-         "--profile", str(trace), "--profile-steps", "3"])
-    record = offline.run(args)
+    record = offline.run(_bench_args("offline", directory, tmp_path, trace, 3, "--num-prompts", "4",
+                                     "--input-len", "5", "9", "--output-len", "10", "10"))
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     assert any(e.get("name") == "aten::mm" or e.get("name") == "aten::addmm" for e in events)
     profile = record["profile"]
@@ -41,11 +44,8 @@ def test_bench_offline_profile_writes_a_trace_and_reports_steps(tiny_model, tmp_
 def test_bench_latency_profile(tiny_model, tmp_path, capsys):
     directory, _ = tiny_model("llama3")
     trace = tmp_path / "trace.json"
-    args = build_parser().parse_args(
-        ["bench", "latency", "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",
-         "--input-lens", "6", "--output-len", "8", "--runs", "1", "--result-file", str(tmp_path / "r.jsonl"),
-         "--profile", str(trace), "--profile-steps", "4"])
-    latency.run(args)
+    latency.run(_bench_args("latency", directory, tmp_path, trace, 4, "--batch-sizes", "2", "--input-lens", "6",
+                            "--output-len", "8", "--runs", "1"))
     assert json.loads(trace.read_text())["traceEvents"]
     assert "profile: trace of 4 steps" in capsys.readouterr().out
 
