@@ -281,3 +281,26 @@ def test_an_aborted_request_keeps_its_pages_until_its_transfer_ends(tiny_model, 
     finally:
         prefill.close()
         decode.close()
+
+
+def test_chunked_prefill_and_retraction_on_either_side(tiny_model, monkeypatch):
+    """The prefill engine prefills long prompts in chunks (their pages partly in its prefix cache when sent); the
+    decode engine retracts a request every 3 decode steps and prefills it again itself."""
+    monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", "3")
+    model, _ = tiny_model("llama3")
+    work = [(p + p, dataclasses.replace(s, max_new_tokens=10)) for p, s in _work(8, seed=21)]
+    prefill, decode = _pair(model, page_size=4, chunked_prefill_size=8)
+    requeued, chunks = [], []
+    requeue, cache_prefix = decode.scheduler.requeue, prefill.kv_cache.cache_prefix
+    monkeypatch.setattr(decode.scheduler, "requeue", lambda req: (requeued.append(req.rid), requeue(req)))
+    monkeypatch.setattr(prefill.kv_cache, "cache_prefix", lambda *a: (chunks.append(a[0]), cache_prefix(*a)))
+    try:
+        results = _route(prefill, decode, work)
+        solo = _solo(model, work, page_size=4)
+        for i, result in results.items():
+            assert result.finish == "length" and result.tokens == solo[i], f"request {i}"
+        assert requeued and chunks  # both paths ran
+        _assert_clean(prefill, decode)
+    finally:
+        prefill.close()
+        decode.close()
