@@ -9,9 +9,10 @@ Prefill server: a request added with a `KVDestination` is prefilled as usual; on
 it is parked with its KV instead of finishing, its pages are written into the decode server's, and it finishes
 (its pages going into the prefix cache) when the transfer is done, or with an error when it failed.
 
-Pages that a transfer may still write or read are never freed: an aborted parked request keeps its KV until its
-transfer has ended (prefill side: the transfer's state; decode side: the notification, the sender saying it is
-done with it, or the transfer timeout).
+Pages that a transfer may still write or read are not freed while it may: an aborted parked request keeps its KV
+until its transfer has ended (prefill side: the transfer's state; decode side: the notification, or the sender
+saying it is done with it). Nothing waits forever: past `transfer_timeout_s` a transfer still in progress is
+given up on either side (its peer is taken for gone) and its request ends with an error.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class DisaggSide:
         self.kv = kv
         self.agent = KVTransferAgent(name, pool)
         self.transfer_timeout_s = transfer_timeout_s
-        self.sending: dict[int, Transfer] = {}  # prefill: transfers in flight, by request
+        self.sending: dict[int, tuple[Transfer, float]] = {}  # prefill: transfers in flight and when to give up
         self.receiving: dict[int, float] = {}  # decode: preallocated requests, by id, and when to give up on them
         self.aborted: set[int] = set()  # parked requests already reported finished, waiting for their transfer
 
@@ -130,8 +131,15 @@ class DisaggSide:
         for rid, req in list(self.scheduler.parked.items()):
             if rid not in self.sending:
                 outputs += self._send(req)
-        for rid, transfer in list(self.sending.items()):
+        now = time.monotonic()
+        for rid, (transfer, deadline) in list(self.sending.items()):
             state = self.agent.poll(transfer)
+            error = f"request {rid}: the KV transfer to {transfer.peer!r} failed"
+            if state is TransferState.IN_PROGRESS and now > deadline:  # a peer gone mid-transfer: stop waiting
+                self.agent.release(transfer)
+                state = TransferState.FAILED
+                error = (f"request {rid}: the KV transfer to {transfer.peer!r} did not finish within "
+                         f"{self.transfer_timeout_s:.0f} s")
             if state is TransferState.IN_PROGRESS:
                 continue
             del self.sending[rid]
@@ -142,7 +150,7 @@ class DisaggSide:
                 req, reason = self.scheduler.unpark(rid, None)
                 outputs.append(CoreOutput(rid, [], None, reason))
             else:
-                req = self.scheduler.drop_parked(rid, f"request {rid}: the KV transfer to {transfer.peer!r} failed")
+                req = self.scheduler.drop_parked(rid, error)
                 outputs.append(CoreOutput(rid, [], None, "abort", error=req.error))
         return outputs
 
@@ -155,7 +163,8 @@ class DisaggSide:
                 raise TransferError(f"request {req.rid}: {len(pages)} pages of KV to send, the decode server "
                                     f"holds {len(dest.pages)} for them")
             note = f"{dest.rid}:{req.output_ids[0]}"
-            self.sending[req.rid] = self.agent.write(dest.peer, note, PagePlan(pages, dest.pages))
+            transfer = self.agent.write(dest.peer, note, PagePlan(pages, dest.pages))
+            self.sending[req.rid] = (transfer, time.monotonic() + self.transfer_timeout_s)
             return []
         except TransferError as e:
             self.scheduler.drop_parked(req.rid, str(e))

@@ -304,3 +304,24 @@ def test_chunked_prefill_and_retraction_on_either_side(tiny_model, monkeypatch):
     finally:
         prefill.close()
         decode.close()
+
+
+def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, monkeypatch):
+    """A decode server gone mid-transfer leaves the transfer in progress for good: past the timeout the prefill
+    side ends the request with an error and frees its pages; the decode side frees its preallocation once told."""
+    from keel.disagg.kv_transfer import Transfer, TransferState
+
+    model, _ = tiny_model("llama3")
+    prefill, decode = _pair(model, page_size=4)
+    prefill.disagg.transfer_timeout_s = 0.0
+    agent = prefill.disagg.agent
+    monkeypatch.setattr(agent, "write", lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS))
+    monkeypatch.setattr(agent, "poll", lambda transfer: transfer.state)
+    try:
+        results = _route(prefill, decode, _work(3, seed=9))
+        for result in results.values():
+            assert result.finish == "abort" and "did not finish within 0 s" in result.error
+        _assert_clean(prefill, decode)
+    finally:
+        prefill.close()
+        decode.close()
