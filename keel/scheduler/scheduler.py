@@ -119,8 +119,7 @@ class Scheduler:
     def load_tokens(self) -> int:
         """Tokens of the requests this scheduler holds: running ones' so far, queued ones' prompts (what a
         data-parallel controller balances)."""
-        held = self.running + ([self.chunked] if self.chunked is not None else [])
-        return sum(r.known_len for r in held) + sum(len(r.prompt_ids) for r in self.waiting)
+        return sum(r.known_len for r in self._in_batches()) + sum(len(r.prompt_ids) for r in self.waiting)
 
     # ---- choosing the next batch -------------------------------------------------------------
 
@@ -309,8 +308,12 @@ class Scheduler:
         remaining_output = req.params.max_new_tokens - req.num_generated
         return req.seq_len - self.kv.kv_len(req.rid) + self.new_token_ratio * remaining_output
 
+    def _in_batches(self) -> list[Req]:
+        """The requests batches take: running and mid-prefill ones."""
+        return self.running + ([self.chunked] if self.chunked is not None else [])
+
     def _holding_kv(self) -> list[Req]:
-        return self.running + ([self.chunked] if self.chunked is not None else []) + list(self.parked.values())
+        return self._in_batches() + list(self.parked.values())
 
     def _extend(self, req: Req, budget: int) -> Optional[BatchPart]:
         """The next prefill step of an admitted request: all of the rest, or a page-aligned chunk of it."""
@@ -408,8 +411,7 @@ class Scheduler:
     def abort_many(self, rids: set[int], reason: FinishReason = "abort") -> list[Req]:
         """Finish these requests wherever they are, in one pass over the queues; returns those found unfinished.
         Parked ones are not touched: their KV may be in flight (the disaggregation side ends them)."""
-        found = [req for req in (*self.waiting, *self.running, *([self.chunked] if self.chunked else []))
-                 if req.rid in rids]
+        found = [req for req in (*self.waiting, *self._in_batches()) if req.rid in rids]
         for req in found:
             self._finish(req, reason, remove_from_queue=False)
         if found:
@@ -444,7 +446,6 @@ class Scheduler:
         token), it joins the running requests, unless that token ends it; without, it finishes normally (prefill
         server: its KV has been sent; its pages go into the prefix cache)."""
         req = self.parked.pop(rid)
-        req.status = ReqStatus.RUNNING
         if first_token is None:
             self._finish(req, req.finish_reason or "length")
             return req, req.finish_reason
@@ -453,6 +454,7 @@ class Scheduler:
         if reason is not None:
             self._finish(req, reason, req.error)
         else:
+            req.status = ReqStatus.RUNNING
             self.running.append(req)
         return req, reason
 
@@ -460,7 +462,6 @@ class Scheduler:
         """End a parked request, its KV freed (not cached): its transfer failed, or it was aborted and nothing
         writes into or reads from its pages any more."""
         req = self.parked.pop(rid)
-        req.status = ReqStatus.RUNNING
         self._finish(req, "abort", error)
         return req
 

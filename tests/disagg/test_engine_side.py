@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import pytest
@@ -22,6 +23,20 @@ _names = itertools.count()
 
 def _core(model, **options) -> EngineCore:
     return EngineCore(EngineConfig(model=str(model), device="cpu", dtype="float32", **options))
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[..., tuple[EngineCore, ...]]]:
+    """closing(*cores) -> cores, each closed (its NIXL agent released) after the test."""
+    cores: list[EngineCore] = []
+
+    def keep(*made: EngineCore) -> tuple[EngineCore, ...]:
+        cores.extend(made)
+        return made
+
+    yield keep
+    for core in cores:
+        core.close()
 
 
 def _pair(model, page_size: int = 1, **options) -> tuple[EngineCore, EngineCore]:
@@ -120,6 +135,12 @@ def _work(n: int, seed: int, vocab: int = 200) -> list[tuple[list[int], keel.Sam
     return work
 
 
+def _assert_every_request_fails(prefill: EngineCore, decode: EngineCore, work, message: str) -> None:
+    for result in _route(prefill, decode, work).values():
+        assert result.finish == "abort" and message in result.error
+    _assert_clean(prefill, decode)
+
+
 def _assert_clean(*cores: EngineCore) -> None:
     for core in cores:
         assert not core.has_work
@@ -129,102 +150,78 @@ def _assert_clean(*cores: EngineCore) -> None:
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_each_request_gets_what_one_engine_gives_it(tiny_model, page_size):
+def test_each_request_gets_what_one_engine_gives_it(tiny_model, closing, page_size):
     model, _ = tiny_model("llama3")
     work = _work(12, seed=page_size)
     work.append((work[0][0] + [7, 8, 9], work[0][1]))  # a prompt extending an earlier one: prefix-cache hits on both
-    prefill, decode = _pair(model, page_size)
-    try:
-        results = _route(prefill, decode, work)
-        solo = _solo(model, work, page_size)
-        for i, result in results.items():
-            assert result.finish == "length" and result.error is None
-            assert result.tokens == solo[i], f"request {i}"
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    prefill, decode = closing(*_pair(model, page_size))
+    results = _route(prefill, decode, work)
+    solo = _solo(model, work, page_size)
+    for i, result in results.items():
+        assert result.finish == "length" and result.error is None
+        assert result.tokens == solo[i], f"request {i}"
+    _assert_clean(prefill, decode)
 
 
 @pytest.mark.parametrize("stage", ["queued", "prefilling", "decoding"])
-def test_an_abort_at_any_stage_frees_both_sides(tiny_model, stage):
+def test_an_abort_at_any_stage_frees_both_sides(tiny_model, closing, stage):
     model, _ = tiny_model("llama3")
     work = _work(6, seed=11)
     work = [(p, dataclasses.replace(s, max_new_tokens=8)) for p, s in work]
-    prefill, decode = _pair(model, page_size=4)
-    try:
-        results = _route(prefill, decode, work, abort={1: stage, 4: stage})
-        solo = _solo(model, work, page_size=4)
-        for i, result in results.items():
-            if i in (1, 4):
-                assert result.finish == "abort"
-            else:
-                assert result.tokens == solo[i] and result.finish == "length"
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    prefill, decode = closing(*_pair(model, page_size=4))
+    results = _route(prefill, decode, work, abort={1: stage, 4: stage})
+    solo = _solo(model, work, page_size=4)
+    for i, result in results.items():
+        if i in (1, 4):
+            assert result.finish == "abort"
+        else:
+            assert result.tokens == solo[i] and result.finish == "length"
+    _assert_clean(prefill, decode)
 
 
-def test_a_failed_transfer_ends_the_request_with_an_error_on_both_sides(tiny_model):
+def test_a_failed_transfer_ends_the_request_with_an_error_on_both_sides(tiny_model, closing):
     model, _ = tiny_model("llama3")
-    prefill, decode = _pair(model, page_size=4)
-    try:
-        prefill.disagg.agent.disconnect(decode.disagg.agent.name)  # the decode server is unreachable
-        results = _route(prefill, decode, _work(3, seed=5))
-        for result in results.values():
-            assert result.finish == "abort" and "no connection" in result.error
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    prefill, decode = closing(*_pair(model, page_size=4))
+    prefill.disagg.agent.disconnect(decode.disagg.agent.name)  # the decode server is unreachable
+    _assert_every_request_fails(prefill, decode, _work(3, seed=5), "no connection")
 
 
-def test_kv_that_never_arrives_times_out_and_frees_the_preallocation(tiny_model):
+def test_kv_that_never_arrives_times_out_and_frees_the_preallocation(tiny_model, closing):
     model, _ = tiny_model("llama3")
-    decode = _core(model, page_size=4)
+    (decode,) = closing(_core(model, page_size=4))
     decode.enable_disaggregation("decode", f"lonely{next(_names)}", transfer_timeout_s=0.0)
-    try:
-        destination = decode.preallocate([5, 6, 7, 8, 9], keel.SamplingParams(max_new_tokens=4))
-        assert destination is not None and destination.pages
-        (out,) = decode.step()
-        assert out.finish_reason == "abort" and "did not arrive" in out.error
-        _assert_clean(decode)
-    finally:
-        decode.close()
+    destination = decode.preallocate([5, 6, 7, 8, 9], keel.SamplingParams(max_new_tokens=4))
+    assert destination is not None and destination.pages
+    (out,) = decode.step()
+    assert out.finish_reason == "abort" and "did not arrive" in out.error
+    _assert_clean(decode)
 
 
-def test_what_a_role_cannot_do_is_refused(tiny_model):
+def test_what_a_role_cannot_do_is_refused(tiny_model, closing):
     model, _ = tiny_model("llama3")
     plain = _core(model)
     params = keel.SamplingParams(max_new_tokens=2)
     with pytest.raises(ValueError, match="decode server"):
         plain.preallocate([1, 2, 3], params)
-    prefill = _core(model)
+    (prefill,) = closing(_core(model))
     prefill.enable_disaggregation("prefill", f"solo{next(_names)}")
-    try:
-        with pytest.raises(ValueError, match="already a prefill server"):
-            prefill.enable_disaggregation("decode")
-        with pytest.raises(ValueError, match="decode server"):
-            prefill.preallocate([1, 2, 3], params)
-        with pytest.raises(ValueError, match="KV destination needs a prefill server"):
-            plain.add_request([1, 2, 3], params, kv_destination=object())
-    finally:
-        prefill.close()
-    decode = _core(model)
+    with pytest.raises(ValueError, match="already a prefill server"):
+        prefill.enable_disaggregation("decode")
+    with pytest.raises(ValueError, match="decode server"):
+        prefill.preallocate([1, 2, 3], params)
+    with pytest.raises(ValueError, match="KV destination needs a prefill server"):
+        plain.add_request([1, 2, 3], params, kv_destination=object())
+    (decode,) = closing(_core(model))
     decode.enable_disaggregation("decode", f"solo{next(_names)}")
-    try:
-        for asks in ({"logprobs": True}, {"prompt_logprobs": 1}):
-            with pytest.raises(ValueError, match="log-probs are not served"):
-                decode.preallocate([1, 2, 3], dataclasses.replace(params, **asks))
-        assert isinstance(decode.disagg.peer_info(), PeerInfo)
-        assert not decode.has_work
-    finally:
-        decode.close()
+    for asks in ({"logprobs": True}, {"prompt_logprobs": 1}):
+        with pytest.raises(ValueError, match="log-probs are not served"):
+            decode.preallocate([1, 2, 3], dataclasses.replace(params, **asks))
+    assert isinstance(decode.disagg.peer_info(), PeerInfo)
+    assert not decode.has_work
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_workloads_with_aborts_and_failed_transfers_free_every_page(tiny_model, monkeypatch, seed):
+def test_random_workloads_with_aborts_and_failed_transfers_free_every_page(tiny_model, closing, monkeypatch, seed):
     monkeypatch.setenv("KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY", "4")
     model, _ = tiny_model("llama3")
     rng = random.Random(seed)
@@ -232,96 +229,77 @@ def test_random_workloads_with_aborts_and_failed_transfers_free_every_page(tiny_
     stages = ["queued", "prefilling", "decoding"]
     abort = {i: rng.choice(stages) for i in rng.sample(range(len(work)), 5)}
     # a tight decode pool: preallocation waits for room, as a decode server's queue does
-    prefill, decode = _pair(model, page_size=4, kv_cache_tokens=160)
-    try:
-        results = _route(prefill, decode, work, abort)
-        solo = _solo(model, work, page_size=4)
-        failed = [i for i, r in results.items() if r.error is not None]
-        assert failed and all("failed to start" in results[i].error for i in failed)
-        for i, result in results.items():
-            if i not in abort and i not in failed:
-                assert result.finish == "length" and result.tokens == solo[i], f"request {i}"
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    prefill, decode = closing(*_pair(model, page_size=4, kv_cache_tokens=160))
+    results = _route(prefill, decode, work, abort)
+    solo = _solo(model, work, page_size=4)
+    failed = [i for i, r in results.items() if r.error is not None]
+    assert failed and all("failed to start" in results[i].error for i in failed)
+    for i, result in results.items():
+        if i not in abort and i not in failed:
+            assert result.finish == "length" and result.tokens == solo[i], f"request {i}"
+    _assert_clean(prefill, decode)
 
 
-def test_an_aborted_request_keeps_its_pages_until_its_transfer_ends(tiny_model, monkeypatch):
+def test_an_aborted_request_keeps_its_pages_until_its_transfer_ends(tiny_model, closing, monkeypatch):
     """A transfer still in flight may read the prefill server's pages and write the decode server's: neither side
     frees them on an abort until the transfer has ended."""
     model, _ = tiny_model("llama3")
-    prefill, decode = _pair(model, page_size=4)
-    try:
-        agent = prefill.disagg.agent
-        real_poll, polls = agent.poll, {"left": 3}
+    prefill, decode = closing(*_pair(model, page_size=4))
+    agent = prefill.disagg.agent
+    real_poll, polls = agent.poll, {"left": 3}
 
-        def slow_poll(transfer):  # the transfer shows as in flight for 3 polls (it already ran: UCX in one process)
-            if polls["left"] > 0:
-                polls["left"] -= 1
-                return transfer.state.IN_PROGRESS
-            return real_poll(transfer)
+    def slow_poll(transfer):  # the transfer shows as in flight for 3 polls (it already ran: UCX in one process)
+        if polls["left"] > 0:
+            polls["left"] -= 1
+            return transfer.state.IN_PROGRESS
+        return real_poll(transfer)
 
-        monkeypatch.setattr(agent, "poll", slow_poll)
-        params = keel.SamplingParams(max_new_tokens=5, ignore_eos=True)
-        destination = decode.preallocate(list(range(10, 30)), params)
-        rid = prefill.add_request(list(range(10, 30)), params, kv_destination=destination)
-        while rid not in prefill.disagg.sending:
-            prefill.step()
-        held = prefill.kv_cache.pages.capacity - prefill.kv_cache.pages.num_free
-        assert prefill.abort(rid) and decode.abort(destination.rid)
-        assert prefill.kv_cache.pages.capacity - prefill.kv_cache.pages.num_free == held  # still sending: kept
-        assert destination.rid in decode.scheduler.parked  # the decode side keeps its pages too
-        for _ in range(1000):  # the sender's polls make progress; then the notification frees the decode side
-            assert prefill.step() == [] if prefill.has_work else True  # nothing for a request reported finished
-            assert decode.step() == []
-            if not prefill.has_work and not decode.has_work:
-                break
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    monkeypatch.setattr(agent, "poll", slow_poll)
+    params = keel.SamplingParams(max_new_tokens=5, ignore_eos=True)
+    destination = decode.preallocate(list(range(10, 30)), params)
+    rid = prefill.add_request(list(range(10, 30)), params, kv_destination=destination)
+    while rid not in prefill.disagg.sending:
+        prefill.step()
+    held = prefill.kv_cache.pages.capacity - prefill.kv_cache.pages.num_free
+    assert prefill.abort(rid) and decode.abort(destination.rid)
+    assert prefill.kv_cache.pages.capacity - prefill.kv_cache.pages.num_free == held  # still sending: kept
+    assert destination.rid in decode.scheduler.parked  # the decode side keeps its pages too
+    for _ in range(1000):  # the sender's polls make progress; then the notification frees the decode side
+        assert prefill.step() == [] if prefill.has_work else True  # nothing for a request reported finished
+        assert decode.step() == []
+        if not prefill.has_work and not decode.has_work:
+            break
+    _assert_clean(prefill, decode)
 
 
-def test_chunked_prefill_and_retraction_on_either_side(tiny_model, monkeypatch):
+def test_chunked_prefill_and_retraction_on_either_side(tiny_model, closing, monkeypatch):
     """The prefill engine prefills long prompts in chunks (their pages partly in its prefix cache when sent); the
     decode engine retracts a request every 3 decode steps and prefills it again itself."""
     monkeypatch.setenv("KEEL_DEBUG_RETRACT_EVERY", "3")
     model, _ = tiny_model("llama3")
     work = [(p + p, dataclasses.replace(s, max_new_tokens=10)) for p, s in _work(8, seed=21)]
-    prefill, decode = _pair(model, page_size=4, chunked_prefill_size=8)
+    prefill, decode = closing(*_pair(model, page_size=4, chunked_prefill_size=8))
     requeued, chunks = [], []
     requeue, cache_prefix = decode.scheduler.requeue, prefill.kv_cache.cache_prefix
     monkeypatch.setattr(decode.scheduler, "requeue", lambda req: (requeued.append(req.rid), requeue(req)))
     monkeypatch.setattr(prefill.kv_cache, "cache_prefix", lambda *a: (chunks.append(a[0]), cache_prefix(*a)))
-    try:
-        results = _route(prefill, decode, work)
-        solo = _solo(model, work, page_size=4)
-        for i, result in results.items():
-            assert result.finish == "length" and result.tokens == solo[i], f"request {i}"
-        assert requeued and chunks  # both paths ran
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    results = _route(prefill, decode, work)
+    solo = _solo(model, work, page_size=4)
+    for i, result in results.items():
+        assert result.finish == "length" and result.tokens == solo[i], f"request {i}"
+    assert requeued and chunks  # both paths ran
+    _assert_clean(prefill, decode)
 
 
-def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, monkeypatch):
+def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, closing, monkeypatch):
     """A decode server gone mid-transfer leaves the transfer in progress for good: past the timeout the prefill
     side ends the request with an error and frees its pages; the decode side frees its preallocation once told."""
     from keel.disagg.kv_transfer import Transfer, TransferState
 
     model, _ = tiny_model("llama3")
-    prefill, decode = _pair(model, page_size=4)
+    prefill, decode = closing(*_pair(model, page_size=4))
     prefill.disagg.transfer_timeout_s = 0.0
     agent = prefill.disagg.agent
     monkeypatch.setattr(agent, "write", lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS))
     monkeypatch.setattr(agent, "poll", lambda transfer: transfer.state)
-    try:
-        results = _route(prefill, decode, _work(3, seed=9))
-        for result in results.values():
-            assert result.finish == "abort" and "did not finish within 0 s" in result.error
-        _assert_clean(prefill, decode)
-    finally:
-        prefill.close()
-        decode.close()
+    _assert_every_request_fails(prefill, decode, _work(3, seed=9), "did not finish within 0 s")
