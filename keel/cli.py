@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from keel import __version__ as keel_version
-from keel.config import EngineConfig, ServerConfig, add_dataclass_arguments, dataclass_kwargs
+from keel.config import EngineConfig, RouterConfig, ServerConfig, add_dataclass_arguments, dataclass_kwargs
 from keel.sampling_params import SamplingParams
 from keel.spec import SIMULATE_ACCEPT_ENV
 
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="print each completion when it is done")
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the model's chat template; print the answer")
+    router = commands.add_parser("router", help="the front of prefill/decode disaggregation: sends each request to "
+                                 "a prefill and a decode server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(router, RouterConfig)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from keel.bench import capacity, latency, offline, serve as bench_serve
 
@@ -178,6 +181,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             generate(args)
         elif args.command == "serve":
             serve(args)
+        elif args.command == "router":
+            from keel.disagg.router import serve_router
+
+            serve_router(RouterConfig(**dataclass_kwargs(args, RouterConfig)))
         elif args.command == "bench":
             from keel.bench import capacity, latency, offline, serve as bench_serve
 

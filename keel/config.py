@@ -99,6 +99,16 @@ class EngineConfig:
     node_rank: int = option(0, "this machine's index among --nnodes; 0 serves, the others run ranks only")
     dist_init_addr: Optional[str] = option(None, "host:port where the ranks of several machines meet (node 0's "
                                                  "address; required with --nnodes > 1)")
+    disaggregation_mode: Optional[str] = option(
+        None, "prefill/decode disaggregation (SGLang's flag): prefill servers compute prompts' KV and write it into "
+        "decode servers' KV pools over NIXL; decode servers only decode. Both sit behind `keel router`",
+        (None, "prefill", "decode"))
+    disaggregation_transfer_backend: str = option("nixl", "how KV moves between the servers (NIXL, over UCX)",
+                                                  ("nixl",))
+    disaggregation_transfer_timeout: float = option(
+        300.0, "seconds a request's KV may take to reach a decode server (from its preallocation there) or to "
+        "leave a prefill server (from the start of its transfer); past it the request fails and its pages are "
+        "freed, so nothing waits forever on a server that is gone")
     attention_backend: str = option(
         "auto", "triton (paged Triton kernels and fused ops, with CUDA-graph decode on a GPU), torch (the "
         "reference: scaled_dot_product_attention and plain torch ops), or auto: triton on a GPU when the model's "
@@ -113,6 +123,7 @@ class EngineConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "must be >= 1 when set")
         _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction", "must be in (0, 1]")
+        _require(self.disaggregation_transfer_timeout > 0, "disaggregation_transfer_timeout", "must be > 0")
         _require(0.0 < self.swa_full_tokens_ratio <= 1.0, "swa_full_tokens_ratio", "must be in (0, 1]")
         if self.chunked_prefill_size is not None:
             _require(self.chunked_prefill_size >= self.page_size, "chunked_prefill_size",
@@ -257,6 +268,26 @@ class ServerConfig:
     @property
     def max_request_body_bytes(self) -> int:
         return int(self.max_request_body_mb * 2**20)
+
+
+@dataclass
+class RouterConfig:
+    """Options of `keel router` (the flags are generated from these fields)."""
+
+    prefill: list[str] = field(default_factory=list,
+                               metadata={"help": "URL of a prefill server (keel serve --disaggregation-mode prefill)"})
+    decode: list[str] = field(default_factory=list,
+                              metadata={"help": "URL of a decode server (keel serve --disaggregation-mode decode)"})
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")
+    request_timeout: float = option(3600.0, "seconds a whole request may take, its stream included")
+
+    def __post_init__(self) -> None:
+        if not self.prefill or not self.decode:
+            raise ValueError("keel router needs at least one --prefill and one --decode server URL")
+        for url in self.prefill + self.decode:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
 
 
 def _require(ok: bool, name: str, why: str) -> None:

@@ -11,8 +11,10 @@ it is parked with its KV instead of finishing, its pages are written into the de
 
 Pages that a transfer may still write or read are not freed while it may: an aborted parked request keeps its KV
 until its transfer has ended (prefill side: the transfer's state; decode side: the notification, or the sender
-saying it is done with it). Nothing waits forever: past `transfer_timeout_s` a transfer still in progress is
-given up on either side (its peer is taken for gone) and its request ends with an error.
+saying it is done with it). A prefill server therefore reports the end of an aborted request that had a
+destination (finish "abort", no error) once nothing more will be written for it: the decode server may then free
+the pages it held for it (`sender_done`). Nothing waits forever: past `transfer_timeout_s` a transfer still in
+progress is given up on either side (its peer is taken for gone) and its request ends with an error.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Literal, Optional
 
 from keel.cache.kv_cache import KVCacheManager
 from keel.cache.kv_pool import KVPool
-from keel.disagg.kv_transfer import KVTransferAgent, PagePlan, PeerInfo, Transfer, TransferError, TransferState
+from keel.disagg.kv_transfer import (KVDestination, KVTransferAgent, PagePlan, PeerInfo, Transfer, TransferError,
+                                     TransferState)
 from keel.engine.outputs import CoreOutput
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import Scheduler
@@ -34,15 +37,23 @@ logger = logging.getLogger(__name__)
 Role = Literal["prefill", "decode"]
 
 
-@dataclass(frozen=True)
-class KVDestination:
-    """Where a decode server wants a request's prompt KV (handed to the prefill server with the request)."""
+@dataclass
+class TransferStats:
+    """One server's KV transfers so far: sent (prefill) or received (decode)."""
 
-    peer: str  # the decode server's transfer agent
-    rid: int  # the request's id there
-    seed: int  # its sampling seed there: the prefill server draws the first token with it
-    first_page: int  # pages before this one come from the decode server's own prefix cache
-    pages: tuple[int, ...]  # its pages for the rest of the prompt, in order
+    done: int = 0
+    failed: int = 0  # failed to start, failed, or timed out
+    bytes: int = 0  # of the done ones
+    seconds: float = 0.0  # of the done ones: prefill, from the write's start; decode, from the preallocation
+
+
+@dataclass
+class Receiving:
+    """A decode server's preallocated request, waiting for its KV."""
+
+    deadline: float
+    since: float
+    bytes: int
 
 
 class DisaggSide:
@@ -54,8 +65,10 @@ class DisaggSide:
         self.agent = KVTransferAgent(name, pool)
         self.transfer_timeout_s = transfer_timeout_s
         self.sending: dict[int, tuple[Transfer, float]] = {}  # prefill: transfers in flight and when to give up
-        self.receiving: dict[int, float] = {}  # decode: preallocated requests, by id, and when to give up on them
+        self.receiving: dict[int, Receiving] = {}  # decode: preallocated requests, by id
         self.aborted: set[int] = set()  # parked requests already reported finished, waiting for their transfer
+        self.ended: list[int] = []  # prefill: aborted requests no transfer touches any more, to report
+        self.stats = TransferStats()
 
     # ---- both roles ----------------------------------------------------------------------------
 
@@ -68,14 +81,26 @@ class DisaggSide:
     def poll(self) -> list[CoreOutput]:
         """Start the transfers of requests parked since the last call, and end the requests whose transfers have
         ended; their outputs."""
-        return self._poll_sends() if self.role == "prefill" else self._poll_arrivals()
+        outputs = self._poll_sends() if self.role == "prefill" else self._poll_arrivals()
+        ended, self.ended = self.ended, []
+        return [CoreOutput(rid, [], None, "abort") for rid in ended] + outputs
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.sending) if self.role == "prefill" else len(self.receiving)
 
     def abort(self, rid: int) -> None:
         """A parked request is finished for its client: its KV is freed once no transfer touches it."""
         if self.role == "prefill" and rid not in self.sending:
             self.scheduler.drop_parked(rid, None)  # no transfer started for it
+            self.ended.append(rid)
             return
         self.aborted.add(rid)
+
+    def aborted_unparked(self, req: Req) -> None:
+        """Prefill: `req` was aborted before its KV was ready to send (its KV is already freed)."""
+        if req.kv_destination is not None:
+            self.ended.append(req.rid)
 
     def close(self) -> None:
         self.agent.close()
@@ -86,9 +111,11 @@ class DisaggSide:
         """Hold `req`'s prompt KV and park it; None (nothing held) if it does not fit now."""
         if not self.scheduler.preallocate(req):
             return None
-        self.receiving[req.rid] = time.monotonic() + self.transfer_timeout_s
         first = self.kv.cached_pages(req.rid)
         pages = tuple(self.kv.row_pages(req.rid)[first:].tolist())
+        now = time.monotonic()
+        self.receiving[req.rid] = Receiving(now + self.transfer_timeout_s, now,
+                                            len(pages) * self.agent.layout.page_bytes("full"))
         return KVDestination(self.agent.name, req.rid, req.seed, first, pages)
 
     def sender_done(self, rid: int) -> None:
@@ -107,12 +134,14 @@ class DisaggSide:
             if rid in self.aborted:
                 self._drop_received(rid)
                 continue
-            del self.receiving[rid]
+            arrival = self.receiving.pop(rid)
+            self._count(True, arrival.bytes, arrival.since)
             req, reason = self.scheduler.unpark(rid, token)
             outputs.append(CoreOutput(rid, [token], None, reason, req.num_cached_tokens, req.error))
         now = time.monotonic()
-        for rid in [rid for rid, deadline in self.receiving.items() if deadline < now]:
+        for rid in [rid for rid, waiting in self.receiving.items() if waiting.deadline < now]:
             reported = rid in self.aborted
+            self.stats.failed += 1
             req = self._drop_received(rid, f"request {rid}: its KV did not arrive within "
                                            f"{self.transfer_timeout_s:.0f} s")
             if not reported:
@@ -143,9 +172,11 @@ class DisaggSide:
             if state is TransferState.IN_PROGRESS:
                 continue
             del self.sending[rid]
+            self._count(state is TransferState.DONE, transfer.bytes, transfer.started)
             if rid in self.aborted:
                 self.aborted.discard(rid)
                 self.scheduler.drop_parked(rid, None)
+                self.ended.append(rid)
             elif state is TransferState.DONE:
                 req, reason = self.scheduler.unpark(rid, None)
                 outputs.append(CoreOutput(rid, [], None, reason))
@@ -167,5 +198,14 @@ class DisaggSide:
             self.sending[req.rid] = (transfer, time.monotonic() + self.transfer_timeout_s)
             return []
         except TransferError as e:
+            self.stats.failed += 1
             self.scheduler.drop_parked(req.rid, str(e))
             return [CoreOutput(req.rid, [], None, "abort", error=str(e))]
+
+    def _count(self, done: bool, size: int, since: float) -> None:
+        if done:
+            self.stats.done += 1
+            self.stats.bytes += size
+            self.stats.seconds += time.monotonic() - since
+        else:
+            self.stats.failed += 1

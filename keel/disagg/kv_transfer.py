@@ -20,12 +20,14 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from dataclasses import dataclass
-from typing import Any, Optional
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from keel.cache.kv_pool import KVPool
+if TYPE_CHECKING:  # the API process reads this module's messages without importing torch
+    from keel.cache.kv_pool import KVPool
 
 
 FAIL_EVERY_ENV = "KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY"  # fault injection: every N-th transfer fails to start
@@ -56,6 +58,10 @@ class KVLayout:
     mem_type: str  # NIXL's: "DRAM" (host memory) or "VRAM"
     buffers: tuple[BufferLayout, ...]
 
+    def page_bytes(self, group: str) -> int:
+        """Bytes one page of a layer group spans over all its layers, K and V ("full" or "swa")."""
+        return sum(b.page_bytes * b.layers for b in self.buffers if b.name.startswith(f"{group}."))
+
     def buffer(self, name: str) -> BufferLayout:
         for buffer in self.buffers:
             if buffer.name == name:
@@ -70,6 +76,17 @@ class PeerInfo:
     name: str  # its agent's
     metadata: bytes  # its agent's NIXL metadata (how to reach it, its registered memory)
     layout: KVLayout
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a decode server wants a request's prompt KV (handed to the prefill server with the request)."""
+
+    peer: str  # the decode server's transfer agent
+    rid: int  # the request's id there
+    seed: int  # its sampling seed there: the prefill server draws the first token with it
+    first_page: int  # pages before this one come from the decode server's own prefix cache
+    pages: tuple[int, ...]  # its pages for the rest of the prompt, in order
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,8 @@ class Transfer:
     peer: str
     handle: Optional[Any]  # NIXL's transfer handle; None once released
     state: TransferState
+    bytes: int  # what it moves, every layer
+    started: float = field(default_factory=time.monotonic)
 
 
 def kv_layout(pool: KVPool) -> KVLayout:
@@ -166,7 +185,8 @@ class KVTransferAgent:
             raise TransferError(f"no connection to KV peer {peer!r} (its bootstrap exchange has not happened)")
         if self._fail_every and next(self._writes) % self._fail_every == 0:
             raise TransferError(f"the KV transfer {note!r} to {peer!r} failed to start ({FAIL_EVERY_ENV})")
-        local, remote = [], []
+        local: list[np.ndarray] = []
+        remote: list[np.ndarray] = []
         for group, src, dst in (("full", plan.src_full, plan.dst_full), ("swa", plan.src_swa, plan.dst_swa)):
             if not src:
                 continue
@@ -184,7 +204,7 @@ class KVTransferAgent:
             state = self._agent.transfer(handle)
         except Exception as e:  # NIXL raises its own errors (nixlBackendError, ...) for a peer it cannot reach
             raise TransferError(f"the KV transfer {note!r} to {peer!r} failed to start: {e}") from e
-        return Transfer(note, peer, handle, _state(state))
+        return Transfer(note, peer, handle, _state(state), sum(int(descs[:, 1].sum()) for descs in local))
 
     def poll(self, transfer: Transfer) -> TransferState:
         """The transfer's state now (a finished one's handle is released here)."""

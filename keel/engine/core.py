@@ -30,7 +30,8 @@ from keel.cache.kv_plan import plan_kv
 from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_drained, check_idle, check_invariants, strict_checks_enabled
-from keel.disagg.engine_side import DisaggSide, KVDestination, Role
+from keel.disagg.engine_side import DisaggSide, Role
+from keel.disagg.kv_transfer import KVDestination
 from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
 from keel.distributed.dp_controller import DpController, RankStep
 from keel.distributed.ranks import RankProcesses, RankSetup, rank_config
@@ -106,6 +107,9 @@ class EngineCore:
         self.on_schedule: Optional[Callable[[ScheduledBatch], None]] = None  # sees every batch (benchmarks)
         self.disagg: Optional[DisaggSide] = None  # a prefill or decode server's side (enable_disaggregation)
         self.device_wait_s = 0.0  # the host's time waiting for the device to finish steps, summed (benchmarks)
+        if config.disaggregation_mode is not None and rank is None:
+            self.enable_disaggregation(config.disaggregation_mode,  # type: ignore[arg-type]  # checked: choices
+                                       transfer_timeout_s=config.disaggregation_transfer_timeout)
 
     def _load_draft_model(self) -> ModelRunner:
         """The drafter's model, run at the target's context length: a model of the target's vocabulary
@@ -272,8 +276,11 @@ class EngineCore:
         if self.ranks is not None:
             self.ranks.send("abort_many", list(rids), reason)
         live = [rid for rid in rids if rid in self._live]
-        aborted = [req.rid for req in self.scheduler.abort_many(set(live), reason)]
+        finished = self.scheduler.abort_many(set(live), reason)
+        aborted = [req.rid for req in finished]
         if self.disagg is not None:  # parked ones: freed once their transfer no longer touches their KV
+            for req in finished:
+                self.disagg.aborted_unparked(req)
             for rid in live:
                 if rid in self.scheduler.parked and rid not in self.disagg.aborted:
                     self.disagg.abort(rid)
@@ -294,9 +301,16 @@ class EngineCore:
         return self._has_own_work or (self.dp is not None and self.dp.others_busy)
 
     @property
+    def waiting_on_transfers(self) -> bool:
+        """All this engine has left is KV moving to or from other servers: nothing to run until it has moved."""
+        return (self.disagg is not None and self.scheduler.has_work and not self.scheduler.has_batch_work
+                and self._launched is None and not self.disagg.ended)
+
+    @property
     def _has_own_work(self) -> bool:
-        """Work of this rank's own: requests it holds, or a step in flight."""
-        return self.scheduler.has_work or self._launched is not None
+        """Work of this rank's own: requests it holds, a step in flight, or ends of transfers to report."""
+        return (self.scheduler.has_work or self._launched is not None
+                or (self.disagg is not None and bool(self.disagg.ended)))
 
     def step(self) -> list[CoreOutput]:
         """Schedule and launch one batch; returns what requests got from the steps whose results were read

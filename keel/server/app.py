@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keel.engine.outputs import RequestOutput
 from keel.sampling_params import SamplingParams
+from keel.server.disagg import add_prefill_routes, disaggregation_info
 from keel.server.errors import (APIError, api_error_handler, http_error_handler, internal_error_handler, parse_body,
                                 validation_error_handler)
 from keel.server.openai_api import (Prompt, ServerContext, check_capacity, check_request, client_gone, collect,
@@ -38,6 +39,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
         try:  # the engine started before the app (launch.serve): the lifespan only stops it
             yield
         finally:
+            if ctx.remote is not None:
+                await ctx.remote.close()
             await ctx.client.shutdown()
             ctx.tokenization.close()
 
@@ -51,6 +54,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
     if ctx.config.api_key is not None:
         app.add_middleware(RequireAPIKey, api_key=ctx.config.api_key)
     limit = ctx.config.max_request_body_bytes
+
+    if ctx.client.config.disaggregation_mode == "prefill":
+        add_prefill_routes(app, ctx.client, lambda request: read_body(request, limit))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -104,7 +110,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return {"model": ctx.model_name, "limits": dataclasses.asdict(ctx.client.limits),
                 "page_size": ctx.client.page_size, "pending_requests": ctx.client.num_pending,
                 "engine_pid": ctx.client.engine_pid,
-                "engine": msgspec.structs.asdict(stats) if stats is not None else None}
+                "engine": msgspec.structs.asdict(stats) if stats is not None else None,
+                "disaggregation": disaggregation_info(ctx.client.config.disaggregation_mode, ctx.client.peer, stats)}
 
     return app
 
@@ -164,7 +171,7 @@ async def native_generate(ctx: ServerContext, body: GenerateRequest, request: Re
     params = sampling_params(body.sampling_params, {})
     check_request(ctx, prompt, params, "input_ids" if body.text is None else "text")
     request_id = f"gen-{uuid.uuid4().hex}"
-    (generation,) = await make_generations(ctx, request_id, [prompt], [params], 1)
+    (generation,) = await make_generations(ctx, request_id, [prompt], [params], 1, request)
     if not body.stream:
         outputs = await collect([generation], request)
         if outputs is None:

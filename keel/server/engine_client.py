@@ -20,18 +20,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Optional
 
 import zmq
 import zmq.asyncio
 
 from keel.config import EngineConfig
+from keel.disagg.kv_transfer import KVDestination, PeerInfo
 from keel.engine.limits import RequestLimits
 from keel.engine.outputs import CoreOutput, FinishReason
 from keel.sampling_params import SamplingParams
 from keel.server.engine_process import run_engine_process
-from keel.server.messages import (AbortRequests, AddRequest, EngineFailed, EngineOutputs, EngineReady, EngineStats,
-                                  Shutdown, ToEngine, from_engine_decoder, heartbeat_decoder, ipc_addresses, pack)
+from keel.server.messages import (AbortRequests, AddRequest, ConnectPeer, EngineFailed, EngineOutputs, EngineReady,
+                                  EngineStats, PeerConnected, Preallocate, Preallocated, SenderDone, Shutdown, ToEngine,
+                                  from_engine_decoder, heartbeat_decoder, ipc_addresses, pack)
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,25 @@ class EngineError(RuntimeError):
         self.details = details
 
 
+@dataclass
+class Preallocation:
+    """A decode server's request whose prompt a prefill server computes, as the API process follows it."""
+
+    destination: asyncio.Future[KVDestination]  # the pages its KV goes into, once held (cancelled if it ends first)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # it has ended here: finished, aborted or failed
+
+    def end(self) -> None:
+        self.destination.cancel()
+        self.ended.set()
+
+
 class EngineClient:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.limits: Optional[RequestLimits] = None
         self.page_size: Optional[int] = None
         self.stats: Optional[EngineStats] = None
+        self.peer: Optional[PeerInfo] = None  # a disaggregated server's KV transfer agent
         self.last_heard = 0.0  # time.monotonic() of the engine's last heartbeat (set from the heartbeat thread)
         self.failure: Optional[str] = None
         self.on_fatal: Callable[[str], None] = lambda error: None  # called once when the engine is lost
@@ -57,6 +73,11 @@ class EngineClient:
         self._request_ids: dict[int, str] = {}  # engine request -> the response id a client can abort by
         self._aborts: dict[FinishReason, list[int]] = {}  # sent together at the end of this loop iteration
         self._rids = itertools.count(1)
+        # disaggregated servers: preallocations awaited (decode), bootstrap exchanges awaited (prefill), and
+        # requests whose end the engine reports even when aborted (prefill: once nothing more is sent for them)
+        self._preallocations: dict[int, Preallocation] = {}
+        self._connecting: dict[str, asyncio.Future[Optional[str]]] = {}
+        self._engine_ends: set[int] = set()
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._dispatcher: Optional[asyncio.Task] = None
@@ -108,7 +129,7 @@ class EngineClient:
                     why = message.error.strip().splitlines()[-1]
                     raise EngineError(f"the engine failed to start: {why}", message.error)
                 if isinstance(message, EngineReady):
-                    self.limits, self.page_size = message.limits, message.page_size
+                    self.limits, self.page_size, self.peer = message.limits, message.page_size, message.peer
                     break
             if time.monotonic() > deadline:
                 raise EngineError(f"the engine did not start within {timeout_s:.0f} s")
@@ -141,31 +162,84 @@ class EngineClient:
         """Whether `count` more engine requests fit under the cap on pending ones."""
         return len(self._queues) + count <= max_pending
 
-    def submit(self, rid: int, prompt_ids: list[int], params: SamplingParams,
-               request_id: str) -> asyncio.Queue[CoreOutput]:
-        """Send a request; its outputs arrive on the returned queue, the last one with a finish_reason."""
+    def submit(self, rid: int, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               kv_destination: Optional[KVDestination] = None) -> asyncio.Queue[CoreOutput]:
+        """Send a request; its outputs arrive on the returned queue, the last one with a finish_reason. One with a
+        `kv_destination` (prefill server) gets its last output from the engine even when aborted: once nothing
+        more is sent into the destination."""
+        queue = self._track(rid, request_id)
+        if self.failure is None:
+            if kv_destination is not None:
+                self._engine_ends.add(rid)
+            self._send(AddRequest(rid, prompt_ids, params, kv_destination))
+        return queue
+
+    def preallocate(self, rid: int, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str) -> tuple[asyncio.Queue[CoreOutput], Preallocation]:
+        """Decode server: a request whose prompt a prefill server computes; its outputs arrive on the queue."""
+        queue = self._track(rid, request_id)
+        preallocation = Preallocation(asyncio.get_running_loop().create_future())
+        if self.failure is None:
+            self._preallocations[rid] = preallocation
+            self._send(Preallocate(rid, prompt_ids, params))
+        else:
+            preallocation.end()
+        return queue, preallocation
+
+    def _track(self, rid: int, request_id: str) -> asyncio.Queue[CoreOutput]:
         queue: asyncio.Queue[CoreOutput] = asyncio.Queue()
         if self.failure is not None:
             queue.put_nowait(_failed(rid, self.failure))
-            return queue
-        self._queues[rid] = queue
-        self._request_ids[rid] = request_id
-        self._send((AddRequest(rid, prompt_ids, params)))
+        else:
+            self._queues[rid] = queue
+            self._request_ids[rid] = request_id
         return queue
 
-    def abort(self, rid: int, reason: FinishReason = "abort") -> None:
+    async def connect_peer(self, peer: PeerInfo) -> Optional[str]:
+        """Prefill server: the bootstrap exchange with a decode server's agent; why it failed, or None."""
+        if self.failure is not None:
+            return self.failure
+        answer = self._connecting.get(peer.name)
+        if answer is None:
+            answer = self._connecting[peer.name] = asyncio.get_running_loop().create_future()
+            self._send(ConnectPeer(peer))
+        return await asyncio.shield(answer)
+
+    def sender_done(self, rid: int) -> None:
+        """Decode server: nothing more will be written into this aborted request's pages; free them now. Sent
+        after this turn's aborts, so the engine has seen the abort first."""
+        if self.failure is None:
+            asyncio.get_running_loop().call_soon(self._send_if_alive, SenderDone([rid]))
+
+    def _send_if_alive(self, message: ToEngine) -> None:
+        if self.failure is None:
+            self._send(message)
+
+    def abort(self, rid: int, reason: FinishReason = "abort", error: Optional[str] = None) -> None:
         """Finish a request in the engine (its KV is released there). Whoever waits on its queue gets a last
-        output with this finish reason. Aborts made in one turn of the event loop (every choice of a response
-        whose client left) reach the engine as one message."""
+        output with this finish reason (and `error`, if given). Aborts made in one turn of the event loop (every
+        choice of a response whose client left) reach the engine as one message."""
+        if rid in self._engine_ends:  # its last output comes from the engine
+            self._queue_abort(rid, reason)
+            return
         queue = self._queues.pop(rid, None)
         self._request_ids.pop(rid, None)
+        self._end_preallocation(rid)
         if queue is None:
             return
-        queue.put_nowait(CoreOutput(rid, [], None, reason))
+        queue.put_nowait(CoreOutput(rid, [], None, reason, error=error))
+        self._queue_abort(rid, reason)
+
+    def _queue_abort(self, rid: int, reason: FinishReason) -> None:
         if self.failure is None:
             if not self._aborts:
                 asyncio.get_running_loop().call_soon(self._send_aborts)
             self._aborts.setdefault(reason, []).append(rid)
+
+    def _end_preallocation(self, rid: int) -> None:
+        preallocation = self._preallocations.pop(rid, None)
+        if preallocation is not None:
+            preallocation.end()
 
     def _send_aborts(self) -> None:
         aborts, self._aborts = self._aborts, {}
@@ -184,6 +258,8 @@ class EngineClient:
         """The front end is done with a request that finished on its own."""
         self._queues.pop(rid, None)
         self._request_ids.pop(rid, None)
+        self._engine_ends.discard(rid)
+        self._end_preallocation(rid)
 
     def healthy(self, timeout_s: float) -> bool:
         alive = self._process is not None and self._process.is_alive()
@@ -213,6 +289,16 @@ class EngineClient:
                         if out.finish_reason is not None:
                             del self._queues[out.rid]
                             self._request_ids.pop(out.rid, None)
+                            self._engine_ends.discard(out.rid)
+                            self._end_preallocation(out.rid)
+            elif isinstance(message, Preallocated):
+                preallocation = self._preallocations.get(message.rid)
+                if preallocation is not None and not preallocation.destination.done():
+                    preallocation.destination.set_result(message.destination)
+            elif isinstance(message, PeerConnected):
+                answer = self._connecting.pop(message.name, None)
+                if answer is not None and not answer.done():
+                    answer.set_result(message.error)
 
     def _engine_exited(self) -> None:
         assert self._loop is not None and self._process is not None
@@ -247,6 +333,13 @@ class EngineClient:
             queue.put_nowait(_failed(rid, error))
         self._queues.clear()
         self._request_ids.clear()
+        self._engine_ends.clear()
+        for rid in list(self._preallocations):
+            self._end_preallocation(rid)
+        for answer in self._connecting.values():
+            if not answer.done():
+                answer.set_result(error)
+        self._connecting.clear()
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the engine process (pending requests get an error), and clean up."""

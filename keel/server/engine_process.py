@@ -4,7 +4,9 @@ It loads the model, reports EngineReady, then loops: take every pending message 
 blocking while there is work (waiting up to STATS_INTERVAL_S when idle), run one step, send its
 outputs with the engine's stats. A thread of its own sends a heartbeat every HEARTBEAT_S on a
 separate channel, so the API process sees a stopped or dead engine within a second or two even
-while one step runs long. A request that cannot be prepared fails alone (EngineCore contains it);
+while one step runs long. A disaggregated server's engine also takes preallocations (decode: held in
+arrival order until they fit), the bootstrap exchange (prefill) and the ends of transfers; while all it has
+left is KV moving, it checks for arrivals every TRANSFER_POLL_S instead of spinning. A request that cannot be prepared fails alone (EngineCore contains it);
 an error the core cannot attribute ends the process after an EngineFailed message. It never
 touches HTTP, ignores Ctrl-C (the API process orchestrates shutdown), and exits when the API
 process is gone.
@@ -21,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,14 +31,16 @@ import zmq
 
 from keel.config import EngineConfig
 from keel.engine.outputs import CoreOutput
-from keel.server.messages import (AbortRequests, AddRequest, Decoder, EngineFailed, EngineOutputs, EngineReady,
-                                  EngineStats, FromEngine, Heartbeat, Shutdown, ipc_addresses, pack, to_engine_decoder)
+from keel.server.messages import (AbortRequests, AddRequest, ConnectPeer, Decoder, EngineFailed, EngineOutputs,
+                                  EngineReady, EngineStats, FromEngine, Heartbeat, PeerConnected, Preallocate,
+                                  Preallocated, SenderDone, Shutdown, ipc_addresses, pack, to_engine_decoder)
 
 if TYPE_CHECKING:  # the API process imports this module only to name the spawn target: keep it light
     from keel.engine.core import EngineCore
 
 STATS_INTERVAL_S = 0.5
 HEARTBEAT_S = 0.25
+TRANSFER_POLL_S = 0.001
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,8 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
         from keel.engine.core import EngineCore
 
         core = EngineCore(config)
-        send(EngineReady(core.limits, core.kv_cache.page_size))
+        send(EngineReady(core.limits, core.kv_cache.page_size,
+                         core.disagg.peer_info() if core.disagg is not None else None))
         try:
             EngineLoop(core, requests, send, to_engine_decoder(secret)).run()
         finally:
@@ -107,19 +113,26 @@ class EngineLoop:
         self.send = send
         self.decoder = decoder
         self.parent = os.getppid()
+        self.preallocations: deque[Preallocate] = deque()  # decode server: waiting for room, in arrival order
 
     def run(self) -> None:
         last_sent = 0.0
         while True:
-            timeout_ms = 0 if self.core.has_work else int(STATS_INTERVAL_S * 1000)
-            if self.requests.poll(timeout_ms) and not self._handle_messages():
+            if self.requests.poll(self._wait_ms()) and not self._handle_messages():
                 return
-            step_outputs = self.core.step() if self.core.has_work else []
-            if step_outputs or time.monotonic() - last_sent >= STATS_INTERVAL_S:
-                self.send(EngineOutputs(step_outputs, self.stats()))
+            outputs = self._preallocate()
+            outputs += self.core.step() if self.core.has_work else []
+            if outputs or time.monotonic() - last_sent >= STATS_INTERVAL_S:
+                self.send(EngineOutputs(outputs, self.stats()))
                 last_sent = time.monotonic()
             if os.getppid() != self.parent:  # the API process died: nobody is left to serve
                 return
+
+    def _wait_ms(self) -> int:
+        """How long to wait for messages: not at all while there is a step to run, a little while KV moves."""
+        if self.core.waiting_on_transfers or self.preallocations:
+            return int(TRANSFER_POLL_S * 1000) or 1
+        return 0 if self.core.has_work else int(STATS_INTERVAL_S * 1000)
 
     def _handle_messages(self) -> bool:
         """Apply every pending message; False on Shutdown."""
@@ -134,8 +147,17 @@ class EngineLoop:
                 error = self._add(message)
                 if error is not None:
                     rejected.append(CoreOutput(message.rid, [], None, "abort", error=error))
+            elif isinstance(message, Preallocate):
+                self.preallocations.append(message)
             elif isinstance(message, AbortRequests):
+                aborted = set(message.rids)
+                self.preallocations = deque(p for p in self.preallocations if p.rid not in aborted)
                 self.core.abort_many(message.rids, message.reason)
+            elif isinstance(message, ConnectPeer):
+                self.send(self._connect(message))
+            elif isinstance(message, SenderDone) and self.core.disagg is not None:
+                for rid in message.rids:
+                    self.core.disagg.sender_done(rid)
             elif isinstance(message, Shutdown):
                 return False
         if rejected:
@@ -145,13 +167,38 @@ class EngineLoop:
     def _add(self, message: AddRequest) -> str | None:
         """Queue a request; the error that rejects it alone, if any."""
         try:
-            self.core.add_request(message.prompt_ids, message.params, rid=message.rid)
-        except ValueError as e:  # the API process validates first; this is the last line of defence
-            return str(e)
-        except Exception as e:  # a fault of the engine's, but one this request alone triggered
-            logger.exception("request %d could not be added", message.rid)
-            return f"internal error: {type(e).__name__}: {e}"
+            self.core.add_request(message.prompt_ids, message.params, rid=message.rid,
+                                  kv_destination=message.kv_destination)
+        except Exception as e:
+            return _rejection(message.rid, e)
         return None
+
+    def _preallocate(self) -> list[CoreOutput]:
+        """Decode server: hold the KV of waiting preallocations, in arrival order, while they fit; the outputs of
+        those that cannot be served."""
+        rejected = []
+        while self.preallocations:
+            message = self.preallocations[0]
+            try:
+                destination = self.core.preallocate(message.prompt_ids, message.params, rid=message.rid)
+            except Exception as e:
+                rejected.append(CoreOutput(message.rid, [], None, "abort", error=_rejection(message.rid, e)))
+                self.preallocations.popleft()
+                continue
+            if destination is None:
+                break  # no room yet
+            self.preallocations.popleft()
+            self.send(Preallocated(message.rid, destination))
+        return rejected
+
+    def _connect(self, message: ConnectPeer) -> PeerConnected:
+        if self.core.disagg is None or self.core.disagg.role != "prefill":
+            return PeerConnected(message.peer.name, "this server is not a prefill server (--disaggregation-mode)")
+        try:
+            self.core.disagg.connect(message.peer)
+        except Exception as e:  # another pool geometry, or NIXL cannot reach it
+            return PeerConnected(message.peer.name, str(e))
+        return PeerConnected(message.peer.name, None)
 
     def stats(self) -> EngineStats:
         scheduler, kv = self.core.scheduler, self.core.kv_cache
@@ -165,4 +212,23 @@ class EngineLoop:
             pages_cached=cached,
             pages_cached_locked=radix.locked_pages if radix else 0,
             pages_held=kv.pages.capacity - kv.pages.num_free - cached,
+            **self._transfer_stats(),
         )
+
+    def _transfer_stats(self) -> dict:
+        disagg = self.core.disagg
+        if disagg is None:
+            return {}
+        done = disagg.stats
+        return dict(waiting_preallocation=len(self.preallocations), transferring=len(self.core.scheduler.parked),
+                    transfers_done=done.done, transfers_failed=done.failed, transfer_bytes=done.bytes,
+                    transfer_seconds=done.seconds)
+
+
+def _rejection(rid: int, error: Exception) -> str:
+    """Why one request was refused. A ValueError is the request's own fault (the API process validates first:
+    this is the last line of defence); anything else is the engine's, triggered by this request alone."""
+    if isinstance(error, ValueError):
+        return str(error)
+    logger.exception("request %d could not be added", rid, exc_info=error)
+    return f"internal error: {type(error).__name__}: {error}"

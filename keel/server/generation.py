@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,6 +23,9 @@ from keel.engine.stop_strings import StopAutomaton
 from keel.sampling_params import SamplingParams
 from keel.server.engine_client import EngineClient
 from keel.server.metrics import ServerMetrics
+
+# how a generation sends its request: (rid, prompt ids, params, response id) -> the queue its outputs arrive on
+Submit = Callable[[int, list[int], SamplingParams, str], "asyncio.Queue[CoreOutput]"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,11 @@ class GenerationEvent:
 class Generation:
     def __init__(self, request_id: str, index: int, client: EngineClient, metrics: ServerMetrics,
                  tokenizer: PreTrainedTokenizerBase, prompt: Optional[str], prompt_ids: list[int],
-                 params: SamplingParams, stops: StopAutomaton) -> None:
+                 params: SamplingParams, stops: StopAutomaton, submit: Optional[Submit] = None) -> None:
         self.request_id = request_id  # the response id: POST /abort/{request_id} stops it
         self.index = index
         self.client = client
+        self.submit = submit or client.submit  # a decode server's: its prompt prefilled on a prefill server
         self.metrics = metrics
         self.prompt_ids = prompt_ids
         self.params = params
@@ -60,7 +64,7 @@ class Generation:
         """One event per batch of engine outputs: when the consumer falls behind the engine, the outputs waiting
         for it go out together (as vLLM merges them), so a busy API process spends its time per event, not per
         token, and keeps up with any engine."""
-        queue = self.client.submit(self.rid, self.prompt_ids, self.params, self.request_id)
+        queue = self.submit(self.rid, self.prompt_ids, self.params, self.request_id)
         output = self.state.output
         arrival = last_token = time.monotonic()
         try:

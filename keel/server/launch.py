@@ -16,6 +16,7 @@ from keel.config import ServerConfig
 from keel.models.tokenizer import load_tokenizer
 from keel.models.source import ModelSource
 from keel.server.app import create_app
+from keel.server.disagg import RemotePrefill
 from keel.server.engine_client import EngineClient, EngineError
 from keel.server.metrics import ServerMetrics
 from keel.server.openai_api import ServerContext
@@ -35,8 +36,9 @@ def serve(source: ModelSource, client: EngineClient, server_config: ServerConfig
     pending request fails at once, the server stops and this raises EngineLost (exit status 1)."""
     logging.getLogger("keel").setLevel(logging.INFO)
     tokenizer = load_tokenizer(source)
+    remote = RemotePrefill(client) if client.config.disaggregation_mode == "decode" else None
     ctx = ServerContext(client, tokenizer, Tokenization(tokenizer), ServerMetrics(),
-                        server_config.served_model_name or client.config.model, server_config)
+                        server_config.served_model_name or client.config.model, server_config, remote)
     http = functools.partial(HeaderTimeoutProtocol, header_timeout_s=server_config.timeout_header_read)
     config = uvicorn.Config(create_app(ctx), log_level="info", http=http,
                             timeout_keep_alive=server_config.timeout_keep_alive,

@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import msgspec
 
+from keel.disagg.kv_transfer import KVDestination, PeerInfo
 from keel.engine.limits import RequestLimits
 from keel.engine.outputs import CoreOutput, FinishReason
 from keel.sampling_params import SamplingParams
@@ -27,6 +28,27 @@ class AddRequest(msgspec.Struct, tag=True, frozen=True):
     rid: int
     prompt_ids: list[int]
     params: SamplingParams
+    kv_destination: Optional[KVDestination] = None  # prefill server: where the decode server wants its KV
+
+
+class Preallocate(msgspec.Struct, tag=True, frozen=True):
+    """Decode server: hold this request's prompt KV as soon as it fits (answered by Preallocated)."""
+
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class ConnectPeer(msgspec.Struct, tag=True, frozen=True):
+    """Prefill server: the bootstrap exchange with a decode server (answered by PeerConnected)."""
+
+    peer: PeerInfo
+
+
+class SenderDone(msgspec.Struct, tag=True, frozen=True):
+    """Decode server: the prefill server writes nothing more for these (aborted) requests."""
+
+    rids: list[int]
 
 
 class AbortRequests(msgspec.Struct, tag=True, frozen=True):
@@ -46,6 +68,17 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
 class EngineReady(msgspec.Struct, tag=True, frozen=True):
     limits: RequestLimits
     page_size: int
+    peer: Optional[PeerInfo] = None  # a disaggregated server's transfer agent
+
+
+class Preallocated(msgspec.Struct, tag=True, frozen=True):
+    rid: int
+    destination: KVDestination
+
+
+class PeerConnected(msgspec.Struct, tag=True, frozen=True):
+    name: str
+    error: Optional[str]  # why the peer cannot be used (another pool geometry, unreachable)
 
 
 class EngineStats(msgspec.Struct, tag=True, frozen=True):
@@ -56,6 +89,14 @@ class EngineStats(msgspec.Struct, tag=True, frozen=True):
     pages_cached: int  # held by the prefix cache (evictable or locked)
     pages_cached_locked: int
     pages_held: int  # held by requests themselves
+    # disaggregated servers: requests waiting for room (decode), holding KV while it moves, and transfers so far
+    # (prefill: sent, timed from the write's start; decode: received, timed from the preallocation)
+    waiting_preallocation: int = 0
+    transferring: int = 0
+    transfers_done: int = 0
+    transfers_failed: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
@@ -75,8 +116,8 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     pid: int
 
 
-ToEngine = Union[AddRequest, AbortRequests, Shutdown]
-FromEngine = Union[EngineReady, EngineOutputs, EngineFailed]
+ToEngine = Union[AddRequest, AbortRequests, Preallocate, ConnectPeer, SenderDone, Shutdown]
+FromEngine = Union[EngineReady, EngineOutputs, Preallocated, PeerConnected, EngineFailed]
 
 logger = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()

@@ -41,6 +41,16 @@ class ServerMetrics:
         self.kv_pages_evictable = Gauge("keel_kv_pages_evictable", "prefix-cache pages no request uses: free as "
                                         "soon as the pool needs them", registry=r)
 
+        self.waiting_preallocation = Gauge("keel_disagg_waiting_preallocation", "Decode server: requests waiting "
+                                           "for room to hold their KV", registry=r)
+        self.transferring = Gauge("keel_disagg_transferring", "Requests holding KV while it moves between "
+                                  "servers", registry=r)
+        self.transfers = Gauge("keel_kv_transfers", "KV transfers so far (prefill: sent; decode: received)",
+                               ["result"], registry=r)
+        self.transfer_bytes = Gauge("keel_kv_transfer_bytes", "Bytes of the KV transfers done", registry=r)
+        self.transfer_seconds = Gauge("keel_kv_transfer_seconds", "Time of the KV transfers done, summed (prefill: "
+                                      "from the write's start; decode: from the preallocation)", registry=r)
+
     def render(self, stats: Optional[EngineStats]) -> bytes:
         if stats is not None:
             self.running.set(stats.running)
@@ -49,4 +59,10 @@ class ServerMetrics:
             self.kv_pages_used.set(stats.pages_held + stats.pages_cached_locked)
             self.kv_pages_cached.set(stats.pages_cached)
             self.kv_pages_evictable.set(stats.pages_cached - stats.pages_cached_locked)
+            self.waiting_preallocation.set(stats.waiting_preallocation)
+            self.transferring.set(stats.transferring)
+            self.transfers.labels("done").set(stats.transfers_done)
+            self.transfers.labels("failed").set(stats.transfers_failed)
+            self.transfer_bytes.set(stats.transfer_bytes)
+            self.transfer_seconds.set(stats.transfer_seconds)
         return generate_latest(self.registry)

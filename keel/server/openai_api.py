@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import reprlib
@@ -22,6 +23,7 @@ from keel.engine.limits import ContextLengthError, validate_request
 from keel.engine.outputs import RequestOutput, TokenLogprob, mean_accept_length
 from keel.engine.stop_strings import StopAutomaton
 from keel.sampling_params import InvalidParameter, SamplingParams
+from keel.server.disagg import RemotePrefill, prefill_url
 from keel.server.engine_client import EngineClient
 from keel.server.errors import APIError
 from keel.server.generation import Generation, merged_events
@@ -57,6 +59,7 @@ class ServerContext:
     metrics: ServerMetrics
     model_name: str
     config: ServerConfig
+    remote: Optional[RemotePrefill] = None  # a decode server's link to the prefill servers
 
     @property
     def max_pending(self) -> int:
@@ -154,9 +157,15 @@ def json_schema(response_format: Optional[ResponseFormat]) -> Optional[str]:
 
 
 async def make_generations(ctx: ServerContext, request_id: str, prompts: list[Prompt],
-                           prompt_params: list[SamplingParams], n: int) -> list[Generation]:
+                           prompt_params: list[SamplingParams], n: int, request: Request) -> list[Generation]:
     """n choices per prompt, numbered prompt by prompt; with a seed, choice j draws from seed + j, so the
-    choices differ but repeat. Every choice shares one stop-string automaton (the stops are the request's)."""
+    choices differ but repeat. Every choice shares one stop-string automaton (the stops are the request's).
+    On a decode server, each is prefilled on the prefill server the router named."""
+    url = prefill_url(ctx.client, request)
+    submit = None
+    if url is not None:
+        assert ctx.remote is not None
+        submit = functools.partial(ctx.remote.submit, url=url)
     stop = prompt_params[0].stop
     stops = await ctx.tokenization.run(sum(map(len, stop)), lambda: StopAutomaton(stop))
     generations = []
@@ -164,7 +173,7 @@ async def make_generations(ctx: ServerContext, request_id: str, prompts: list[Pr
         for j in range(n):
             choice_params = params if params.seed is None or j == 0 else _with_seed(params, (params.seed + j) % 2**64)
             generations.append(Generation(request_id, p * n + j, ctx.client, ctx.metrics, ctx.tokenizer,
-                                          prompt.text, prompt.ids, choice_params, stops))
+                                          prompt.text, prompt.ids, choice_params, stops, submit))
     return generations
 
 
@@ -302,7 +311,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         checked.append(params)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echoes = [await prompt_text(ctx, p) for p in prompts] if body.echo else None
-    generations = await make_generations(ctx, response_id, prompts, checked, body.n)
+    generations = await make_generations(ctx, response_id, prompts, checked, body.n, request)
     if body.stream:
         return sse_stream(stream_completion(ctx, body, prompts, echoes, generations, response_id, created),
                           response_id)
@@ -426,7 +435,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     params = sampling_params(fields, names)
     check_request(ctx, prompt, params, "messages")
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    generations = await make_generations(ctx, response_id, [prompt], [params], body.n)
+    generations = await make_generations(ctx, response_id, [prompt], [params], body.n, request)
     fmt = AnswerFormat(ctx.config.reasoning_parser, ctx.config.tool_call_parser if tools else None,
                        body.parallel_tool_calls)
     if body.stream:

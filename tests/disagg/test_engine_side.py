@@ -69,16 +69,11 @@ def _route(prefill: EngineCore, decode: EngineCore, work: list[tuple[list[int], 
     decode_rid: dict[int, int] = {}  # request index -> decode rid
 
     def abort_both(i: int) -> None:
-        sending = False
-        for rid, j in list(on_prefill.items()):
-            if j == i:
+        for rid, j in on_prefill.items():
+            if j == i:  # the prefill engine reports its end once nothing more is written for it
                 prefill.abort(rid)
-                sending = rid in prefill.scheduler.parked  # its transfer may still be writing
-                del on_prefill[rid]
         if i in decode_rid:
             decode.abort(decode_rid[i])
-            if not sending:  # nothing more will be written into its pages
-                decode.disagg.sender_done(decode_rid[i])
         results[i].finish = results[i].finish or "abort"
 
     for _ in range(max_steps):
@@ -96,10 +91,14 @@ def _route(prefill: EngineCore, decode: EngineCore, work: list[tuple[list[int], 
                 abort_both(i)
         if prefill.has_work:
             for out in prefill.step():
-                i = on_prefill.pop(out.rid) if out.finish_reason is not None else on_prefill[out.rid]
-                if out.finish_reason == "abort" and results[i].finish is None:  # its KV never reached the decoder
-                    results[i].finish, results[i].error = "abort", out.error
-                    decode.abort(decode_rid[i])
+                i = on_prefill[out.rid]
+                if out.finish_reason is None:
+                    continue
+                del on_prefill[out.rid]
+                if out.finish_reason == "abort":  # nothing more will be written for it: the decoder may free it
+                    if results[i].finish is None:  # its KV never reached the decoder
+                        results[i].finish, results[i].error = "abort", out.error
+                        decode.abort(decode_rid[i])
                     decode.disagg.sender_done(decode_rid[i])
             for rid, i in list(on_prefill.items()):
                 if abort.get(i) == "prefilling" and any(r.rid == rid for r in prefill.scheduler.running):
@@ -264,11 +263,15 @@ def test_an_aborted_request_keeps_its_pages_until_its_transfer_ends(tiny_model, 
     assert prefill.abort(rid) and decode.abort(destination.rid)
     assert prefill.kv_cache.pages.capacity - prefill.kv_cache.pages.num_free == held  # still sending: kept
     assert destination.rid in decode.scheduler.parked  # the decode side keeps its pages too
+    ends = []
     for _ in range(1000):  # the sender's polls make progress; then the notification frees the decode side
-        assert prefill.step() == [] if prefill.has_work else True  # nothing for a request reported finished
+        if prefill.has_work:
+            ends += prefill.step()
+            assert ends == [] or rid not in prefill.scheduler.parked  # its end is reported once nothing is sent
         assert decode.step() == []
         if not prefill.has_work and not decode.has_work:
             break
+    assert [(out.rid, out.finish_reason, out.error) for out in ends] == [(rid, "abort", None)]
     _assert_clean(prefill, decode)
 
 
@@ -300,6 +303,6 @@ def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, closing, monk
     prefill, decode = closing(*_pair(model, page_size=4))
     prefill.disagg.transfer_timeout_s = 0.0
     agent = prefill.disagg.agent
-    monkeypatch.setattr(agent, "write", lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS))
+    monkeypatch.setattr(agent, "write", lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS, 0))
     monkeypatch.setattr(agent, "poll", lambda transfer: transfer.state)
     _assert_every_request_fails(prefill, decode, _work(3, seed=9), "did not finish within 0 s")
