@@ -54,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a prefill and a decode server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_arguments(router, RouterConfig)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from keel.bench import capacity, latency, offline, serve as bench_serve
+    from keel.bench import capacity, kv_transfer, latency, offline, serve as bench_serve
 
     for name, module, what in (("serve", bench_serve, "load an OpenAI-compatible server"),
                                ("latency", latency, "prefill and decode-step time, achieved memory bandwidth"),
                                ("offline", offline, "throughput of many prompts at once"),
-                               ("capacity", capacity, "how many requests of a length the KV pools hold")):
+                               ("capacity", capacity, "how many requests of a length the KV pools hold"),
+                               ("kv-transfer", kv_transfer, "KV transfer bandwidth between two servers' pools "
+                                                            "(disaggregation)")):
         module.add_arguments(bench.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     for command in (serve, gen):
         command.add_argument("--log-level", default="warning", help="python logging level")
@@ -186,12 +188,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             serve_router(RouterConfig(**dataclass_kwargs(args, RouterConfig)))
         elif args.command == "bench":
-            from keel.bench import capacity, latency, offline, serve as bench_serve
+            from keel.bench import capacity, kv_transfer, latency, offline, serve as bench_serve
 
             if args.bench == "serve":
                 bench_serve.run(bench_serve.config_from_args(args))
             else:
-                {"latency": latency, "offline": offline, "capacity": capacity}[args.bench].run(args)
+                {"latency": latency, "offline": offline, "capacity": capacity,
+                 "kv-transfer": kv_transfer}[args.bench].run(args)
     except ValueError as e:
         sys.exit(f"keel: error: {e}")
 

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
               "input_len": list(args.input_len), "output_len": list(args.output_len), "seconds": elapsed,
               "run_seconds": run_seconds,
               "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs),  # 0: every prompt was prefilled
               "total_tok_s": (input_tokens + output_tokens) / elapsed, "output_tok_s": output_tok_s,
               **roofline.totals.report(elapsed, roofline.hbm, roofline.matmul)}
     runs_note = f" (median of {len(run_seconds)} runs: {', '.join(f'{t:.2f}' for t in run_seconds)} s)" \
@@ -114,6 +115,7 @@ def _timed(engine: keel.Engine, args: argparse.Namespace, roofline: Optional[Ste
     prompts, output_lens = make_work(args, engine.core.model_config.vocab_size)
     params = _greedy(output_lens)
     engine.generate(prompts[:4], params[:4])  # warm up
+    engine.core.flush_cache()  # no run may reuse an earlier one's prompts from the prefix cache
     device = engine.core.runner.device
     sync(device)
     engine.core.on_schedule = roofline

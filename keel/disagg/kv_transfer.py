@@ -190,10 +190,11 @@ class KVTransferAgent:
         for group, src, dst in (("full", plan.src_full, plan.dst_full), ("swa", plan.src_swa, plan.dst_swa)):
             if not src:
                 continue
+            src_first, dst_first, lengths = _runs(src, dst)
             for part in ("k", "v"):
                 name = f"{group}.{part}"
-                local.append(_page_descs(self.layout.buffer(name), src))
-                remote.append(_page_descs(theirs.buffer(name), dst))
+                local.append(_run_descs(self.layout.buffer(name), src_first, lengths))
+                remote.append(_run_descs(theirs.buffer(name), dst_first, lengths))
         if not local:
             raise TransferError(f"{note}: nothing to transfer")
         mem = self.layout.mem_type
@@ -237,16 +238,25 @@ class KVTransferAgent:
         self._agent.deregister_memory(self._registered)
 
 
-def _page_descs(buffer: BufferLayout, pages: tuple[int, ...]) -> np.ndarray:
-    """NIXL descriptors (address, bytes, device id) of `pages` in every layer of `buffer`, layer by layer."""
-    index = np.asarray(pages, dtype=np.int64)
-    if index.size and (index.min() <= 0 or index.max() >= buffer.pages):
-        raise TransferError(f"pages {pages} outside 1..{buffer.pages - 1} of the {buffer.name} buffer")
+def _runs(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plan's pages as runs consecutive on both sides: (first source page, first destination page, pages).
+    One descriptor per run and layer instead of per page: NIXL's cost per transfer grows with its descriptors
+    (about 7 us each over CUDA IPC on an H200), so a request's fresh, mostly consecutive pages move in few."""
+    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1))
+    return s[starts], d[starts], np.diff(np.append(starts, len(s)))
+
+
+def _run_descs(buffer: BufferLayout, first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """NIXL descriptors (address, bytes, device id) of runs of pages in every layer of `buffer`, layer by layer."""
+    if first.size and (first.min() <= 0 or (first + lengths).max() > buffer.pages):
+        raise TransferError(f"pages outside 1..{buffer.pages - 1} of the {buffer.name} buffer "
+                            f"(runs from {first.tolist()}, {lengths.tolist()} pages)")
     layers = np.arange(buffer.layers, dtype=np.int64)[:, None]
-    addresses = buffer.address + layers * buffer.layer_bytes + index[None, :] * buffer.page_bytes
+    addresses = buffer.address + layers * buffer.layer_bytes + first[None, :] * buffer.page_bytes
     descs = np.empty((addresses.size, 3), dtype=np.int64)
     descs[:, 0] = addresses.reshape(-1)
-    descs[:, 1] = buffer.page_bytes
+    descs[:, 1] = np.broadcast_to(lengths[None, :] * buffer.page_bytes, addresses.shape).reshape(-1)
     descs[:, 2] = buffer.device_id
     return descs
 

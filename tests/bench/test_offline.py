@@ -24,6 +24,7 @@ def test_runs_report_the_median_run_and_one_run_s_roofline(tiny_model, tmp_path,
     assert thrice["seconds"] == statistics.median(thrice["run_seconds"])
     assert thrice["roofline_steps"] == once["roofline_steps"]  # summed over one run, not three
     assert thrice["output_tokens"] == once["output_tokens"]
+    assert thrice["cached_tokens"] == 0  # no run reuses an earlier run's prompts from the prefix cache
     assert "median of 3 runs" in capsys.readouterr().out
 
 

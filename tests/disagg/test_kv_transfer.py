@@ -11,7 +11,7 @@ import torch
 
 from keel.cache.kv_pool import KVPool
 from keel.cache.swa_pages import SwaPageMap
-from keel.disagg.kv_transfer import (KVTransferAgent, PagePlan, TransferError, TransferState, check_compatible,
+from keel.disagg.kv_transfer import (KVTransferAgent, PagePlan, TransferError, TransferState, _runs, check_compatible,
                                      kv_layout)
 
 _names = itertools.count()
@@ -52,13 +52,14 @@ def _finish(sender: KVTransferAgent, receiver: KVTransferAgent, transfer, timeou
     return arrived
 
 
-def test_a_request_s_pages_land_in_the_planned_pages_of_every_layer():
+@pytest.mark.parametrize("src, dst", [([3, 5, 1], [2, 11, 4]),  # scattered: one descriptor per page
+                                      ([3, 4, 5, 1, 2, 7], [2, 3, 4, 9, 10, 6])])  # runs consecutive on both sides
+def test_a_request_s_pages_land_in_the_planned_pages_of_every_layer(src, dst):
     src_pool, dst_pool = _pool(8), _pool(12)
     _fill(src_pool, 0)
     before = (dst_pool.k_cache.clone(), dst_pool.v_cache.clone())
     prefill, decode = _agents(src_pool, dst_pool)
     try:
-        src, dst = [3, 5, 1], [2, 11, 4]
         transfer = prefill.write(decode.name, "req-1", PagePlan(tuple(src), tuple(dst)))
         assert _finish(prefill, decode, transfer) == ["req-1"]
         assert transfer.state is TransferState.DONE and transfer.handle is None
@@ -118,3 +119,8 @@ def test_what_cannot_be_sent_fails_before_anything_moves():
     finally:
         prefill.close()
         decode.close()
+
+
+def test_pages_consecutive_on_both_sides_move_as_one_run():
+    first_src, first_dst, lengths = _runs((3, 4, 5, 1, 2, 7, 8), (2, 3, 4, 9, 10, 6, 11))
+    assert (first_src.tolist(), first_dst.tolist(), lengths.tolist()) == ([3, 1, 7, 8], [2, 9, 6, 11], [3, 2, 1, 1])
