@@ -12,7 +12,7 @@ from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from keel.engine.detokenizer import IncrementalDetokenizer
+from keel.engine.detokenizer import IncrementalDetokenizer, TextDecoder
 from keel.engine.outputs import CoreOutput, RequestOutput
 from keel.engine.stop_strings import StopAutomaton, StopMatcher
 from keel.sampling_params import SamplingParams
@@ -24,7 +24,7 @@ class RequestState:
         """`stop_automaton`: params.stop's automaton, built once and shared when a request has several choices."""
         self.output = RequestOutput(request_id, prompt, list(prompt_ids),
                                     logprobs=[] if params.wants_logprobs else None)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.detokenizer = IncrementalDetokenizer(TextDecoder(tokenizer), prompt_ids)
         self.stops = StopMatcher(stop_automaton or StopAutomaton(params.stop))
         self.streamed = 0  # characters of output.text already handed out by take_delta
 

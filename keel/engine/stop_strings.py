@@ -70,6 +70,9 @@ class StopMatcher:
         if self.match is not None:
             return self.match
         automaton = self.automaton
+        if len(automaton.goto) == 1:  # no stop strings: nothing to follow (this runs per token of every request)
+            self.fed += len(text)
+            return None
         for ch in text:
             self.state = automaton.step(self.state, ch)
             self.fed += 1

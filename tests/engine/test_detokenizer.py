@@ -1,15 +1,16 @@
 import pytest
 
-from keel.engine.detokenizer import IncrementalDetokenizer
+from keel.engine.detokenizer import IncrementalDetokenizer, TextDecoder
 from keel.models.byte_tokenizer import EOS_ID, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
+DECODER = TextDecoder(TOKENIZER)
 
 
 @pytest.mark.parametrize("text", ["plain ascii", "héllo wörld", "你好，世界", "emoji 🎉🚀 end", "mixé你🎉"])
 def test_deltas_never_split_a_character_and_add_up_to_the_text(text):
     ids = TOKENIZER(text, add_special_tokens=False).input_ids
-    detok = IncrementalDetokenizer(TOKENIZER, TOKENIZER("prompt").input_ids)
+    detok = IncrementalDetokenizer(DECODER, TOKENIZER("prompt").input_ids)
     deltas = [detok.push([t]) for t in ids]
     deltas.append(detok.flush())
     assert "".join(deltas) == text
@@ -17,12 +18,27 @@ def test_deltas_never_split_a_character_and_add_up_to_the_text(text):
 
 
 def test_incomplete_character_is_held_then_flushed_at_the_end():
-    detok = IncrementalDetokenizer(TOKENIZER, [])
+    detok = IncrementalDetokenizer(DECODER, [])
     first_two_bytes_of_ni = list("你".encode())[:2]
     assert detok.push(first_two_bytes_of_ni) == ""
     assert detok.flush() == "\ufffd"  # the request ended mid-character; say so rather than drop it
 
 
 def test_special_tokens_are_not_text():
-    detok = IncrementalDetokenizer(TOKENIZER, [])
+    detok = IncrementalDetokenizer(DECODER, [])
     assert detok.push([ord("a"), EOS_ID]) == "a"
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_the_decoder_decodes_as_transformers_does(model, keel_cache_dir):
+    """Real tokenizers (byte-level BPE, SentencePiece-style), random ids, special tokens included."""
+    import random
+
+    from keel.models.source import resolve_model
+    from keel.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model(model))
+    rng = random.Random(0)
+    sequences = [[rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 12))] for _ in range(200)]
+    expected = [tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
+    assert [TextDecoder(tokenizer)(seq) for seq in sequences] == expected

@@ -60,13 +60,16 @@ def test_streamed_json_schema_with_n_choices(client):
 
 
 def test_json_object_gives_an_object(client):
-    def answer(**extra):
-        return client.chat.completions.create(model="keel-demo", messages=MESSAGES, temperature=0.0, max_tokens=40,
-                                              **extra).choices[0]
+    def answers(**extra):
+        return client.chat.completions.create(model="keel-demo", messages=MESSAGES, temperature=1.0, seed=3, n=8,
+                                              max_tokens=40, **extra).choices
 
-    assert not answer().message.content.startswith("{")  # keel-demo, a toy model, writes no JSON of its own
-    choice = answer(response_format={"type": "json_object"})
-    assert isinstance(json.loads(choice.message.content), dict) and choice.finish_reason == "stop"
+    assert not any(c.message.content.startswith("{") for c in answers())  # a toy model writes no JSON of its own
+    choices = answers(response_format={"type": "json_object"})
+    # whether a toy model closes its object within 40 tokens depends on its training; whatever it closed is one
+    assert all(c.message.content.startswith("{") for c in choices)
+    finished = [c for c in choices if c.finish_reason == "stop"]
+    assert finished and all(isinstance(json.loads(c.message.content), dict) for c in finished)
 
 
 def test_regex_and_ebnf_on_completions(client):
