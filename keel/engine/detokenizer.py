@@ -17,6 +17,9 @@ from transformers import PreTrainedTokenizerBase
 
 _PROMPT_CONTEXT = 5
 _REPLACEMENT = "\ufffd"
+# Tokens that decode to no text (skipped special tokens, ids the tokenizer lacks) would otherwise stay in the
+# window for good, and every later decode would read them all: past this many, the window moves on.
+_MAX_SILENT = 16
 
 
 class TextDecoder:
@@ -48,6 +51,9 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
             self._advance()
             return full[len(prefix):]
+        if full == prefix and len(self.ids) - self.prefix_offset > _MAX_SILENT:
+            self.read_offset = len(self.ids)
+            self.prefix_offset = self.read_offset - _PROMPT_CONTEXT
         return ""
 
     def flush(self) -> str:

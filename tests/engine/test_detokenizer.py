@@ -29,6 +29,15 @@ def test_special_tokens_are_not_text():
     assert detok.push([ord("a"), EOS_ID]) == "a"
 
 
+def test_tokens_without_text_do_not_grow_the_window_for_good():
+    detok = IncrementalDetokenizer(DECODER, [])
+    assert detok.push([ord("a")]) == "a"
+    for _ in range(1000):  # the end-of-sequence token is skipped: no text
+        assert detok.push([EOS_ID]) == ""
+    assert len(detok.ids) - detok.prefix_offset <= 20  # each decode reads a short window, not 1,000 tokens
+    assert "".join(detok.push([t]) for t in "é b".encode()) + detok.flush() == "é b"
+
+
 @pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
 def test_the_decoder_decodes_as_transformers_does(model, keel_cache_dir):
     """Real tokenizers (byte-level BPE, SentencePiece-style), random ids, special tokens included."""
