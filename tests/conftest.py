@@ -12,9 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, in numpy; set before they load
 
+from transformers import AutoModelForCausalLM
+
 import keel
 from keel.debug.invariants import STRICT_ENV
+from keel.models.byte_tokenizer import save_byte_tokenizer
 from tests.helpers import build_tiny_hf_model
+from tests.spec.eagle_heads import write_eagle_head
 
 # Every engine in the tests checks all KV invariants after every step.
 os.environ[STRICT_ENV] = "1"
@@ -66,3 +70,29 @@ def make_engine() -> Iterator[Callable[..., keel.Engine]]:
         kv = engine.core.kv_cache
         for pool in (kv.pages,) + ((kv.swa.allocator,) if kv.swa is not None else ()):
             assert pool.num_free == pool.capacity, f"{pool.capacity - pool.num_free} {pool.what}s not free after flush"
+
+
+@pytest.fixture(scope="session")
+def drafters(tiny_model, tmp_path_factory) -> dict[str, dict]:
+    """Speculative options by name: n-grams, the target as its own drafter, a noisy copy of it (accepts some
+    drafts, not all) and an unrelated random model (accepts almost none)."""
+    target, _ = tiny_model("llama3")
+    unrelated, _ = tiny_model("llama2")
+    noisy = tmp_path_factory.mktemp("noisy-draft")
+    model = AutoModelForCausalLM.from_pretrained(target)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.save_pretrained(noisy)
+    save_byte_tokenizer(noisy)
+    standalone = dict(speculative_algorithm="STANDALONE")
+    eagle3 = write_eagle_head(tmp_path_factory.mktemp("eagle3"), target, eagle3=True, draft_vocab_size=300,
+                              with_embedding=False)
+    eagle = write_eagle_head(tmp_path_factory.mktemp("eagle-identity"), target, eagle3=False, identity=True)
+    return {"ngram": dict(speculative_algorithm="NGRAM"),
+            "self": dict(standalone, speculative_draft_model_path=str(target)),
+            "noisy": dict(standalone, speculative_draft_model_path=str(noisy)),
+            "unrelated": dict(standalone, speculative_draft_model_path=str(unrelated)),
+            "eagle3": dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3)),
+            "eagle": dict(speculative_algorithm="EAGLE", speculative_draft_model_path=str(eagle))}

@@ -58,7 +58,7 @@ class KVCacheManager:
         self._page_table = torch.zeros(max_requests + 1, max_pages_per_row, dtype=torch.int64)
         self._kv_lens = torch.zeros(max_requests + 1, dtype=torch.int64)
         # hybrid: per row, the first page whose SWA page the request may still free (those before it are the
-        # cache's, or already freed)
+        # cache's, already freed, or never had one)
         self._swa_floor = torch.zeros(max_requests + 1, dtype=torch.int64)
 
     @property
@@ -138,34 +138,38 @@ class KVCacheManager:
                              f"length {self.context_length}")
         have = self.pages.pages_for(old_lens)
         extra = self.pages.pages_for(new_lens_t) - have
+        page_rows, page_index = rows.repeat_interleave(extra), have.repeat_interleave(extra) + _ranges(extra)
         page_owners = torch.tensor(owners, dtype=torch.int64).repeat_interleave(extra)
-        new_pages = self._alloc_pages(page_owners)
+        new_pages = self._alloc_pages(page_owners, page_index >= self._swa_floor[page_rows])
         if new_pages is None:
             return None
-        self._page_table[rows.repeat_interleave(extra), have.repeat_interleave(extra) + _ranges(extra)] = new_pages
+        self._page_table[page_rows, page_index] = new_pages
         self._kv_lens[rows] = new_lens_t
         token_rows, positions, slots = self._slots_of(rows, old_lens, new_lens_t)
         self.table.write(token_rows, positions, slots)
         return slots
 
-    def _alloc_pages(self, owners: torch.Tensor) -> Optional[torch.Tensor]:
-        """One full page per entry of `owners` (with its SWA page on a hybrid pool), evicting cached pages as
-        needed; None, taking nothing, if short."""
+    def _alloc_pages(self, owners: torch.Tensor, windowed: torch.Tensor) -> Optional[torch.Tensor]:
+        """One full page per entry of `owners`, with its SWA page on a hybrid pool where `windowed` (bool) says
+        so, evicting cached pages as needed; None, taking nothing, if short."""
         need = owners.numel()
         if self.radix is not None and need > self.pages.num_free:
             self.radix.evict(need - self.pages.num_free)
-        if self.swa is not None and self.radix is not None and need > self.swa.allocator.num_free:
-            self.radix.evict_swa(need - self.swa.allocator.num_free)
-        if self.swa is not None and need > self.swa.allocator.num_free:
+        need_swa = int(windowed.sum())
+        if self.swa is not None and self.radix is not None and need_swa > self.swa.allocator.num_free:
+            self.radix.evict_swa(need_swa - self.swa.allocator.num_free)
+        if self.swa is not None and need_swa > self.swa.allocator.num_free:
             return None
         new_pages = self.pages.alloc(owners)
-        if new_pages is not None and self.swa is not None and not self.swa.attach(new_pages, owners):
+        if new_pages is not None and self.swa is not None and not self.swa.attach(new_pages, owners, windowed):
             raise KVAccountingError("the sliding-window pool ran short after its free pages were counted")
         return new_pages
 
     def free_out_of_window(self, owners: list[int], first_positions: list[int]) -> None:
         """Hybrid pools: return the SWA pages of each owner's own pages that lie wholly before the window of its
-        earliest query to come (at position `first_positions[i]`, which sees keys from there - window + 1 on)."""
+        earliest query to come (at position `first_positions[i]`, which sees keys from there - window + 1 on).
+        Pages it gets later that lie before that window get no SWA page (a decode server's preallocated prompt:
+        only its last window's KV is ever read, and only that is sent to it)."""
         if self.swa is None or not owners:
             return
         assert self.window is not None
@@ -177,12 +181,12 @@ class KVCacheManager:
             for h, floor in zip(held, floors.tolist()):
                 self._free_cached_window(h, floor)
         starts = self._swa_floor[rows]
-        counts = torch.clamp(floors - starts, min=0)
+        counts = torch.clamp(torch.minimum(floors, self.pages.pages_for(self._kv_lens[rows])) - starts, min=0)
+        self._swa_floor[rows] = torch.maximum(starts, floors)  # may lie past its pages: grow() gives those none
         if int(counts.sum()) == 0:
             return
         pages = self._page_table[rows.repeat_interleave(counts), starts.repeat_interleave(counts) + _ranges(counts)]
         self.swa.detach(pages, torch.tensor(owners, dtype=torch.int64).repeat_interleave(counts))
-        self._swa_floor[rows] = torch.maximum(starts, floors)
 
     def _free_cached_window(self, held: HeldKV, floor: int) -> None:
         """The SWA pages of `held`'s cached prefix before page `floor` (behind its window), where no other request
@@ -279,8 +283,27 @@ class KVCacheManager:
 
     def window_pages(self, owner: int) -> torch.Tensor:
         """Hybrid pools: `owner`'s own pages that may still be inside its window (each has its SWA page)."""
+        return self.row_pages(owner)[self.window_start(owner):]
+
+    def window_start(self, owner: int) -> int:
+        """Hybrid pools: the index in `owner`'s row of the first of its own pages that may still be inside its
+        window."""
         held = self._held(owner)
-        return self.row_pages(owner)[max(held.cached_pages, int(self._swa_floor[held.row])):]
+        return max(held.cached_pages, int(self._swa_floor[held.row]))
+
+    def window_floor(self, position: int) -> int:
+        """Hybrid pools: the first page a query at `position` reads in a sliding-window layer."""
+        return int(self._first_window_page(torch.tensor(position)))
+
+    def swa_pages(self, owner: int, first_page: int) -> torch.Tensor:
+        """Hybrid pools: the SWA pages of `owner`'s pages from index `first_page` of its row on (its own or the
+        cache's); raises if one has none (its window KV was freed)."""
+        assert self.swa is not None
+        full = self.row_pages(owner)[first_page:]
+        missing = full[~self.swa.present(full)]
+        if missing.numel():
+            raise KVAccountingError(f"owner {owner}'s pages {missing.tolist()} have no window KV")
+        return self.swa.map[full]
 
     def set_fence(self, event: Optional[FenceEvent]) -> None:
         """Pages and rows freed from now on wait for `event` (recorded after the latest launched forward)

@@ -15,7 +15,7 @@ guard is that clearing (and the emptiness check); switched off, a stale entry su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -45,15 +45,18 @@ class SwaPages:
         self.map = torch.zeros(num_full_pages + 1, dtype=torch.int64)  # host; the source of truth
         self.device_map = SwaPageMap(torch.zeros(num_full_pages + 1, dtype=torch.int32, device=device), page_size)
 
-    def attach(self, full_pages: torch.Tensor, owners: torch.Tensor) -> bool:
-        """Give each of `full_pages` (just handed out to `owners`) an SWA page of the same owner; False, taking
-        nothing, if too few are free."""
-        if full_pages.numel() == 0:
-            return True
+    def attach(self, full_pages: torch.Tensor, owners: torch.Tensor, windowed: Optional[torch.Tensor] = None) -> bool:
+        """Give each of `full_pages` (just handed out to `owners`), or each that `windowed` (bool) selects, an SWA
+        page of the same owner (the others lie behind every window their owner will read); False, taking nothing,
+        if too few are free."""
         if guard_on("mapping-reset") and bool((self.map[full_pages] != 0).any()):
             stale = int(full_pages[self.map[full_pages] != 0][0])
             raise KVAccountingError(f"full page {stale} was handed out still mapped to SWA page "
                                     f"{int(self.map[stale])}")
+        if windowed is not None:
+            full_pages, owners = full_pages[windowed], owners[windowed]
+        if full_pages.numel() == 0:
+            return True
         swa = self.allocator.alloc(owners)
         if swa is None:
             return False

@@ -3,7 +3,9 @@
 Decode server: `preallocate` admits a request with the KV of its whole prompt (its cached prefix, new pages for
 the rest) and parks it (Scheduler.parked) until the prefill server's pages have landed; the `KVDestination` it
 returns tells the prefill server where to write. NIXL's notification of the landed pages carries the first token,
-so the request then joins the running ones like any prefilled request.
+so the request then joins the running ones like any prefilled request. On a hybrid sliding-window pool it holds
+window KV (SWA pages) only for the prompt's pages the first decode step reads and its cache lacks (earlier pages'
+window KV is never read there), and the prefill server writes its window KV of those pages with the full pages.
 
 Prefill server: a request added with a `KVDestination` is prefilled as usual; once its first token is read back
 it is parked with its KV instead of finishing, its pages are written into the decode server's, and it finishes
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from keel.cache.kv_cache import KVCacheManager
-from keel.cache.kv_pool import KVPool
 from keel.disagg.kv_transfer import (KVDestination, KVTransferAgent, PagePlan, PeerInfo, Transfer, TransferError,
                                      TransferState)
 from keel.engine.outputs import CoreOutput
@@ -57,12 +58,12 @@ class Receiving:
 
 
 class DisaggSide:
-    def __init__(self, role: Role, scheduler: Scheduler, kv: KVCacheManager, pool: KVPool, name: str,
+    def __init__(self, role: Role, scheduler: Scheduler, kv: KVCacheManager, agent: KVTransferAgent,
                  transfer_timeout_s: float) -> None:
         self.role = role
         self.scheduler = scheduler
         self.kv = kv
-        self.agent = KVTransferAgent(name, pool)
+        self.agent = agent
         self.transfer_timeout_s = transfer_timeout_s
         self.sending: dict[int, tuple[Transfer, float]] = {}  # prefill: transfers in flight and when to give up
         self.receiving: dict[int, Receiving] = {}  # decode: preallocated requests, by id
@@ -113,10 +114,14 @@ class DisaggSide:
             return None
         first = self.kv.cached_pages(req.rid)
         pages = tuple(self.kv.row_pages(req.rid)[first:].tolist())
+        window_page = self.kv.window_start(req.rid) if self.kv.swa is not None else 0
+        swa_pages = self._swa_pages(req.rid, window_page)
         now = time.monotonic()
-        self.receiving[req.rid] = Receiving(now + self.transfer_timeout_s, now,
-                                            len(pages) * self.agent.layout.page_bytes("full"))
-        return KVDestination(self.agent.name, req.rid, req.seed, first, pages)
+        layout = self.agent.layout
+        self.receiving[req.rid] = Receiving(now + self.transfer_timeout_s, now, len(pages) * layout.page_bytes("full")
+                                            + len(swa_pages) * layout.page_bytes("swa"))
+        return KVDestination(self.agent.name, req.rid, req.seed, first, pages, window_page, swa_pages,
+                             self.kv.row(req.rid))
 
     def sender_done(self, rid: int) -> None:
         """The prefill server will write nothing more into this request's pages (its transfer failed or it
@@ -189,18 +194,25 @@ class DisaggSide:
         """Start writing `req`'s prompt KV into its destination; on failure it ends with the error."""
         dest: KVDestination = req.kv_destination
         pages = tuple(self.kv.row_pages(req.rid)[dest.first_page:].tolist())
+        swa_pages = self._swa_pages(req.rid, dest.window_page)
         try:
-            if len(pages) != len(dest.pages):
-                raise TransferError(f"request {req.rid}: {len(pages)} pages of KV to send, the decode server "
-                                    f"holds {len(dest.pages)} for them")
+            if (len(pages), len(swa_pages)) != (len(dest.pages), len(dest.swa_pages)):
+                raise TransferError(f"request {req.rid}: {len(pages)} pages of KV and {len(swa_pages)} of window KV "
+                                    f"to send, the decode server holds {len(dest.pages)} and "
+                                    f"{len(dest.swa_pages)} for them")
             note = f"{dest.rid}:{req.output_ids[0]}"
-            transfer = self.agent.write(dest.peer, note, PagePlan(pages, dest.pages))
+            rows = ((self.kv.row(req.rid),), (dest.row,)) if self.agent.layout.group("feat") else ((), ())
+            transfer = self.agent.write(dest.peer, note, PagePlan(pages, dest.pages, swa_pages, dest.swa_pages, *rows))
             self.sending[req.rid] = (transfer, time.monotonic() + self.transfer_timeout_s)
             return []
         except TransferError as e:
             self.stats.failed += 1
             self.scheduler.drop_parked(req.rid, str(e))
             return [CoreOutput(req.rid, [], None, "abort", error=str(e))]
+
+    def _swa_pages(self, rid: int, first_page: int) -> tuple[int, ...]:
+        """The SWA pages of the request's pages from `first_page` on (none without a hybrid pool)."""
+        return tuple(self.kv.swa_pages(rid, first_page).tolist()) if self.kv.swa is not None else ()
 
     def _count(self, done: bool, size: int, since: float) -> None:
         if done:

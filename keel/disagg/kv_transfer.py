@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 if TYPE_CHECKING:  # the API process reads this module's messages without importing torch
+    import torch
+
     from keel.cache.kv_pool import KVPool
 
 
@@ -39,9 +41,10 @@ class TransferError(RuntimeError):
 
 @dataclass(frozen=True)
 class BufferLayout:
-    """One registered buffer: the K or the V of a layer group, [layers, slots, kv_heads, head_dim]."""
+    """One registered buffer: the K or the V of a layer group, [layers, slots, kv_heads, head_dim], or an EAGLE
+    head's input features, [1, rows, dim] (a page per request-table row)."""
 
-    name: str  # "full.k", "full.v", "swa.k", "swa.v"
+    name: str  # "full.k", "full.v", "swa.k", "swa.v", "draft.k", "draft.v", "feat.x"
     address: int
     layers: int
     pages: int  # per layer, the reserved page 0 included
@@ -59,8 +62,11 @@ class KVLayout:
     buffers: tuple[BufferLayout, ...]
 
     def page_bytes(self, group: str) -> int:
-        """Bytes one page of a layer group spans over all its layers, K and V ("full" or "swa")."""
-        return sum(b.page_bytes * b.layers for b in self.buffers if b.name.startswith(f"{group}."))
+        """Bytes one page of a group spans over all its layers and buffers ("full", "swa", "draft", "feat")."""
+        return sum(b.page_bytes * b.layers for b in self.group(group))
+
+    def group(self, group: str) -> list[BufferLayout]:
+        return [b for b in self.buffers if b.name.startswith(f"{group}.")]
 
     def buffer(self, name: str) -> BufferLayout:
         for buffer in self.buffers:
@@ -87,22 +93,32 @@ class KVDestination:
     seed: int  # its sampling seed there: the prefill server draws the first token with it
     first_page: int  # pages before this one come from the decode server's own prefix cache
     pages: tuple[int, ...]  # its pages for the rest of the prompt, in order
+    # Hybrid pools: the window KV the first decode step reads and the decode server's cache lacks: that of the
+    # prompt's pages from this one on (the prompt's page index, at least first_page), into these SWA pages in order
+    window_page: int = 0
+    swa_pages: tuple[int, ...] = ()
+    row: int = 0  # its request-table row there: an EAGLE head's input features for it go there
 
 
 @dataclass(frozen=True)
 class PagePlan:
-    """Which pages of one request move: full-pool pages (every full-attention layer) and, on a hybrid pool, the
-    sliding-window pages of its window (every sliding-window layer); source and destination side by side."""
+    """Which pages of one request move: full-pool pages (every full-attention layer, and a draft model's layers,
+    which share the full pool's pages) and, on a hybrid pool, the sliding-window pages of its window (every
+    sliding-window layer); with an EAGLE drafter, the request's row of the head's input features. Source and
+    destination side by side."""
 
     src_full: tuple[int, ...]
     dst_full: tuple[int, ...]
     src_swa: tuple[int, ...] = ()
     dst_swa: tuple[int, ...] = ()
+    src_rows: tuple[int, ...] = ()
+    dst_rows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.src_full) != len(self.dst_full) or len(self.src_swa) != len(self.dst_swa):
-            raise ValueError(f"a page plan pairs pages one to one; got {len(self.src_full)} -> {len(self.dst_full)} "
-                             f"full and {len(self.src_swa)} -> {len(self.dst_swa)} sliding-window pages")
+        pairs = [(self.src_full, self.dst_full), (self.src_swa, self.dst_swa), (self.src_rows, self.dst_rows)]
+        if any(len(src) != len(dst) for src, dst in pairs):
+            raise ValueError(f"a page plan pairs pages one to one; got {[(len(a), len(b)) for a, b in pairs]} "
+                             "(full pages, sliding-window pages, feature rows)")
 
 
 class TransferState(enum.Enum):
@@ -121,19 +137,31 @@ class Transfer:
     started: float = field(default_factory=time.monotonic)
 
 
-def kv_layout(pool: KVPool) -> KVLayout:
-    """The geometry and addresses of `pool`'s K and V buffers."""
-    groups = [("full", pool.k_cache, pool.v_cache)]
-    if pool.swa_layers:
-        groups.append(("swa", pool.swa_k_cache, pool.swa_v_cache))
-    buffers = []
-    for group, k, v in groups:
-        for part, tensor in (("k", k), ("v", v)):
-            layers, slots = tensor.shape[:2]
-            slot_bytes = tensor[0, 0].numel() * tensor.element_size()
-            buffers.append(BufferLayout(f"{group}.{part}", tensor.data_ptr(), layers, slots // pool.page_size,
-                                        pool.page_size * slot_bytes, tensor.device.index or 0))
-    return KVLayout("VRAM" if pool.k_cache.is_cuda else "DRAM", tuple(buffers))
+def _buffers(pool: KVPool, draft_pool: Optional[KVPool] = None,
+             features: Optional[torch.Tensor] = None) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, tensor as [layers, slots, ...], slots per page) of every buffer a server registers: the target's K
+    and V of each layer group that keeps any (a model whose layers all slide keeps no full K/V), a draft model's
+    (on the full pool's pages), and an EAGLE head's input features (one "page" per request-table row)."""
+    kv = [("full", pool.k_cache, pool.v_cache), ("swa", pool.swa_k_cache, pool.swa_v_cache)]
+    if draft_pool is not None:
+        kv.append(("draft", draft_pool.k_cache, draft_pool.v_cache))
+    buffers = [(f"{group}.{part}", tensor, pool.page_size)
+               for group, k, v in kv if k.shape[0] for part, tensor in (("k", k), ("v", v))]
+    if features is not None:
+        buffers.append(("feat.x", features.unsqueeze(0), 1))
+    return buffers
+
+
+def kv_layout(pool: KVPool, draft_pool: Optional[KVPool] = None,
+              features: Optional[torch.Tensor] = None) -> KVLayout:
+    """The geometry and addresses of the buffers a server registers (`_buffers`)."""
+    layouts = []
+    for name, tensor, page_size in _buffers(pool, draft_pool, features):
+        layers, slots = tensor.shape[:2]
+        slot_bytes = tensor[0, 0].numel() * tensor.element_size()
+        layouts.append(BufferLayout(name, tensor.data_ptr(), layers, slots // page_size, page_size * slot_bytes,
+                                    tensor.device.index or 0))
+    return KVLayout("VRAM" if pool.k_cache.is_cuda else "DRAM", tuple(layouts))
 
 
 def check_compatible(ours: KVLayout, theirs: KVLayout) -> None:
@@ -149,13 +177,16 @@ class KVTransferAgent:
     """One server's NIXL agent over its KV pool: the decode side hands out `peer_info()`, the prefill side
     `connect`s to it and `write`s requests' pages, the decode side collects `arrived()` request ids."""
 
-    def __init__(self, name: str, pool: KVPool) -> None:
+    def __init__(self, name: str, pool: KVPool, draft_pool: Optional[KVPool] = None,
+                 features: Optional[torch.Tensor] = None) -> None:
+        """`draft_pool`, `features`: a drafter's state that travels with the KV (a draft model's or EAGLE head's
+        K/V, the head's input features per request-table row)."""
         from nixl_cu13 import nixl_agent, nixl_agent_config
 
         self.name = name
-        self.layout = kv_layout(pool)
+        self.layout = kv_layout(pool, draft_pool, features)
         self._agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
-        tensors = [pool.k_cache, pool.v_cache] + ([pool.swa_k_cache, pool.swa_v_cache] if pool.swa_layers else [])
+        tensors = [tensor for _, tensor, _ in _buffers(pool, draft_pool, features)]
         self._registered = self._agent.register_memory(self._agent.get_reg_descs(tensors))
         self._peers: dict[str, KVLayout] = {}
         self._fail_every = int(os.environ.get(FAIL_EVERY_ENV, "0") or 0)
@@ -187,14 +218,14 @@ class KVTransferAgent:
             raise TransferError(f"the KV transfer {note!r} to {peer!r} failed to start ({FAIL_EVERY_ENV})")
         local: list[np.ndarray] = []
         remote: list[np.ndarray] = []
-        for group, src, dst in (("full", plan.src_full, plan.dst_full), ("swa", plan.src_swa, plan.dst_swa)):
-            if not src:
+        for group, src, dst in (("full", plan.src_full, plan.dst_full), ("swa", plan.src_swa, plan.dst_swa),
+                                ("draft", plan.src_full, plan.dst_full), ("feat", plan.src_rows, plan.dst_rows)):
+            if not src or not self.layout.page_bytes(group):  # no pages, or this server keeps no such buffer
                 continue
             src_first, dst_first, lengths = _runs(src, dst)
-            for part in ("k", "v"):
-                name = f"{group}.{part}"
-                local.append(_run_descs(self.layout.buffer(name), src_first, lengths))
-                remote.append(_run_descs(theirs.buffer(name), dst_first, lengths))
+            for buffer in self.layout.group(group):
+                local.append(_run_descs(buffer, src_first, lengths))
+                remote.append(_run_descs(theirs.buffer(buffer.name), dst_first, lengths))
         if not local:
             raise TransferError(f"{note}: nothing to transfer")
         mem = self.layout.mem_type

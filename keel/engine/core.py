@@ -31,7 +31,7 @@ from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_drained, check_idle, check_invariants, strict_checks_enabled
 from keel.disagg.engine_side import DisaggSide, Role
-from keel.disagg.kv_transfer import KVDestination
+from keel.disagg.kv_transfer import KVDestination, KVTransferAgent
 from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
 from keel.distributed.dp_controller import DpController, RankStep
 from keel.distributed.ranks import RankProcesses, RankSetup, rank_config
@@ -226,14 +226,14 @@ class EngineCore:
         `peer_info()` before sending."""
         if self.disagg is not None:
             raise ValueError(f"this engine is already a {self.disagg.role} server")
-        unsupported = {"speculative decoding": self.drafter is not None, "a hybrid sliding-window pool":
-                       self.kv_cache.swa is not None, "several ranks": self.config.tp_size > 1}
-        if any(unsupported.values()):
-            raise ValueError(f"disaggregation does not support {', '.join(k for k, v in unsupported.items() if v)} "
-                             "yet")
+        if self.config.tp_size > 1:
+            raise ValueError("disaggregation does not support several ranks yet")
         assert self.runner.kv_pool is not None
-        self.disagg = DisaggSide(role, self.scheduler, self.kv_cache, self.runner.kv_pool,
-                                 name or f"keel-{role}-{os.getpid()}-{id(self):x}", transfer_timeout_s)
+        # a drafter's state travels with the KV: a draft model's K/V, an EAGLE head's input features
+        agent = KVTransferAgent(name or f"keel-{role}-{os.getpid()}-{id(self):x}", self.runner.kv_pool,
+                                self.draft_runner.kv_pool if self.draft_runner is not None else None,
+                                self.drafter.features if self.drafter is not None else None)
+        self.disagg = DisaggSide(role, self.scheduler, self.kv_cache, agent, transfer_timeout_s)
         return self.disagg
 
     def preallocate(self, prompt_ids: list[int], params: SamplingParams,

@@ -268,7 +268,7 @@ class Scheduler:
         if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
             return None
         idle = not self.running and self.chunked is None
-        if not idle and not self._fits(req):
+        if not idle and not self._fits(req, min(req.seq_len - self.kv.kv_len(req.rid), self._prefill_budget)):
             self.kv.release(req.rid)
             return None
         part = self._extend(req, budget)
@@ -291,17 +291,17 @@ class Scheduler:
             return []
         return req.token_ids(0, req.seq_len - 1)
 
-    def _fits(self, req: Req) -> bool:
-        """Room for `req`'s uncached tokens and its expected output, after what admitted requests expect."""
+    def _fits(self, req: Req, window_tokens: int) -> bool:
+        """Room for `req`'s uncached tokens and its expected output, after what admitted requests expect; on a
+        hybrid pool, for the `window_tokens` (from a page start) whose window KV it takes now."""
         holding = self._holding_kv()
         expected = self._expected_tokens(req) + sum(self._expected_tokens(r) for r in holding)
         if math.ceil(expected / self.kv.page_size) > self.kv.available_pages():
             return False
         if self.kv.swa is None:
             return True
-        # window KV: the new request's first chunk now, and about a page per holding request as windows move
-        first_chunk = min(req.seq_len - self.kv.kv_len(req.rid), self._prefill_budget)
-        return math.ceil(first_chunk / self.kv.page_size) + len(holding) <= self.kv.available_swa_pages()
+        # window KV: the new request's now, and about a page per holding request as windows move
+        return math.ceil(window_tokens / self.kv.page_size) + len(holding) <= self.kv.available_swa_pages()
 
     def _expected_tokens(self, req: Req) -> float:
         """KV tokens `req` is still expected to add: the rest of its prefill, and a share of its output."""
@@ -428,12 +428,27 @@ class Scheduler:
             return False
         if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
             return False
-        if (self._holding_kv() and not self._fits(req)) or self.kv.grow([req.rid], [req.seq_len]) is None:
+        fits = not self._holding_kv() or self._fits(req, self._prompt_window_tokens(req))
+        if not fits or not self._hold_prompt(req):
             self.kv.release(req.rid)
             return False
         req.num_cached_tokens = self.kv.cached_pages(req.rid) * self.kv.page_size
         self._park(req)
         return True
+
+    def _prompt_window_tokens(self, req: Req) -> int:
+        """Hybrid pools: the prompt tokens, from a page start, whose window KV a preallocated `req` holds: those the
+        first decode step (at the prompt's end) reads, past its cached prefix (which has its own)."""
+        if self.kv.swa is None:
+            return 0
+        start = max(self.kv.cached_pages(req.rid), self.kv.window_floor(req.seq_len))
+        return req.seq_len - start * self.kv.page_size
+
+    def _hold_prompt(self, req: Req) -> bool:
+        """Pages for the rest of `req`'s prompt; on a hybrid pool, SWA pages only for those the first decode step
+        reads (the prefill server sends their window KV and no other: the earlier pages' is never read here)."""
+        self.kv.free_out_of_window([req.rid], [req.seq_len])
+        return self.kv.grow([req.rid], [req.seq_len]) is not None
 
     def _park(self, req: Req) -> None:
         if req in self.running:

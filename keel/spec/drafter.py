@@ -29,6 +29,9 @@ class TargetStep:
 
 class Drafter(Protocol):
     reads_target_features: bool  # observe needs TargetStep's optional fields (EAGLE)
+    # EAGLE: the head's input feature of each request's last committed position, per request-table row (state a
+    # disaggregated prefill server sends the decode server with the KV); None for other drafters
+    features: Optional[torch.Tensor]
 
     def propose(self, batch: ScheduledBatch, roots: DraftRoots) -> Optional[DraftTokens]:
         """Draft tokens for the batch's parts with num_draft > 0 (None when it has none), from `roots` (their

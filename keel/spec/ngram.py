@@ -48,6 +48,7 @@ class _NgramIndex:
 
 class NgramDrafter:
     reads_target_features = False
+    features = None
 
     def __init__(self, num_draft: int, min_match: int, max_match: int, device: torch.device) -> None:
         self.num_draft = num_draft

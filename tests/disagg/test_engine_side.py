@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from collections.abc import Callable, Iterator
 from typing import Optional
 
 import pytest
+import torch
 
 import keel
 from keel.config import EngineConfig
@@ -23,20 +23,6 @@ _names = itertools.count()
 
 def _core(model, **options) -> EngineCore:
     return EngineCore(EngineConfig(model=str(model), device="cpu", dtype="float32", **options))
-
-
-@pytest.fixture
-def closing() -> Iterator[Callable[..., tuple[EngineCore, ...]]]:
-    """closing(*cores) -> cores, each closed (its NIXL agent released) after the test."""
-    cores: list[EngineCore] = []
-
-    def keep(*made: EngineCore) -> tuple[EngineCore, ...]:
-        cores.extend(made)
-        return made
-
-    yield keep
-    for core in cores:
-        core.close()
 
 
 def _pair(model, page_size: int = 1, **options) -> tuple[EngineCore, EngineCore]:
@@ -53,6 +39,9 @@ class Routed:
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish: Optional[str] = None
     error: Optional[str] = None
+    accepted: int = 0  # draft tokens the decode engine accepted (speculative decoding)
+    prefill_cached: Optional[int] = None  # prompt tokens each side's prefix cache served
+    decode_cached: Optional[int] = None
 
 
 def _route(prefill: EngineCore, decode: EngineCore, work: list[tuple[list[int], keel.SamplingParams]],
@@ -92,6 +81,8 @@ def _route(prefill: EngineCore, decode: EngineCore, work: list[tuple[list[int], 
         if prefill.has_work:
             for out in prefill.step():
                 i = on_prefill[out.rid]
+                if out.num_cached_tokens is not None:
+                    results[i].prefill_cached = out.num_cached_tokens
                 if out.finish_reason is None:
                     continue
                 del on_prefill[out.rid]
@@ -108,7 +99,10 @@ def _route(prefill: EngineCore, decode: EngineCore, work: list[tuple[list[int], 
                 i = on_decode[out.rid]
                 if results[i].finish == "abort":
                     continue
+                if out.num_cached_tokens is not None:
+                    results[i].decode_cached = out.num_cached_tokens
                 results[i].tokens += out.token_ids
+                results[i].accepted += out.num_accepted_tokens
                 if out.finish_reason is not None:
                     results[i].finish, results[i].error = out.finish_reason, out.error
                 if abort.get(i) == "decoding" and results[i].finish is None:
@@ -123,11 +117,13 @@ def _solo(model, work, page_size: int = 1) -> list[list[int]]:
     return [o.token_ids for o in engine.generate([p for p, _ in work], [s for _, s in work])]
 
 
-def _work(n: int, seed: int, vocab: int = 200) -> list[tuple[list[int], keel.SamplingParams]]:
+def _work(n: int, seed: int, vocab: int = 200,
+          lengths: Optional[list[int]] = None) -> list[tuple[list[int], keel.SamplingParams]]:
+    """n requests, greedy and seeded sampling in turn; prompts of `lengths` (n of them), or of 3 to 30 tokens."""
     rng = random.Random(seed)
     work = []
     for i in range(n):
-        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(3, 30))]
+        prompt = [rng.randrange(1, vocab) for _ in range(lengths[i] if lengths else rng.randint(3, 30))]
         sampled = i % 2 == 1
         work.append((prompt, keel.SamplingParams(temperature=0.8 if sampled else 0.0, seed=100 + i if sampled else None,
                                                  max_new_tokens=rng.randint(1, 12), ignore_eos=True)))
@@ -145,7 +141,9 @@ def _assert_clean(*cores: EngineCore) -> None:
         assert not core.has_work
         core.flush_cache()
         core.check_idle()
-        assert core.kv_cache.pages.num_free == core.kv_cache.pages.capacity
+        kv = core.kv_cache
+        for pool in (kv.pages,) + ((kv.swa.allocator,) if kv.swa is not None else ()):
+            assert pool.num_free == pool.capacity, f"{pool.capacity - pool.num_free} {pool.what}s not free after flush"
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -306,3 +304,97 @@ def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, closing, monk
     monkeypatch.setattr(agent, "write", lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS, 0))
     monkeypatch.setattr(agent, "poll", lambda transfer: transfer.state)
     _assert_every_request_fails(prefill, decode, _work(3, seed=9), "did not finish within 0 s")
+
+
+# Hybrid sliding-window pools: a tiny Qwen2 whose second layer slides (window 8) and a window pool of kv_plan's floor,
+# a prefill chunk and two windows (36 tokens at page size 1, 48 at 4), so prompts can be longer than the window pool
+# and a decode server can hold their KV only if it takes window KV for their last window alone.
+HYBRID = dict(chunked_prefill_size=16, max_prefill_tokens=16, swa_full_tokens_ratio=0.05, kv_cache_tokens=400)
+
+
+def _hybrid_pair(model, page_size: int = 4, **options) -> tuple[EngineCore, EngineCore]:
+    prefill, decode = _pair(model, page_size, **{**HYBRID, **options})
+    assert decode.kv_cache.swa is not None and decode.kv_cache.window == 8
+    return prefill, decode
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_hybrid_pool_requests_get_what_one_engine_gives_them(tiny_model, closing, page_size):
+    """Prompts shorter and longer than the window, greedy and sampled; then conversations continuing them (prefix-
+    cache hits, with their window KV, on both sides) and a prompt sharing the start of the longest, whose cached
+    pages kept no window KV on either side (tombstones, which must not be reused)."""
+    model, _ = tiny_model("qwen2-window")
+    # a window pool roomy enough to keep the first turns' window KV cached for the second
+    prefill, decode = closing(*_hybrid_pair(model, page_size, swa_full_tokens_ratio=0.5))
+    first = _work(6, seed=30 + page_size, lengths=[5, 40, 9, 23, 61, 14])  # window 8
+    results = list(_route(prefill, decode, first).values())
+    second = [(p + r.tokens + [7, 8, 9], s) for (p, s), r in zip(first, results)]
+    tombstoned = first[4][0][:30] + [1, 2, 3]
+    second.append((tombstoned, first[1][1]))
+    for core in (prefill, decode):  # its first 30 tokens' full pages are cached on both sides
+        assert len(core.kv_cache.radix.match_prefix(tombstoned).pages) >= 30 // page_size
+    results += _route(prefill, decode, second).values()
+    solo = _solo(model, first + second, page_size)
+    for i, result in enumerate(results):
+        assert result.finish == "length" and result.error is None
+        assert result.tokens == solo[i], f"request {i}"
+    assert all(r.prefill_cached and r.decode_cached for r in results[len(first):-1])
+    assert results[-1].decode_cached == 0 and results[-1].prefill_cached == 0  # but not their window KV
+    _assert_clean(prefill, decode)
+
+
+def test_hybrid_pool_aborts_and_failed_transfers_free_both_pools(tiny_model, closing, monkeypatch):
+    monkeypatch.setenv("KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY", "4")
+    model, _ = tiny_model("qwen2-window")
+    work = _work(12, seed=40, lengths=[45, 7, 30, 60, 12, 3, 52, 20, 9, 38, 16, 57])
+    work = [(p, dataclasses.replace(s, max_new_tokens=8)) for p, s in work]
+    abort = {1: "queued", 3: "prefilling", 6: "decoding", 9: "prefilling", 10: "decoding", 11: "queued"}
+    # a decode pool of 40 pages (12 of window KV): preallocation waits for room
+    prefill, decode = closing(*_hybrid_pair(model, kv_cache_tokens=160))
+    results = _route(prefill, decode, work, abort)
+    solo = _solo(model, work, page_size=4)
+    failed = [i for i, r in results.items() if r.error is not None]
+    assert failed and all("failed to start" in results[i].error for i in failed)
+    for i, result in results.items():
+        if i in abort:
+            assert result.finish == "abort"
+        elif i not in failed:
+            assert result.finish == "length" and result.tokens == solo[i], f"request {i}"
+    _assert_clean(prefill, decode)
+
+
+@pytest.mark.parametrize("kind", ["qwen2-window", "mistral"])
+def test_only_the_last_window_kv_travels_and_decoding_reads_it(tiny_model, closing, monkeypatch, kind):
+    """A prompt longer than the window pool (Qwen2 with one sliding layer; Mistral, whose layers all slide): the
+    decode server takes window KV for the first decode step's window alone, the prefill server writes its own KV of
+    those positions there (without it they would hold zeros), and decoding goes on as on one engine."""
+    model, _ = tiny_model(kind)
+    # a model whose layers all slide has no full K/V: kv_cache_tokens sizes its window pool
+    prefill, decode = closing(*_hybrid_pair(model, **({"kv_cache_tokens": 48} if kind == "mistral" else {})))
+    agent, plans = prefill.disagg.agent, []
+    write = agent.write
+    monkeypatch.setattr(agent, "write", lambda peer, note, plan: (plans.append(plan), write(peer, note, plan))[1])
+    window_pool = decode.kv_cache.swa.allocator
+    prompt, params = _work(1, seed=50, lengths=[57])[0]
+    params = dataclasses.replace(params, max_new_tokens=8)
+    assert window_pool.capacity * 4 < len(prompt)
+    destination = decode.preallocate(prompt, params)
+    # its 15 pages; the first decode step (position 57) reads positions 50.. (window 8): pages 12 to 14
+    assert (len(destination.pages), destination.window_page, len(destination.swa_pages)) == (15, 12, 3)
+    assert window_pool.capacity - window_pool.num_free == 3
+    prefill.add_request(prompt, params, kv_destination=destination)
+    while not (arrived := decode.step()):  # until the KV and the first token have landed (no decode step yet)
+        assert all(out.error is None for out in prefill.step())
+    tokens = arrived[0].token_ids
+    (plan,) = plans
+    assert plan.dst_swa == destination.swa_pages and plan.dst_full == destination.pages
+    sent, landed = prefill.runner.kv_pool, decode.runner.kv_pool
+    for part in ("swa_k_cache", "swa_v_cache"):
+        src, dst = getattr(sent, part), getattr(landed, part)
+        for src_page, dst_page in zip(plan.src_swa, plan.dst_swa):
+            kv = src[:, src_page * 4:(src_page + 1) * 4]
+            assert kv.abs().sum() > 0 and torch.equal(dst[:, dst_page * 4:(dst_page + 1) * 4], kv)
+    while decode.has_work:
+        tokens += [t for out in decode.step() for t in out.token_ids]
+    assert tokens == _solo(model, [(prompt, params)], page_size=4)[0]
+    _assert_clean(prefill, decode)

@@ -9,42 +9,14 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import keel
 from keel.models.byte_tokenizer import save_byte_tokenizer
 from tests.helpers import _COMMON, TINY_MODELS, random_prompts
-from tests.spec.eagle_heads import write_eagle_head
 
 GREEDY = keel.SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, top_logprobs=2)
 # Mixed lengths: single-token, page-sized and long prompts, and one that repeats itself (n-grams find it).
 PROMPTS = random_prompts([1, 5, 16, 17, 40, 90], seed=11) + [[7, 8, 9, 10, 11] * 6]
-
-
-@pytest.fixture(scope="module")
-def drafters(tiny_model, tmp_path_factory) -> dict[str, dict]:
-    """Speculative options by name: n-grams, the target as its own drafter, a noisy copy of it (accepts some
-    drafts, not all) and an unrelated random model (accepts almost none)."""
-    target, _ = tiny_model("llama3")
-    unrelated, _ = tiny_model("llama2")
-    noisy = tmp_path_factory.mktemp("noisy-draft")
-    model = AutoModelForCausalLM.from_pretrained(target)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    model.save_pretrained(noisy)
-    save_byte_tokenizer(noisy)
-    standalone = dict(speculative_algorithm="STANDALONE")
-    eagle3 = write_eagle_head(tmp_path_factory.mktemp("eagle3"), target, eagle3=True, draft_vocab_size=300,
-                              with_embedding=False)
-    eagle = write_eagle_head(tmp_path_factory.mktemp("eagle-identity"), target, eagle3=False, identity=True)
-    return {"ngram": dict(speculative_algorithm="NGRAM"),
-            "self": dict(standalone, speculative_draft_model_path=str(target)),
-            "noisy": dict(standalone, speculative_draft_model_path=str(noisy)),
-            "unrelated": dict(standalone, speculative_draft_model_path=str(unrelated)),
-            "eagle3": dict(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(eagle3)),
-            "eagle": dict(speculative_algorithm="EAGLE", speculative_draft_model_path=str(eagle))}
 
 
 @pytest.fixture(scope="module")
