@@ -36,6 +36,9 @@ from keel.scheduler.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode"]
+# A decode server waits transfer_timeout_s for a request's KV; the prefill server must start writing within this
+# share of it, so that the write ends before the decode server gives the pages up
+SEND_WITHIN = 0.8
 
 
 @dataclass
@@ -121,7 +124,7 @@ class DisaggSide:
         self.receiving[req.rid] = Receiving(now + self.transfer_timeout_s, now, len(pages) * layout.page_bytes("full")
                                             + len(swa_pages) * layout.page_bytes("swa"))
         return KVDestination(self.agent.name, req.rid, req.seed, first, pages, window_page, swa_pages,
-                             self.kv.row(req.rid))
+                             self.kv.row(req.rid), SEND_WITHIN * self.transfer_timeout_s)
 
     def sender_done(self, rid: int) -> None:
         """The prefill server will write nothing more into this request's pages (its transfer failed or it
@@ -196,6 +199,9 @@ class DisaggSide:
         pages = tuple(self.kv.row_pages(req.rid)[dest.first_page:].tolist())
         swa_pages = self._swa_pages(req.rid, dest.window_page)
         try:
+            if time.monotonic() > req.kv_send_by:
+                raise TransferError(f"request {req.rid}: its KV was ready after the decode server's deadline "
+                                    f"({dest.send_within_s:.1f} s from the order); not sent")
             if (len(pages), len(swa_pages)) != (len(dest.pages), len(dest.swa_pages)):
                 raise TransferError(f"request {req.rid}: {len(pages)} pages of KV and {len(swa_pages)} of window KV "
                                     f"to send, the decode server holds {len(dest.pages)} and "

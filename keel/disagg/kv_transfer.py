@@ -98,6 +98,9 @@ class KVDestination:
     window_page: int = 0
     swa_pages: tuple[int, ...] = ()
     row: int = 0  # its request-table row there: an EAGLE head's input features for it go there
+    # seconds from the order's arrival within which the prefill server must start writing (0: no limit): past it,
+    # the decode server may have given the pages up, and a late write would land in pages others now hold
+    send_within_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from typing import Optional
 
@@ -192,6 +193,8 @@ class EngineCore:
             params = dataclasses.replace(params, seed=kv_destination.seed, max_new_tokens=1)
         req = self._new_req(prompt_ids, params, rid)
         req.kv_destination = kv_destination
+        if kv_destination is not None and kv_destination.send_within_s:
+            req.kv_send_by = time.monotonic() + kv_destination.send_within_s
         self._live.add(req.rid)
         rid = req.rid
         target = self.dp.assign(len(prompt_ids), dp_rank) if self.dp is not None else None
@@ -357,7 +360,8 @@ class EngineCore:
             self.runner.forward_idle()  # the other ranks' forwards gather from this one: meet them
         if previous is not None:
             outputs += self._read(previous)
-        elif batch is None and self.scheduler.has_batch_work and not outputs:
+        elif batch is None and self.scheduler.has_batch_work and not outputs and not self.scheduler.parked:
+            # (parked requests hold KV while it moves: once it has, they decode or free it, and room comes back)
             raise RuntimeError("the scheduler has requests but could schedule none of them")
         if self._launched is not None and not self.overlap:
             outputs += self._read_launched()

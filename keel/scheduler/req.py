@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -48,6 +49,7 @@ class Req:
     grammar: Optional[Any] = None
     # Disaggregation, prefill side: where its prompt's KV goes once prefilled (a KVDestination); None: served here
     kv_destination: Optional[Any] = None
+    kv_send_by: float = math.inf  # time.monotonic() after which its KV must not be sent: the decode server's pages
 
     @property
     def seq_len(self) -> int:

@@ -163,8 +163,8 @@ class Scheduler:
             if slots is not None:
                 break
             if len(ready) == 1 and self.chunked is None:
-                if len(self.running) > 1:
-                    return []  # the others are at their last (pending) token: their KV comes back soon
+                if len(self.running) > 1 or self.parked:
+                    return []  # the others are at their last (pending) token, or parked: their KV comes back soon
                 self.fail(ready[0], f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
                                     f"{ready[0].seq_len} tokens")
                 return []
@@ -267,7 +267,7 @@ class Scheduler:
             return None
         if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
             return None
-        idle = not self.running and self.chunked is None
+        idle = not self.running and self.chunked is None and not self.parked  # (parked KV comes back once moved)
         if not idle and not self._fits(req, min(req.seq_len - self.kv.kv_len(req.rid), self._prefill_budget)):
             self.kv.release(req.rid)
             return None

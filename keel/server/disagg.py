@@ -16,6 +16,7 @@ The decode server trusts the header: decode and prefill servers belong on a priv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal, Optional
@@ -117,7 +118,14 @@ class RemotePrefill:
     async def _order(self, url: str, order: PrefillOrder, preallocation: Preallocation) -> PrefillResult:
         """Have `url` prefill the order; if the request ends here first, abort it there (its answer still comes:
         it says whether anything more is written)."""
+        held_at = asyncio.get_running_loop().time()
         await self._connect(url)
+        # the deadline counts from the preallocation: the bootstrap exchange's time comes off it
+        waited = asyncio.get_running_loop().time() - held_at
+        destination = order.destination
+        if destination.send_within_s:
+            order = PrefillOrder(order.prompt_ids, order.params, dataclasses.replace(
+                destination, send_within_s=max(destination.send_within_s - waited, 1e-3)))
         answer = asyncio.ensure_future(self._post(url, "/disagg/prefill", order))
         ended = asyncio.ensure_future(preallocation.ended.wait())
         try:

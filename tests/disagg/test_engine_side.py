@@ -292,6 +292,22 @@ def test_chunked_prefill_and_retraction_on_either_side(tiny_model, closing, monk
     _assert_clean(prefill, decode)
 
 
+def test_kv_ready_after_the_decode_servers_deadline_is_not_sent(tiny_model, closing, monkeypatch):
+    """The decode server gives up a preallocation at its timeout; a prefill server that only gets to send later
+    (stalled, queued) must not write into those pages, which may be another request's by then: past the order's
+    send_within_s it fails the request instead, and the decode side frees its preallocation once told."""
+    from keel.disagg import engine_side
+
+    monkeypatch.setattr(engine_side, "SEND_WITHIN", 1e-9)  # the deadline passes before any prefill ends
+    model, _ = tiny_model("llama3")
+    prefill, decode = closing(*_pair(model, page_size=4))
+    written = []
+    write = prefill.disagg.agent.write
+    monkeypatch.setattr(prefill.disagg.agent, "write", lambda *a: (written.append(a), write(*a))[1])
+    _assert_every_request_fails(prefill, decode, _work(3, seed=9), "after the decode server's deadline")
+    assert not written
+
+
 def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, closing, monkeypatch):
     """A decode server gone mid-transfer leaves the transfer in progress for good: past the timeout the prefill
     side ends the request with an error and frees its pages; the decode side frees its preallocation once told."""

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from keel.server.disagg import PREFILL_HEADER
-from tests.server.conftest import Server, free_port, start_server, stop_server
+from tests.server.conftest import Server, free_port, start_server, stop_server, wait_healthy
 
 pytest.importorskip("nixl_cu13")
 
@@ -42,30 +42,12 @@ def start_router(log: Path, prefill: list[str], decode: list[str]) -> Server:
     args = [a for url in prefill for a in ("--prefill", url)] + [a for url in decode for a in ("--decode", url)]
     process = subprocess.Popen([sys.executable, "-m", "keel.cli", "router", "--port", str(port), *args],
                                stdout=log.open("w"), stderr=subprocess.STDOUT)
-    router = Server(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"keel router exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{router.url}/health", timeout=5).status_code == 200:
-                return router
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"keel router did not become healthy:\n{log.read_text()}")
+    return wait_healthy(Server(f"http://127.0.0.1:{port}", process, log), "keel router", 60)
 
 
 @contextmanager
 def deployment(folder: Path, prefill_env: dict[str, str] | None = None) -> Iterator[Deployment]:
-    saved = dict(os.environ)
-    os.environ.update(prefill_env or {})
-    try:
-        prefill = start_server(folder / "prefill.log", "--disaggregation-mode", "prefill")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    prefill = start_server(folder / "prefill.log", "--disaggregation-mode", "prefill", env=prefill_env)
     decode = start_server(folder / "decode.log", "--disaggregation-mode", "decode",
                           "--disaggregation-transfer-timeout", "60")
     router = start_router(folder / "router.log", [prefill.url], [decode.url])

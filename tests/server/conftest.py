@@ -45,9 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(log: Path, *args: str) -> Server:
+def start_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    """`keel serve keel-demo` with `args`, healthy; `env`: more environment variables for it."""
     port = free_port()
-    env = {**os.environ, "KEEL_STRICT_CHECKS": "1"}
+    env = {**os.environ, "KEEL_STRICT_CHECKS": "1", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "keel.cli", "serve", "--model", "keel-demo", "--port", str(port),
          "--kv-cache-tokens", "4096", "--page-size", "4", *args],
@@ -55,18 +56,23 @@ def start_server(log: Path, *args: str) -> Server:
     server = Server(f"http://127.0.0.1:{port}", process, log)
     if "--api-key" in args:
         server.headers["Authorization"] = f"Bearer {args[args.index('--api-key') + 1]}"
-    deadline = time.monotonic() + 180
+    return wait_healthy(server, "keel serve", 180)
+
+
+def wait_healthy(server: Server, what: str, timeout_s: float) -> Server:
+    """`server` once its /health answers 200; killed, with its log in the error, if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"keel serve exited with {process.returncode}:\n{log.read_text()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {server.process.returncode}:\n{server.log.read_text()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"keel serve did not become healthy:\n{log.read_text()}")
+    server.process.kill()
+    raise RuntimeError(f"{what} did not become healthy:\n{server.log.read_text()}")
 
 
 def stop_server(server: Server) -> None:
