@@ -281,8 +281,11 @@ class RouterConfig:
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
     request_timeout: float = option(3600.0, "seconds a whole request may take, its stream included")
+    max_request_body_mb: float = option(16.0, "largest request body accepted, in MiB (413 beyond it, before it is "
+                                              "read whole)")
 
     def __post_init__(self) -> None:
+        _require(self.max_request_body_mb > 0, "max_request_body_mb", "must be > 0")
         if not self.prefill or not self.decode:
             raise ValueError("keel router needs at least one --prefill and one --decode server URL")
         for url in self.prefill + self.decode:

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from keel.config import RouterConfig
+from keel.server.app import read_body
 from keel.server.disagg import PREFILL_HEADER
 from keel.server.errors import APIError, api_error_handler
 
@@ -61,7 +62,7 @@ class Router:
         prefill, decode = self.least_loaded(self.prefill), self.least_loaded(self.decode)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_HEADERS}
         headers[PREFILL_HEADER] = prefill.url
-        body = await request.body()
+        body = await read_body(request, int(self.config.max_request_body_mb * 2**20))
         for server in (prefill, decode):
             server.in_flight += 1
             server.routed += 1

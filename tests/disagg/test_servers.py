@@ -149,13 +149,15 @@ def test_clients_hanging_up_at_any_point_free_every_page(disagg, single):
     assert_drained(disagg.prefill, disagg.decode)
 
 
-def test_a_decode_server_takes_requests_only_through_the_router(disagg):
+def test_a_decode_server_takes_requests_only_through_the_router_and_bad_input_is_refused(disagg):
     response = httpx.post(f"{disagg.decode.url}/v1/completions", json={"model": "keel-demo", "prompt": "hi"})
     assert response.status_code == 400 and PREFILL_HEADER in response.json()["error"]["message"]
     headers = {PREFILL_HEADER: "http://127.0.0.1:9"}  # nothing listens there
     answer = httpx.post(f"{disagg.decode.url}/v1/completions", headers=headers, timeout=60,
                         json={"model": "keel-demo", "prompt": "hi", "max_tokens": 4})
     assert answer.status_code == 500 and "prefill server" in answer.json()["error"]["message"]
+    huge = httpx.post(f"{disagg.router.url}/v1/completions", content=b"x" * (17 * 2**20), timeout=60)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     for path, body in (("/disagg/prefill", b"{}"), ("/disagg/connect", b"not json"), ("/disagg/abort", b"[]")):
         response = httpx.post(f"{disagg.prefill.url}{path}", content=body)
         assert response.status_code == 400, (path, response.text)
