@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the model's chat template; print the answer")
     router = commands.add_parser("router", help="the front of prefill/decode disaggregation: sends each request to "
-                                 "a prefill and a decode server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 "a prefill and a decode server",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_arguments(router, RouterConfig)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from keel.bench import capacity, kv_transfer, latency, offline, serve as bench_serve

@@ -6,7 +6,8 @@ outputs with the engine's stats. A thread of its own sends a heartbeat every HEA
 separate channel, so the API process sees a stopped or dead engine within a second or two even
 while one step runs long. A disaggregated server's engine also takes preallocations (decode: held in
 arrival order until they fit), the bootstrap exchange (prefill) and the ends of transfers; while all it has
-left is KV moving, it checks for arrivals every TRANSFER_POLL_S instead of spinning. A request that cannot be prepared fails alone (EngineCore contains it);
+left is KV moving, it checks for arrivals every TRANSFER_POLL_S instead of spinning. A request that cannot be
+prepared fails alone (EngineCore contains it);
 an error the core cannot attribute ends the process after an EngineFailed message. It never
 touches HTTP, ignores Ctrl-C (the API process orchestrates shutdown), and exits when the API
 process is gone.

@@ -317,7 +317,8 @@ def test_a_transfer_that_never_finishes_is_given_up_on(tiny_model, closing, monk
     prefill, decode = closing(*_pair(model, page_size=4))
     prefill.disagg.transfer_timeout_s = 0.0
     agent = prefill.disagg.agent
-    monkeypatch.setattr(agent, "write", lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS, 0))
+    monkeypatch.setattr(agent, "write",
+                        lambda peer, note, plan: Transfer(note, peer, None, TransferState.IN_PROGRESS, 0))
     monkeypatch.setattr(agent, "poll", lambda transfer: transfer.state)
     _assert_every_request_fails(prefill, decode, _work(3, seed=9), "did not finish within 0 s")
 
