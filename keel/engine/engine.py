@@ -42,11 +42,12 @@ class Engine:
         for (_, ids), p in zip(items, params):
             self.core.validate(ids, p)
         rids = [self._add(text, ids, p) for (text, ids), p in zip(items, params)]
+        unfinished = set(rids)
         with tqdm(total=len(rids), desc="Requests", unit="req", disable=not progress) as bar:
-            while (done := sum(self._states[rid].output.finished for rid in rids)) < len(rids):
-                bar.update(done - bar.n)
-                self._step()
-            bar.update(len(rids) - bar.n)
+            while unfinished:
+                finished = unfinished.intersection(self._step())
+                unfinished -= finished
+                bar.update(len(finished))
         return [self._states.pop(rid).output for rid in rids]
 
     def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
@@ -75,13 +76,20 @@ class Engine:
         self._states[rid] = RequestState(str(rid), text, ids, params, self.tokenizer)
         return rid
 
-    def _step(self) -> None:
+    def _step(self) -> list[int]:
+        """One engine step; returns the requests it finished."""
         if not self.core.has_work:  # a request this front end waits for vanished from the core: fail, never hang
             raise RuntimeError("the engine core has no requests left, but some outputs are unfinished")
+        finished = []
         for out in self.core.step():
             state = self._states.get(out.rid)
-            if state is not None and state.update(out):
+            if state is None:
+                continue
+            if state.update(out):
                 self.core.abort(out.rid, reason="stop")
+            if state.output.finished:
+                finished.append(out.rid)
+        return finished
 
     def _prompts(self, prompts: Union[Prompt, Sequence[Prompt]]) -> list[tuple[Optional[str], list[int]]]:
         """Normalise to [(text or None, token ids)]: a string, a list of token ids, or a list of either."""

@@ -70,12 +70,9 @@ class LaunchedStep:
     logprobs: Optional[TopLogprobs]  # of each sampled row
     prompt_scores: Optional[PromptScores]
     done: Optional[torch.cuda.Event]  # fires when every result above is on the host; None off CUDA
-
-    @property
-    def needs_host_tokens(self) -> bool:
-        """The next step cannot be built before these tokens are known: penalties count them on the host, and a
-        grammar's matcher must take them before it can mask the next token."""
-        return any(p.req.params.has_penalties or p.req.grammar is not None for p in self.batch.sampled)
+    # The next step cannot be built before these tokens are known: penalties count them on the host, and a
+    # grammar's matcher must take them before it can mask the next token.
+    needs_host_tokens: bool = False
 
     def read(self) -> StepResults:
         """Wait for the results and append prompt log-probs to their requests; returns the sampled tokens."""
@@ -89,13 +86,14 @@ class LaunchedStep:
         if self.token_ids is None:
             return StepResults([], None, waited)
         rows = self.token_ids.tolist()
-        sampled = self.batch.sampled
-        counts = self.counts.tolist() if self.counts is not None else [1] * len(sampled)
-        starts = _row_starts(sampled)
+        logprobs = self.logprobs.to_list(rows) if self.logprobs is not None else None
+        if self.counts is None:  # not a verify: one row, one token per sampled part
+            return StepResults([[t] for t in rows], [[lp] for lp in logprobs] if logprobs is not None else None,
+                               waited)
+        starts, counts = _row_starts(self.batch.sampled), self.counts.tolist()
         token_ids = [rows[start:start + count] for start, count in zip(starts, counts)]
-        if self.logprobs is None:
+        if logprobs is None:
             return StepResults(token_ids, None, waited)
-        logprobs = self.logprobs.to_list(rows)
         return StepResults(token_ids, [logprobs[start:start + count] for start, count in zip(starts, counts)], waited)
 
 
@@ -115,15 +113,18 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     sampled_parts = batch.sampled
     num_rows = sum(1 + p.num_draft for p in sampled_parts)
     pending, token_ids, counts, logprobs, verified = None, None, None, None, None
+    needs_host_tokens = False
     row_tokens, counts_device = None, None  # each sampled row's token and each part's count, on the device
     if sampled_parts:
         reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
         offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
         sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
+        grammars = [r.grammar for r in reqs]
+        needs_host_tokens = sampling.penalties is not None or any(g is not None for g in grammars)
         if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
             sampling = dataclasses.replace(sampling, steps=sampling.steps - _row_shifts(sampled_parts, previous))
         if drafts is None:
-            bitmask = fill_bitmask([r.grammar for r in reqs], logits.shape[-1])  # while the forward runs
+            bitmask = fill_bitmask(grammars, logits.shape[-1])  # while the forward runs
             if bitmask is not None:
                 apply_bitmask(logits[:num_rows], bitmask)
             sampled = runner.sample(logits[:num_rows], sampling)
@@ -152,7 +153,7 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     if runner.device.type == "cuda":
         done = torch.cuda.Event()
         done.record()
-    return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done)
+    return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done, needs_host_tokens)
 
 
 def _row_shifts(parts: list[BatchPart], previous: PendingTokens) -> torch.Tensor:

@@ -15,7 +15,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # the top-N (token id, log-prob) alternatives, best first
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per request and step, and a frozen __init__ costs ~4x (scheduler.py)
 class CoreOutput:
     """One request's new tokens from one engine step (crosses the engine/front-end boundary)."""
 

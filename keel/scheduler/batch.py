@@ -94,6 +94,8 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
     no host round trip; draft tokens come from `drafts`, also on the device. After a verify step in flight, a
     request's positions, lengths and slots (read from `slot_table`, the request->token table) shift back on
     the device by what the verify did not emit; the batch's host lengths are then unknown (None)."""
+    if batch.mode == ForwardMode.DECODE and (pending is None or pending.shifts is None):
+        return _plain_decode_batch(batch, device, pending)
     input_ids: list[int] = []
     positions: list[int] = []
     sampled_rows: list[int] = []
@@ -133,7 +135,8 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
         positions += range(start, part.seq_len)
         if part.samples:  # logits only where a token is sampled: not for a chunk mid-prompt
             sampled_rows += range(len(input_ids) - 1 - part.num_draft, len(input_ids))
-        prompt_rows += [first_index + p - start for p in _owed_positions(part)]
+        if part.req.params.prompt_logprobs is not None:
+            prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
     decode_layout = batch.mode == ForwardMode.TARGET_VERIFY  # one row per token, seeing the KV up to itself
     if decode_layout:
@@ -143,7 +146,7 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
     else:
         req_rows, seq_lens = [p.row for p in batch.parts], [p.seq_len for p in batch.parts]
         extend_lens = [p.extend_len for p in batch.parts]
-    slots = torch.cat([p.slots for p in batch.parts])
+    slots = batch.slots
     token_req_rows = [p.row for p in batch.parts for _ in range(p.extend_len)]
     (input_ids_t, positions_t, rows_t, seq_lens_t, slots_t, logits_t, fill_rows_t, fill_from_t, draft_rows_t,
      draft_from_t, shifted_rows_t, shifted_from_t, shifted_parts_t, token_rows_t) = columns_to_device(
@@ -183,6 +186,32 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
         logits_indices=logits_t,
         tree=tree,
     )
+
+
+def _plain_decode_batch(batch: ScheduledBatch, device: torch.device, pending: Optional[PendingTokens]) -> ForwardBatch:
+    """build_forward_batch for the most common step, in a few list passes: one token per part, each sampled, no
+    drafts, no prompt positions owed, no shifts; a part's token comes from `pending` when the host lacks it."""
+    parts = batch.parts
+    seq_lens = [p.seq_len for p in parts]
+    input_ids = [0] * len(parts)
+    fill_rows, fill_from = [], []
+    for i, part in enumerate(parts):
+        if part.req.known_len >= part.seq_len:
+            input_ids[i] = part.req.token_ids(part.seq_len - 1, part.seq_len)[0]
+        else:
+            fill_rows.append(i)
+            fill_from.append(_pending_row(part, pending))
+    input_ids_t, positions_t, rows_t, seq_lens_t, slots_t, logits_t, fill_rows_t, fill_from_t = columns_to_device(
+        [(input_ids, torch.int64), ([n - 1 for n in seq_lens], torch.int64), ([p.row for p in parts], torch.int64),
+         (seq_lens, torch.int64), (batch.slots, torch.int64), (range(len(parts)), torch.int64),
+         (fill_rows, torch.int64), (fill_from, torch.int64)], device)
+    if fill_rows:
+        assert pending is not None  # _pending_row checked it
+        input_ids_t[fill_rows_t] = pending.token_ids[fill_from_t]
+    return ForwardBatch(mode=batch.mode, device=device, seq_lens_cpu=tuple(seq_lens),
+                        extend_lens_cpu=(1,) * len(parts), input_ids=input_ids_t, positions=positions_t,
+                        req_rows=rows_t, seq_lens=seq_lens_t, out_cache_loc=slots_t, logits_indices=logits_t,
+                        tree=None)
 
 
 def _tree_mask(parts: list[BatchPart], roots: list[int], drafts: DraftTokens, positions: torch.Tensor,
@@ -225,7 +254,8 @@ def _draft_row(part: BatchPart, drafts: Optional[DraftTokens]) -> int:
 
 def prompt_logprob_rows(batch: ScheduledBatch) -> list[tuple[Req, range]]:
     """For each part owed prompt log-probs: the request and the prompt positions this step scores."""
-    return [(part.req, positions) for part in batch.parts if (positions := _owed_positions(part))]
+    return [(part.req, positions) for part in batch.parts
+            if part.req.params.prompt_logprobs is not None and (positions := _owed_positions(part))]
 
 
 def _owed_positions(part: BatchPart) -> range:

@@ -25,6 +25,7 @@ batch while it moves between servers), or finished; so abort() finds it anywhere
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import deque
@@ -38,6 +39,7 @@ from keel.config import EngineConfig
 from keel.runner.forward_batch import ForwardMode
 from keel.scheduler.req import FinishReason, Req, ReqStatus
 
+_NO_SLOTS = torch.zeros(0, dtype=torch.int64)
 INITIAL_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001  # per decode step
@@ -51,7 +53,9 @@ MIN_ACCEPTED_DRAFTS = 0.5
 MAX_DRAFT_INTERVAL = 64
 
 
-@dataclass(frozen=True)
+# BatchPart, TokenAppended and CoreOutput are made per request and step (hundreds per step at high batch): plain
+# slotted dataclasses, treated as immutable, because a frozen dataclass's __init__ costs about 4x as much.
+@dataclass(slots=True)
 class BatchPart:
     """One request's share of a step."""
 
@@ -59,7 +63,6 @@ class BatchPart:
     row: int
     extend_len: int  # tokens it adds this step
     seq_len: int  # its KV length after this step
-    slots: torch.Tensor  # host int64 [extend_len], where the new tokens' K/V go
     samples: bool  # this step ends the request's prefill (or decodes it), so a token is sampled for it
     # Speculative decoding: the last `num_draft` of the extend_len tokens are draft tokens, proposed after
     # scheduling (their ids come from the drafter); every one of the extend_len positions is scored.
@@ -71,13 +74,16 @@ class BatchPart:
 class ScheduledBatch:
     mode: ForwardMode
     parts: list[BatchPart]
+    # host int64 [sum of extend_len]: where the new tokens' K/V go, part after part (one tensor for the step: a
+    # tensor per part cost a split and a concatenation of hundreds of one-element tensors per decode step)
+    slots: torch.Tensor
 
-    @property
+    @functools.cached_property  # read several times per step
     def sampled(self) -> list[BatchPart]:
         return [p for p in self.parts if p.samples]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenAppended:
     index: int  # position among the batch's sampled parts
     req: Req
@@ -127,23 +133,24 @@ class Scheduler:
         mixed = self.config.enable_mixed_chunk
         has_prefill = bool(self.waiting) or self.chunked is not None
         decode_first = bool(self.running) and (mixed or not has_prefill or self._last_mode == ForwardMode.EXTEND)
-        decodes = self._decode_parts() if decode_first else []
+        decodes, decode_slots = self._decode_parts() if decode_first else ([], _NO_SLOTS)
         prefills = self._prefill_parts() if mixed or not decodes else []
         if not prefills and not decodes and self.running:
-            decodes = self._decode_parts()  # nothing could be admitted: decode instead of idling
+            decodes, decode_slots = self._decode_parts()  # nothing could be admitted: decode instead of idling
         if not prefills and not decodes and (self.waiting or self.chunked is not None):
             prefills = self._prefill_parts()  # a retraction just now may have made room
-        parts = prefills + decodes
-        if not parts:
+        if not prefills and not decodes:
             self._last_mode = None
             return None
         mode = ForwardMode.MIXED if prefills and decodes else ForwardMode.EXTEND if prefills else ForwardMode.DECODE
         if mode == ForwardMode.DECODE and any(p.num_draft for p in decodes):
             mode = ForwardMode.TARGET_VERIFY  # with prefills, drafts are verified in a MIXED (extend) batch
         self._last_mode = mode
-        return ScheduledBatch(mode, parts)
+        slots = torch.cat([slots for _, slots in prefills] + [decode_slots]) if prefills else decode_slots
+        return ScheduledBatch(mode, [part for part, _ in prefills] + decodes, slots)
 
-    def _decode_parts(self) -> list[BatchPart]:
+    def _decode_parts(self) -> tuple[list[BatchPart], torch.Tensor]:
+        """Every decodable request's part, and their new tokens' slots (one tensor, part after part)."""
         self._decode_steps += 1
         ready = self._decodable()
         if self._retract_every and self._decode_steps % self._retract_every == 0 and ready:
@@ -153,32 +160,36 @@ class Scheduler:
         held: list[int] = []  # KV slots each holds past its last token: its drafts' (and a tree drafter's)
         # the step's first query is at the last known token's position or later (a step in flight adds tokens)
         self.kv.free_out_of_window([r.rid for r in ready], [r.known_len - 1 for r in ready])
+        seq_lens: list[int] = []
         while ready:
-            drafts = [self._draft_budget(r) for r in ready]
+            rids, seq_lens = [r.rid for r in ready], [r.seq_len for r in ready]
+            drafts = [self._draft_budget(r) for r in ready] if self.config.num_draft_tokens else [0] * len(ready)
             held = [self.config.draft_reserve if d and self.config.draft_tree else d for d in drafts]
-            slots = self.kv.grow([r.rid for r in ready], [r.seq_len + h for r, h in zip(ready, held)])
+            slots = self.kv.grow(rids, [n + h for n, h in zip(seq_lens, held)])
             if slots is None and any(drafts):  # short of pages: decode without drafts before retracting anyone
                 drafts = held = [0] * len(ready)
-                slots = self.kv.grow([r.rid for r in ready], [r.seq_len for r in ready])
+                slots = self.kv.grow(rids, seq_lens)
             if slots is not None:
                 break
             if len(ready) == 1 and self.chunked is None:
                 if len(self.running) > 1 or self.parked:
-                    return []  # the others are at their last (pending) token, or parked: their KV comes back soon
+                    # the others are at their last (pending) token, or parked: their KV comes back soon
+                    return [], _NO_SLOTS
                 self.fail(ready[0], f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
                                     f"{ready[0].seq_len} tokens")
-                return []
+                return [], _NO_SLOTS
             self._retract(self._retraction_victim(ready))
             ready = self._decodable()
         if not ready:
-            return []
+            return [], _NO_SLOTS
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        # Each part's slots from its last token on; not grow()'s, which start where the KV held so far ended (after
-        # a verify in flight, lengths are upper bounds, and the device shifts these slots back).
-        slots = torch.split(self.kv.slots([r.rid for r in ready], [r.seq_len - 1 for r in ready],
-                                          [r.seq_len + d for r, d in zip(ready, drafts)]), [1 + d for d in drafts])
-        return [BatchPart(r, self.kv.row(r.rid), 1 + d, r.seq_len + d, slots[i], True, d, h)
-                for i, (r, d, h) in enumerate(zip(ready, drafts, held))]
+        # Each part's slots from its last token on. grow() gave those of the positions past the KV held so far:
+        # the same when each request grew by its one last token (the KV held so far ended before it), not after a
+        # verify in flight (lengths are upper bounds then, and the device shifts these slots back).
+        if any(drafts) or slots.numel() != len(ready):
+            slots = self.kv.slots(rids, [n - 1 for n in seq_lens], [n + d for n, d in zip(seq_lens, drafts)])
+        return [BatchPart(r, self.kv.row(r.rid), 1 + d, n + d, True, d, h)
+                for r, n, d, h in zip(ready, seq_lens, drafts, held)], slots
 
     def wants_drafts(self) -> bool:
         """Whether the next decode step would draft for some request with a drafter that reads its tokens on the
@@ -220,27 +231,31 @@ class Scheduler:
             budget = min(budget, self.config.chunked_prefill_size)
         return budget
 
-    def _prefill_parts(self) -> list[BatchPart]:
+    def _prefill_parts(self) -> list[tuple[BatchPart, torch.Tensor]]:
+        """The step's prefill parts, each with its new tokens' slots."""
         budget = self._prefill_budget
-        parts: list[BatchPart] = []
+        parts: list[tuple[BatchPart, torch.Tensor]] = []
         if self.chunked is not None:
-            part = self._extend(self.chunked, budget)
-            if part is None:
+            extended = self._extend(self.chunked, budget)
+            if extended is None:
                 return []
-            parts.append(part)
-            budget -= part.extend_len
-            if not part.samples:
+            parts.append(extended)
+            budget -= extended[0].extend_len
+            if not extended[0].samples:
                 return parts
             self.running.append(self.chunked)
             self.chunked = None
+        expected = sum(self._expected_tokens(r) for r in self._holding_kv())  # grows with each admission
         for req in self._admission_order():
             if budget <= 0 or (parts and not self._chunking and len(req.prompt_ids) > budget):
                 break
-            part = self._admit(req, budget)
-            if part is None:
+            admitted = self._admit(req, budget, expected)
+            if admitted is None:
                 break
-            parts.append(part)
+            parts.append(admitted)
+            part = admitted[0]
             budget -= part.extend_len
+            expected += self._expected_tokens(req)
             if not part.samples:
                 self.chunked = req
                 break
@@ -260,19 +275,20 @@ class Scheduler:
             return sorted(ready, key=lambda r: -cached[r.rid])
         return ready
 
-    def _admit(self, req: Req, budget: int) -> Optional[BatchPart]:
-        """Give `req` its row, cached prefix and the pages of this step's tokens; None (nothing held) if it
-        does not fit now."""
+    def _admit(self, req: Req, budget: int, expected: float) -> Optional[tuple[BatchPart, torch.Tensor]]:
+        """Give `req` its row, cached prefix and the pages of this step's tokens (`expected`: the KV tokens the
+        requests holding KV are expected to add); None (nothing held) if it does not fit now."""
         if len(self.running) + (self.chunked is not None) >= self.config.max_running_requests:
             return None
         if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
             return None
         idle = not self.running and self.chunked is None and not self.parked  # (parked KV comes back once moved)
-        if not idle and not self._fits(req, min(req.seq_len - self.kv.kv_len(req.rid), self._prefill_budget)):
+        window_tokens = min(req.seq_len - self.kv.kv_len(req.rid), self._prefill_budget)
+        if not idle and not self._fits(req, window_tokens, expected):
             self.kv.release(req.rid)
             return None
-        part = self._extend(req, budget)
-        if part is None:
+        extended = self._extend(req, budget)
+        if extended is None:
             self.kv.release(req.rid)
             if idle:
                 self.fail(req, f"the KV pool ({self.kv.capacity_tokens} tokens) cannot hold this request's "
@@ -281,8 +297,8 @@ class Scheduler:
         self.waiting.remove(req)
         req.status = ReqStatus.RUNNING
         if req.num_cached_tokens is None:
-            req.num_cached_tokens = self.kv.kv_len(req.rid) - part.extend_len
-        return part
+            req.num_cached_tokens = self.kv.kv_len(req.rid) - extended[0].extend_len
+        return extended
 
     def _prefix_probe(self, req: Req) -> list[int]:
         """The tokens to look up in the prefix cache: all but the last, which must be computed for its logits;
@@ -291,17 +307,16 @@ class Scheduler:
             return []
         return req.token_ids(0, req.seq_len - 1)
 
-    def _fits(self, req: Req, window_tokens: int) -> bool:
-        """Room for `req`'s uncached tokens and its expected output, after what admitted requests expect; on a
-        hybrid pool, for the `window_tokens` (from a page start) whose window KV it takes now."""
-        holding = self._holding_kv()
-        expected = self._expected_tokens(req) + sum(self._expected_tokens(r) for r in holding)
-        if math.ceil(expected / self.kv.page_size) > self.kv.available_pages():
+    def _fits(self, req: Req, window_tokens: int, expected: float) -> bool:
+        """Room for `req`'s uncached tokens and its expected output, after the `expected` KV tokens of the
+        requests holding KV; on a hybrid pool, for the `window_tokens` (from a page start) whose window KV it takes
+        now."""
+        if math.ceil((expected + self._expected_tokens(req)) / self.kv.page_size) > self.kv.available_pages():
             return False
         if self.kv.swa is None:
             return True
         # window KV: the new request's now, and about a page per holding request as windows move
-        return math.ceil(window_tokens / self.kv.page_size) + len(holding) <= self.kv.available_swa_pages()
+        return math.ceil(window_tokens / self.kv.page_size) + len(self._holding_kv()) <= self.kv.available_swa_pages()
 
     def _expected_tokens(self, req: Req) -> float:
         """KV tokens `req` is still expected to add: the rest of its prefill, and a share of its output."""
@@ -315,7 +330,7 @@ class Scheduler:
     def _holding_kv(self) -> list[Req]:
         return self._in_batches() + list(self.parked.values())
 
-    def _extend(self, req: Req, budget: int) -> Optional[BatchPart]:
+    def _extend(self, req: Req, budget: int) -> Optional[tuple[BatchPart, torch.Tensor]]:
         """The next prefill step of an admitted request: all of the rest, or a page-aligned chunk of it."""
         start = self.kv.kv_len(req.rid)
         end = req.seq_len
@@ -327,7 +342,7 @@ class Scheduler:
         slots = self.kv.grow([req.rid], [end])
         if slots is None:
             return None
-        return BatchPart(req, self.kv.row(req.rid), end - start, end, slots, end == req.seq_len)
+        return BatchPart(req, self.kv.row(req.rid), end - start, end, end == req.seq_len), slots
 
     # ---- retraction and failure -----------------------------------------------------------------
 
@@ -372,32 +387,34 @@ class Scheduler:
         """Apply a launched step's results: chunks go into the prefix cache, sampled tokens replace the pending
         ones, slots of rejected draft tokens are freed, finished requests release their KV. `token_ids` has one
         list per sampled part: its one token, or (speculative) its accepted drafts and the target's next token."""
-        appended = []
         for part in batch.parts:
-            if part.req.status != ReqStatus.RUNNING:  # aborted or requeued while its forward ran: KV released
-                continue
-            if not part.samples:
+            if not part.samples and part.req.status == ReqStatus.RUNNING:  # (else aborted or requeued while its
+                # forward ran: KV released)
                 self.kv.cache_prefix(part.req.rid, part.req.token_ids(0, part.seq_len))
         kept = []  # (index, part, tokens kept, finish reason)
-        for index, part in enumerate(batch.sampled):
-            if part.req.status != ReqStatus.FINISHED:
-                part.req.held_in_flight.pop(0)
-                kept.append((index, part, *part.req.append_tokens(token_ids[index], 1 + part.num_draft)))
+        for index, (part, tokens) in enumerate(zip(batch.sampled, token_ids)):
+            req = part.req
+            if req.status != ReqStatus.FINISHED:
+                req.held_in_flight.pop(0)
+                kept.append((index, part, *req.append_tokens(tokens, 1 + part.num_draft)))
         verified = [p.req for _, p, _, _ in kept if p.num_draft and p.req.status == ReqStatus.RUNNING]
         if verified:  # keep the KV of every kept token but the newest, and what a step in flight writes; the
             # rejected drafts' pages go back
             self.kv.truncate([r.rid for r in verified], [_kv_in_use(r) for r in verified])
+        appended = []
         for index, part, count, reason in kept:
+            req, tokens = part.req, token_ids[index]
             if part.num_draft:
-                self._update_draft_rate(part.req, len(token_ids[index]) - 1)
-            if reason in ("stop", "length") and part.req.kv_destination is not None:
-                part.req.finish_reason = reason  # prefilled for a decode server: it finishes once its KV is there
-                self._park(part.req)
-                reason = None
-            elif reason is not None:
-                self._finish(part.req, reason, part.req.error)
-            appended.append(TokenAppended(index, part.req, token_ids[index][:count], reason, part.num_draft,
-                                          len(token_ids[index]) - 1))
+                self._update_draft_rate(req, len(tokens) - 1)
+            if reason is not None:
+                if reason != "abort" and req.kv_destination is not None:
+                    req.finish_reason = reason  # prefilled for a decode server: it finishes once its KV is there
+                    self._park(req)
+                    reason = None
+                else:
+                    self._finish(req, reason, req.error)
+            appended.append(TokenAppended(index, req, tokens if count == len(tokens) else tokens[:count], reason,
+                                          part.num_draft, len(tokens) - 1))
         return appended
 
     def _update_draft_rate(self, req: Req, accepted: int) -> None:
@@ -428,7 +445,9 @@ class Scheduler:
             return False
         if not self.kv.admit(req.rid, self.kv.match_prefix(self._prefix_probe(req))):
             return False
-        fits = not self._holding_kv() or self._fits(req, self._prompt_window_tokens(req))
+        holding = self._holding_kv()
+        expected = sum(self._expected_tokens(r) for r in holding)
+        fits = not holding or self._fits(req, self._prompt_window_tokens(req), expected)
         if not fits or not self._hold_prompt(req):
             self.kv.release(req.rid)
             return False
