@@ -16,13 +16,18 @@ from keel.attention.base import AttentionLayer, Rotation
 from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
 from keel.cache.swa_pages import SwaPageMap
-from keel.kernels.decode_attention import MAX_SPLITS, decode_attention, plan_decode_splits
+from keel.debug.invariants import strict_checks_enabled
+from keel.kernels.decode_attention import MAX_SPLITS, DecodeSplits, decode_attention, plan_decode_splits
 from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
 from keel.kernels.kv_store import store_kv
 from keel.kernels.rotary import rotate_and_store
 from keel.runner.forward_batch import ForwardBatch, TreeMask
 
 Window = Optional[int]
+# Under strict checks the split-KV scratch starts as a split that dominates any combine reading it (log-sum-exp
+# far above any real one, outputs far off), so a read of a split this forward did not write shows in the result
+# instead of depending on what the allocator left there.
+POISON_LSE, POISON_OUT = 1e4, 1e3
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class TritonDecodeMetadata:
     out_cache_loc: torch.Tensor
     req_rows: torch.Tensor
     seq_lens: torch.Tensor
-    num_splits: dict[Window, torch.Tensor]  # the planner's decision, per sliding-window size
+    num_splits: dict[Window, DecodeSplits]  # the planner's decision, per sliding-window size
     partial_out: torch.Tensor  # [batch, heads, MAX_SPLITS, head_dim] float32 scratch
     partial_lse: torch.Tensor  # [batch, heads, MAX_SPLITS] float32 scratch
     tree: Optional[TreeMask]
@@ -59,6 +64,7 @@ class TritonBackend:
         self.num_heads = layers[0].num_heads
         self.num_kv_heads = layers[0].num_kv_heads
         self.head_dim = layers[0].head_dim
+        self.poison_scratch = strict_checks_enabled()
 
     def build_metadata(self, batch: ForwardBatch) -> TritonMetadata:
         swa_loc = self.swa_map.slots(batch.out_cache_loc) if self.swa_map is not None else None
@@ -67,11 +73,15 @@ class TritonBackend:
             return TritonDecodeMetadata(
                 batch.out_cache_loc, batch.req_rows, batch.seq_lens,
                 {w: plan_decode_splits(batch.seq_lens, self.num_kv_heads, w) for w in self.windows},
-                torch.empty(bs, self.num_heads, MAX_SPLITS, self.head_dim, dtype=torch.float32, device=batch.device),
-                torch.empty(bs, self.num_heads, MAX_SPLITS, dtype=torch.float32, device=batch.device), batch.tree,
-                swa_loc)
+                self._scratch((bs, self.num_heads, MAX_SPLITS, self.head_dim), POISON_OUT, batch.device),
+                self._scratch((bs, self.num_heads, MAX_SPLITS), POISON_LSE, batch.device), batch.tree, swa_loc)
         return TritonExtendMetadata(batch.out_cache_loc, batch.req_rows, batch.seq_lens,
                                     plan_extend_blocks(batch.extend_lens_cpu, batch.device), batch.tree, swa_loc)
+
+    def _scratch(self, shape: tuple[int, ...], poison: float, device: torch.device) -> torch.Tensor:
+        if self.poison_scratch:
+            return torch.full(shape, poison, dtype=torch.float32, device=device)
+        return torch.empty(shape, dtype=torch.float32, device=device)
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_pool: KVPool, metadata: TritonMetadata, rotation: Optional[Rotation]) -> torch.Tensor:

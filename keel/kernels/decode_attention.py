@@ -12,6 +12,7 @@ the device needs no host copy of the sequence lengths, so the same code runs ins
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,13 +42,23 @@ def check_head_dim(head_dim: int) -> None:
                          "use --attention-backend torch")
 
 
-def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Optional[int]) -> torch.Tensor:
-    """Splits per request ([batch] int32): enough to fill the GPU, none shorter than MIN_KEYS_PER_SPLIT keys."""
+@dataclass(frozen=True)
+class DecodeSplits:
+    """The planner's decision for one forward: what the attention kernel's grid, the kernel and the combine step
+    all read."""
+
+    counts: torch.Tensor  # [batch] int32 on the device: each request's splits, in [1, cap]
+    # The most any request may get, known on the host: the kernel's grid has this many splits, not MAX_SPLITS (at
+    # batch 256, 16x fewer programs, most of which would only exit), and with 1 the combine launch is skipped.
+    cap: int
+
+
+def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Optional[int]) -> DecodeSplits:
+    """Splits per request: enough to fill the GPU, none shorter than MIN_KEYS_PER_SPLIT keys."""
     keys = seq_lens if window is None else torch.clamp(seq_lens, max=window)
-    batch = seq_lens.numel()
-    occupancy_cap = max(1, min(MAX_SPLITS, math.ceil(TARGET_PROGRAMS / max(1, batch * num_kv_heads))))
+    cap = max(1, min(MAX_SPLITS, math.ceil(TARGET_PROGRAMS / max(1, seq_lens.numel() * num_kv_heads))))
     splits = (keys + MIN_KEYS_PER_SPLIT - 1) // MIN_KEYS_PER_SPLIT
-    return torch.clamp(splits, 1, occupancy_cap).to(torch.int32)
+    return DecodeSplits(torch.clamp(splits, 1, cap).to(torch.int32), cap)
 
 
 @triton.jit
@@ -140,7 +151,7 @@ def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr, 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
-                     req_rows: torch.Tensor, seq_lens: torch.Tensor, num_splits: torch.Tensor,
+                     req_rows: torch.Tensor, seq_lens: torch.Tensor, splits: DecodeSplits,
                      partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float,
                      window: Optional[int], tree: Optional[TreeMask] = None,
                      softcap: Optional[float] = None, page_map: Optional[torch.Tensor] = None,
@@ -150,7 +161,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     page_map[s // page_size].
 
     partial_out [batch, heads, MAX_SPLITS, head_dim] and partial_lse [batch, heads, MAX_SPLITS] (float32) are
-    scratch sized from the planner's cap; num_splits is the planner's decision. `tree`: one entry per row, the
+    scratch sized from the planner's cap; `splits` is the planner's decision. `tree`: one entry per row, the
     draft-tree keys each row sees (no sliding window then: a tree's positions are not its table positions).
     """
     batch, heads, head_dim = q.shape
@@ -158,7 +169,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     check_head_dim(head_dim)
     assert partial_out.shape == (batch, heads, MAX_SPLITS, head_dim) and partial_lse.shape == (batch, heads, MAX_SPLITS)
-    assert num_splits.shape == (batch,)
+    assert splits.counts.shape == (batch,) and 1 <= splits.cap <= MAX_SPLITS
+    num_splits, cap = splits.counts, splits.cap
     assert tree is None or (window is None and tree.starts.shape == (batch,) and tree.bits.shape == (batch,))
     out = torch.empty_like(q)
     if batch == 0:
@@ -166,18 +178,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ieee = k_cache.dtype == torch.float32
     pdl = pdl_launch_args(q.device)
     tree_starts, tree_bits = (tree.starts, tree.bits) if tree is not None else (seq_lens, seq_lens)  # unread then
-    _decode_partial_kernel[(batch, kv_heads, MAX_SPLITS)](
+    derived = not guard_on("one-plan")  # off (seed 001): the combine step counts splits itself, past the grid's
+    _decode_partial_kernel[(batch, kv_heads, cap)](
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, num_splits, partial_out, partial_lse, out,
         tree_starts, tree_bits, page_map if page_map is not None else seq_lens, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK=BLOCK_N, IEEE=ieee,
         TREE=tree is not None, SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size,
         **pdl)
+    if cap == 1 and not derived:  # every request was one split: the partial kernel wrote the output itself
+        return out
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, seq_lens, partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), window or 0,
-        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS, DERIVED=not guard_on("one-plan"), MIN_KEYS=MIN_KEYS_PER_SPLIT,
+        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS, DERIVED=derived, MIN_KEYS=MIN_KEYS_PER_SPLIT,
         **pdl)
     return out

@@ -191,16 +191,33 @@ def test_triton_decode_with_many_splits(min_keys, monkeypatch):
     run_case([0, 2, 30, 64, 100], [1, 1, 1, 1, 1], 4, 8, 2, 7, ForwardMode.DECODE, "triton")
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_triton_decode_of_a_batch_that_fills_the_gpu_unsplit(page_size, monkeypatch):
+    """A batch large enough that no request splits (here: a target of one program): the grid has one split per
+    request, and no combine step runs."""
+    from keel.kernels import decode_attention
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the combine step was launched for a batch planned as one split per request")
+
+    monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", NotLaunched())
+    for window in (None, 5):
+        run_case([0, 1, 15, 16, 40, 300], [1] * 6, page_size, 8, 2, window, ForwardMode.DECODE, "triton")
+
+
 def test_decode_planner_is_one_decision_per_request():
     from keel.kernels.decode_attention import MAX_SPLITS, MIN_KEYS_PER_SPLIT, plan_decode_splits
 
     m = MIN_KEYS_PER_SPLIT
     seq_lens = torch.tensor([1, m, m + 1, MAX_SPLITS * m + 1, 100000])
     splits = plan_decode_splits(seq_lens, num_kv_heads=1, window=None)
-    assert splits.tolist() == [1, 1, 2, MAX_SPLITS, MAX_SPLITS] and splits.max() <= MAX_SPLITS
-    assert plan_decode_splits(seq_lens, 1, window=3 * m + 1).tolist() == [1, 1, 2, 4, 4]
-    # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it
-    assert plan_decode_splits(torch.full((256,), 100000), 8, None).max() == 1
+    assert splits.counts.tolist() == [1, 1, 2, MAX_SPLITS, MAX_SPLITS] and splits.cap == MAX_SPLITS
+    assert plan_decode_splits(seq_lens, 1, window=3 * m + 1).counts.tolist() == [1, 1, 2, 4, 4]
+    # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it (no combine step then)
+    full = plan_decode_splits(torch.full((256,), 100000), 8, None)
+    assert full.cap == 1 and full.counts.max() == 1
 
 
 def random_tree_bits(size: int, g: torch.Generator) -> list[int]:
