@@ -34,7 +34,7 @@ $(VENV)/.nixl: $(VENV)/.installed
 	touch $@
 
 test: venv $(VENV)/.nixl
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 clean:
 	rm -rf $(VENV)
