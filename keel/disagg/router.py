@@ -4,8 +4,10 @@ Each generation request goes to the least-loaded decode server (fewest requests 
 with the least-loaded prefill server named in a header: the decode server tokenizes it, holds its KV, has the
 prefill server compute the prompt into those pages (keel/server/disagg.py) and streams the answer, which the router
 passes through unchanged. A client that disconnects closes the router's connection to the decode server, which
-aborts the request there and on the prefill server. A server that cannot be reached gets the request an OpenAI
-error (502) instead of a torn connection.
+aborts the request there and on the prefill server: while the answer streams, and before its first byte (a
+non-streamed answer comes whole, so a client may give up long before it). A server that cannot be reached gets the
+request an OpenAI error (502) instead of a torn connection. Each request's hold on its two servers' counts and on
+the upstream connection is let go exactly once, however it ends (`Relay.close`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,59 @@ class Upstream:
 
 
 @dataclass
+class Relay:
+    """One routed request's hold on its prefill and decode servers' counts and on the decode server's answer."""
+
+    prefill: Upstream
+    decode: Upstream
+    upstream: Optional[aiohttp.ClientResponse] = None
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        for server in (self.prefill, self.decode):
+            server.in_flight += 1
+            server.routed += 1
+
+    def close(self) -> None:
+        """Let go (once, whatever called it first): closing an unfinished answer drops the connection, which aborts
+        the request on the decode server and, through it, on the prefill server."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.upstream is not None:
+            self.upstream.close()
+        for server in (self.prefill, self.decode):
+            server.in_flight -= 1
+
+
+class RelayResponse(StreamingResponse):
+    """The decode server's answer, streamed; its relay is closed when the response ends, however it ends (a client
+    that left before the first chunk means the body iterator never starts, so its own `finally` cannot do it)."""
+
+    def __init__(self, relay: Relay) -> None:
+        assert relay.upstream is not None
+        self.relay = relay
+        headers = {k: v for k, v in relay.upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
+        super().__init__(self._chunks(), status_code=relay.upstream.status, headers=headers)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        assert self.relay.upstream is not None
+        try:
+            async for chunk in self.relay.upstream.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the decode server died mid-answer
+            logger.warning("the decode server %s broke off an answer: %s", self.relay.decode.url, e)
+        finally:
+            self.relay.close()
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]  # (Starlette's)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.relay.close()
+
+
+@dataclass
 class Router:
     config: RouterConfig
     prefill: list[Upstream] = field(init=False)
@@ -63,35 +118,38 @@ class Router:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_HEADERS}
         headers[PREFILL_HEADER] = prefill.url
         body = await read_body(request, int(self.config.max_request_body_mb * 2**20))
-        for server in (prefill, decode):
-            server.in_flight += 1
-            server.routed += 1
+        relay = Relay(prefill, decode)
         try:
-            upstream = await self.session.post(decode.url + request.url.path, data=body, headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            self._done(prefill, decode)
-            raise APIError(502, f"the decode server {decode.url} cannot be reached: {type(e).__name__}",
-                           type="bad_gateway") from e
-        reply_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
-        return StreamingResponse(self._relay(upstream, prefill, decode), status_code=upstream.status,
-                                 headers=reply_headers)
+            relay.upstream = await self._first_answer(request, decode.url + request.url.path, body, headers)
+        except BaseException:
+            relay.close()
+            raise
+        if relay.upstream is None:  # the client left first: nobody to answer
+            relay.close()
+            return Response(status_code=499)
+        return RelayResponse(relay)
 
-    async def _relay(self, upstream: aiohttp.ClientResponse, prefill: Upstream,
-                     decode: Upstream) -> AsyncIterator[bytes]:
-        """The decode server's answer as it comes; closing it (the client left) aborts the request there."""
+    async def _first_answer(self, request: Request, url: str, body: bytes,
+                            headers: dict[str, str]) -> Optional[aiohttp.ClientResponse]:
+        """The decode server's response (status and headers), or None if the client disconnects before it comes
+        (the request is then cancelled, and its connection dropped)."""
+        assert self.session is not None
+        post = asyncio.ensure_future(self.session.post(url, data=body, headers=headers))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async for chunk in upstream.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the decode server died mid-answer
-            logger.warning("the decode server %s broke off an answer: %s", decode.url, e)
+            await asyncio.wait((post, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            upstream.close()
-            self._done(prefill, decode)
-
-    @staticmethod
-    def _done(*servers: Upstream) -> None:
-        for server in servers:
-            server.in_flight -= 1
+            gone.cancel()
+            if not post.done():  # the client left first (or this coroutine was cancelled)
+                post.cancel()
+                await asyncio.gather(post, return_exceptions=True)  # the connection is dropped once this returns
+        if post.cancelled():
+            return None
+        try:
+            return post.result()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise APIError(502, f"the decode server {url} cannot be reached: {type(e).__name__}",
+                           type="bad_gateway") from e
 
     async def health(self) -> dict[str, bool]:
         assert self.session is not None
@@ -105,6 +163,12 @@ class Router:
 
         servers = self.prefill + self.decode
         return dict(zip((s.url for s in servers), await asyncio.gather(*(ok(s.url) for s in servers))))
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has disconnected (its body has been read: nothing else comes before that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
