@@ -86,8 +86,6 @@ class RelayResponse(StreamingResponse):
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the decode server died mid-answer
             logger.warning("the decode server %s broke off an answer: %s", self.relay.decode.url, e)
-        finally:
-            self.relay.close()
 
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]  # (Starlette's)
         try:

@@ -185,8 +185,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK=BLOCK_N, IEEE=ieee,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=BLOCK_N, IEEE=ieee,
         TREE=tree is not None, SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size,
         **pdl)
     if cap == 1 and not derived:  # every request was one split: the partial kernel wrote the output itself

@@ -135,8 +135,7 @@ def build_forward_batch(batch: ScheduledBatch, device: torch.device, pending: Op
         positions += range(start, part.seq_len)
         if part.samples:  # logits only where a token is sampled: not for a chunk mid-prompt
             sampled_rows += range(len(input_ids) - 1 - part.num_draft, len(input_ids))
-        if part.req.params.prompt_logprobs is not None:
-            prompt_rows += [first_index + p - start for p in _owed_positions(part)]
+        prompt_rows += [first_index + p - start for p in _owed_positions(part)]
 
     decode_layout = batch.mode == ForwardMode.TARGET_VERIFY  # one row per token, seeing the KV up to itself
     if decode_layout:
@@ -254,11 +253,12 @@ def _draft_row(part: BatchPart, drafts: Optional[DraftTokens]) -> int:
 
 def prompt_logprob_rows(batch: ScheduledBatch) -> list[tuple[Req, range]]:
     """For each part owed prompt log-probs: the request and the prompt positions this step scores."""
-    return [(part.req, positions) for part in batch.parts
-            if part.req.params.prompt_logprobs is not None and (positions := _owed_positions(part))]
+    return [(part.req, positions) for part in batch.parts if (positions := _owed_positions(part))]
 
 
 def _owed_positions(part: BatchPart) -> range:
+    if part.req.params.prompt_logprobs is None:  # most requests: no arithmetic per part and step
+        return range(0)
     owed = part.req.prompt_logprob_positions
     start = max(owed.start, part.seq_len - part.extend_len)
     return range(start, max(start, min(owed.stop, part.seq_len)))
