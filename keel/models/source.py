@@ -114,17 +114,21 @@ def _write_preset(name: str, directory: Path) -> None:
 
 
 def _materialise(path: Path, write: Callable[[Path], None]) -> Path:
-    """Build `path` once; written to a temporary sibling and renamed, so readers never see half of it."""
+    """Build `path` once; written to a temporary sibling and renamed, so readers never see half of it. A lock
+    beside it makes a second process that needs it at the same time (two servers starting, parallel test
+    workers) wait for the first instead of building it again (training keel-demo, converting a GGUF file)."""
     if (path / "config.json").is_file():
         return path
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError:
-        if not (path / "config.json").is_file():  # lost a race with another writer: theirs is complete
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(str(path) + ".lock"):
+        if (path / "config.json").is_file():  # built by the process that held the lock
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

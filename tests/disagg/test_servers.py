@@ -46,17 +46,22 @@ def start_router(log: Path, prefill: list[str], decode: list[str]) -> Server:
 
 
 @contextmanager
-def deployment(folder: Path, prefill_env: dict[str, str] | None = None) -> Iterator[Deployment]:
+def deployment(folder: Path, decode: Server | None = None,
+               prefill_env: dict[str, str] | None = None) -> Iterator[Deployment]:
+    """A prefill server and a router in front of it and `decode` (a decode server of their own when None); the
+    servers started here are stopped at the end."""
     prefill = start_server(folder / "prefill.log", "--disaggregation-mode", "prefill", env=prefill_env)
-    decode = start_server(folder / "decode.log", "--disaggregation-mode", "decode",
-                          "--disaggregation-transfer-timeout", "60")
+    own_decode = decode is None
+    if own_decode:
+        decode = start_server(folder / "decode.log", "--disaggregation-mode", "decode",
+                              "--disaggregation-transfer-timeout", "60")
     router = start_router(folder / "router.log", [prefill.url], [decode.url])
     try:
         yield Deployment(router, prefill, decode)
     finally:
         router.process.send_signal(signal.SIGTERM)
         router.process.wait(timeout=30)
-        for server in (decode, prefill):
+        for server in (decode,) * own_decode + (prefill,):
             if server.process.poll() is None:
                 stop_server(server)
 
@@ -164,8 +169,9 @@ def test_a_decode_server_takes_requests_only_through_the_router_and_bad_input_is
     assert_drained(disagg.prefill, disagg.decode)
 
 
-def test_failed_transfers_end_their_requests_with_errors(tmp_path, keel_cache_dir, single):
-    with deployment(tmp_path, {"KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY": "3"}) as failing:
+def test_failed_transfers_end_their_requests_with_errors(tmp_path, disagg, single):
+    """A second prefill server, failing every third transfer, in front of the shared decode server."""
+    with deployment(tmp_path, disagg.decode, {"KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY": "3"}) as failing:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda p: complete(failing.router.url, p), PROMPTS * 3))
         failed = [a for a in answers if a["status"] != 200]
@@ -177,8 +183,10 @@ def test_failed_transfers_end_their_requests_with_errors(tmp_path, keel_cache_di
         assert_drained(failing.prefill, failing.decode)
 
 
-def test_a_prefill_server_dying_mid_request_fails_its_requests_and_frees_the_decode_side(tmp_path, keel_cache_dir):
-    with deployment(tmp_path) as doomed:
+def test_a_prefill_server_dying_mid_request_fails_its_requests_and_frees_the_decode_side(tmp_path, disagg):
+    """A second prefill server in front of the shared decode server, killed mid-request; the decode server then
+    still serves through the first."""
+    with deployment(tmp_path, disagg.decode) as doomed:
         long_prompt = " ".join(PROMPTS * 12)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             pending = [pool.submit(complete, doomed.router.url, f"{i} {long_prompt}", max_tokens=64) for i in range(8)]
@@ -190,3 +198,4 @@ def test_a_prefill_server_dying_mid_request_fails_its_requests_and_frees_the_dec
         for answer in answers:
             assert answer["status"] == 200 or "prefill server" in answer["error"]["message"], answer
         assert_drained(doomed.decode)
+    assert complete(disagg.router.url, PROMPTS[0])["status"] == 200
