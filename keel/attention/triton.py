@@ -17,7 +17,7 @@ from keel.cache.kv_pool import KVPool
 from keel.cache.req_table import ReqToTokenTable
 from keel.cache.swa_pages import SwaPageMap
 from keel.debug.invariants import strict_checks_enabled
-from keel.kernels.decode_attention import MAX_SPLITS, DecodeSplits, decode_attention, plan_decode_splits
+from keel.kernels.decode_attention import DecodeSplits, decode_attention, plan_decode_splits
 from keel.kernels.extend_attention import ExtendBlocks, extend_attention, plan_extend_blocks
 from keel.kernels.kv_store import store_kv
 from keel.kernels.rotary import rotate_and_store
@@ -36,8 +36,8 @@ class TritonDecodeMetadata:
     req_rows: torch.Tensor
     seq_lens: torch.Tensor
     num_splits: dict[Window, DecodeSplits]  # the planner's decision, per sliding-window size
-    partial_out: torch.Tensor  # [batch, heads, MAX_SPLITS, head_dim] float32 scratch
-    partial_lse: torch.Tensor  # [batch, heads, MAX_SPLITS] float32 scratch
+    partial_out: torch.Tensor  # [batch, heads, width, head_dim] float32 scratch (width: the widest plan's)
+    partial_lse: torch.Tensor  # [batch, heads, width] float32 scratch
     tree: Optional[TreeMask]
     swa_out_cache_loc: Optional[torch.Tensor]  # out_cache_loc in the sliding-window group of a hybrid pool
 
@@ -70,11 +70,12 @@ class TritonBackend:
         swa_loc = self.swa_map.slots(batch.out_cache_loc) if self.swa_map is not None else None
         if batch.mode.is_decode:
             bs = batch.batch_size
+            plans = {w: plan_decode_splits(batch.seq_lens, self.num_kv_heads, w) for w in self.windows}
+            width = max(plan.width for plan in plans.values())
             return TritonDecodeMetadata(
-                batch.out_cache_loc, batch.req_rows, batch.seq_lens,
-                {w: plan_decode_splits(batch.seq_lens, self.num_kv_heads, w) for w in self.windows},
-                self._scratch((bs, self.num_heads, MAX_SPLITS, self.head_dim), POISON_OUT, batch.device),
-                self._scratch((bs, self.num_heads, MAX_SPLITS), POISON_LSE, batch.device), batch.tree, swa_loc)
+                batch.out_cache_loc, batch.req_rows, batch.seq_lens, plans,
+                self._scratch((bs, self.num_heads, width, self.head_dim), POISON_OUT, batch.device),
+                self._scratch((bs, self.num_heads, width), POISON_LSE, batch.device), batch.tree, swa_loc)
         return TritonExtendMetadata(batch.out_cache_loc, batch.req_rows, batch.seq_lens,
                                     plan_extend_blocks(batch.extend_lens_cpu, batch.device), batch.tree, swa_loc)
 

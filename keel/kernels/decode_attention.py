@@ -3,8 +3,7 @@
 One program handles one request, one KV head (all the query heads that share it) and one split
 of that request's keys. `plan_decode_splits` decides, once per forward and on the device, how
 many splits each request gets; the attention kernel and the combine kernel both read that one
-tensor, and the partial-result buffers are sized by MAX_SPLITS, the planner's cap (DESIGN rule
-"one planner"). A request planned as one split is finished by the attention kernel itself and
+tensor, and the partial-result buffers are sized from the plan's cap (DESIGN rule "one planner"). A request planned as one split is finished by the attention kernel itself and
 skipped by the combine kernel (most requests at short contexts or large batches). Planning on
 the device needs no host copy of the sequence lengths, so the same code runs inside a CUDA graph.
 """
@@ -24,7 +23,9 @@ from keel.kernels.online_softmax import in_tree_path, mapped_slots, online_softm
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
 from keel.runner.forward_batch import TreeMask
 
-MAX_SPLITS = 16  # the partial buffers hold this many splits per (request, head)
+# The most splits a request may get. A lone long request needs many: on an H200, llama-3.1-8b batch 1 at 32k
+# keys, 16 splits read 2.1 TB/s, 33 (TARGET_PROGRAMS' share) 3.0 TB/s.
+MAX_SPLITS = 64
 # Shorter contexts get fewer splits. Small, because a lone request's decode is latency-bound: on an H200,
 # llama-3.1-8b batch 1 at ~250 tokens runs 77.2 % of HBM bandwidth with 64, 75.5 % with 256.
 MIN_KEYS_PER_SPLIT = 64
@@ -51,6 +52,11 @@ class DecodeSplits:
     # The most any request may get, known on the host: the kernel's grid has this many splits, not MAX_SPLITS (at
     # batch 256, 16x fewer programs, most of which would only exit), and with 1 the combine launch is skipped.
     cap: int
+
+    @property
+    def width(self) -> int:
+        """Splits the partial-result scratch holds per (request, head): the cap, rounded up to a power of two."""
+        return triton.next_power_of_2(self.cap)
 
 
 def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Optional[int]) -> DecodeSplits:
@@ -108,14 +114,14 @@ def _decode_partial_kernel(
         if TREE:
             visible = visible & in_tree_path(offs, tree_start, tree_bits)
         m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, valid,
-                                            visible[None, :], m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP)
+                                            visible[None, :], m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP, True)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:  # the whole answer: stored as is, and the combine kernel skips this request
         final = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(final, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
     else:
-        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # base 2
         part = part_out_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :]
         tl.store(part, out, mask=head_ok[:, None])
         tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
@@ -141,7 +147,7 @@ def _decode_combine_kernel(part_out_ptr, part_lse_ptr, num_splits_ptr, out_ptr, 
     used = s < num_splits
     lse = tl.load(part_lse_ptr + b * stride_lb + head * stride_lh + s, mask=used, other=float("-inf"))
     top = tl.max(lse, 0)
-    weights = tl.where(used & (lse > float("-inf")), tl.exp(lse - top), 0.0)
+    weights = tl.where(used & (lse > float("-inf")), tl.exp2(lse - top), 0.0)
     weights = weights / tl.sum(weights, 0)
     d = tl.arange(0, HEAD_DIM)
     parts = tl.load(part_out_ptr + b * stride_pb + head * stride_ph + s[:, None] * stride_ps + d[None, :],
@@ -160,16 +166,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `page_map` (int32 [table pages]): the caches are a sliding-window pool whose page of table slot s is
     page_map[s // page_size].
 
-    partial_out [batch, heads, MAX_SPLITS, head_dim] and partial_lse [batch, heads, MAX_SPLITS] (float32) are
-    scratch sized from the planner's cap; `splits` is the planner's decision. `tree`: one entry per row, the
+    partial_out [batch, heads, width, head_dim] and partial_lse [batch, heads, width] (float32) are scratch sized
+    from the planner's cap (`DecodeSplits.width`, or more); `splits` is the planner's decision. `tree`: one entry per row, the
     draft-tree keys each row sees (no sliding window then: a tree's positions are not its table positions).
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     check_head_dim(head_dim)
-    assert partial_out.shape == (batch, heads, MAX_SPLITS, head_dim) and partial_lse.shape == (batch, heads, MAX_SPLITS)
-    assert splits.counts.shape == (batch,) and 1 <= splits.cap <= MAX_SPLITS
+    width = partial_out.shape[2]
+    assert partial_out.shape == (batch, heads, width, head_dim) and partial_lse.shape == (batch, heads, width)
+    assert splits.counts.shape == (batch,) and 1 <= splits.width <= width and width & (width - 1) == 0
     num_splits, cap = splits.counts, splits.cap
     assert tree is None or (window is None and tree.starts.shape == (batch,) and tree.bits.shape == (batch,))
     out = torch.empty_like(q)
@@ -193,6 +200,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_combine_kernel[(batch, heads)](
         partial_out, partial_lse, num_splits, out, seq_lens, partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), window or 0,
-        HEAD_DIM=head_dim, MAX_SPLITS_C=MAX_SPLITS, DERIVED=derived, MIN_KEYS=MIN_KEYS_PER_SPLIT,
+        HEAD_DIM=head_dim, MAX_SPLITS_C=width, DERIVED=derived, MIN_KEYS=MIN_KEYS_PER_SPLIT,
         **pdl)
     return out

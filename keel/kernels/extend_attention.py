@@ -2,7 +2,7 @@
 
 New tokens attend to their request's cached prefix through the request->token table and
 causally to each other (their own K/V are already stored in the pool, so all keys come from
-one place), with an optional sliding window. One program handles BLOCK_M queries of one
+one place), with an optional sliding window. One program handles a tile of queries of one
 request and one head; `plan_extend_blocks` lays the query blocks out once per forward.
 """
 
@@ -20,8 +20,29 @@ from keel.kernels.online_softmax import in_tree_path, mapped_slots, online_softm
 from keel.runner.forward_batch import TreeMask
 from keel.transfer import columns_to_device
 
-BLOCK_M = 32
-BLOCK_N = 32
+
+@dataclass(frozen=True)
+class ExtendTile:
+    """The kernel's tile and launch shape: queries and keys per step, warps, pipeline stages."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Small tiles for short extends (draft verification, small prompts: more programs) and the CPU interpreter; on a
+# GPU, long extends take the large one (H200, llama-3.1-8b geometry: 2.6x the small tile's rate at 8k-32k tokens,
+# 2.5x at 512 new tokens after 2,000 cached, slower at 128 new tokens; docs/benchmarks.md).
+SMALL_TILE = ExtendTile(32, 32, 4, 3)
+LARGE_TILE = ExtendTile(64, 64, 4, 3)
+LARGE_TILE_FROM = 256  # tokens: a batch whose longest extend reaches this takes the large tile
+
+
+def extend_tile(extend_lens: tuple[int, ...], device: torch.device) -> ExtendTile:
+    if device.type == "cuda" and max(extend_lens, default=0) >= LARGE_TILE_FROM:
+        return LARGE_TILE
+    return SMALL_TILE
 
 
 @dataclass(frozen=True)
@@ -32,19 +53,24 @@ class ExtendBlocks:
     block_start: torch.Tensor  # [num_blocks] int32
     q_starts: torch.Tensor  # [batch] int32, each request's first token in the flat token array
     extend_lens: torch.Tensor  # [batch] int32
+    tile: ExtendTile  # the tile the blocks were laid out for
 
 
-def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device) -> ExtendBlocks:
-    block_req, block_start, q_starts = [], [], []
+def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device,
+                       tile: Optional[ExtendTile] = None) -> ExtendBlocks:
+    """Query blocks, longest-running first (a request's last blocks see the most keys), so the tail of the
+    launch is short blocks rather than long ones."""
+    tile = tile or extend_tile(extend_lens, device)
+    blocks, q_starts = [], []
     offset = 0
     for i, length in enumerate(extend_lens):
         q_starts.append(offset)
-        for start in range(0, length, BLOCK_M):
-            block_req.append(i)
-            block_start.append(start)
+        blocks.extend((i, start) for start in range(0, length, tile.block_q))
         offset += length
+    blocks.reverse()
+    block_req, block_start = [b[0] for b in blocks], [b[1] for b in blocks]
     return ExtendBlocks(*columns_to_device(
-        [(values, torch.int32) for values in (block_req, block_start, q_starts, list(extend_lens))], device))
+        [(values, torch.int32) for values in (block_req, block_start, q_starts, list(extend_lens))], device), tile)
 
 
 @triton.jit
@@ -81,9 +107,20 @@ def _extend_kernel(
         tree_bits = tl.load(tree_bits_ptr + first_token + m, mask=q_ok, other=0)
     hi = prefix + tl.minimum(m0 + BLOCK_Q, extend)  # past the block's last query: nothing is visible
     lo = 0
+    # Keys before the block's first query are visible to all its queries, unless a window or a tree hides
+    # some: those key blocks skip the masks.
+    whole = 0
     if window > 0:
         lo = tl.maximum(prefix + m0 - window + 1, 0) // BLOCK_K * BLOCK_K
-    for start in range(lo, hi, BLOCK_K):
+    elif not (TREE or MAPPED):
+        whole = (prefix + m0) // BLOCK_K * BLOCK_K
+    for start in range(0, whole, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
+        slots = tl.load(req_to_token_ptr + row * stride_rt + offs).to(tl.int64)
+        kv_offs = slots[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
+        m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, offs, offs, m_i, l_i,
+                                            acc, scale, softcap, IEEE, SOFTCAP, False)
+    for start in range(tl.maximum(lo, whole), hi, BLOCK_K):
         offs = start + tl.arange(0, BLOCK_K)
         k_ok = offs < hi
         slots = tl.load(req_to_token_ptr + row * stride_rt + offs, mask=k_ok, other=0).to(tl.int64)
@@ -96,7 +133,7 @@ def _extend_kernel(
         if TREE:
             visible = visible & in_tree_path(offs[None, :], tree_start[:, None], tree_bits[:, None])
         m_i, l_i, acc = online_softmax_step(q, k_cache_ptr + kv_offs, v_cache_ptr + kv_offs, k_ok, visible,
-                                            m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP)
+                                            m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (first_token + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
@@ -118,13 +155,15 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if tokens == 0 or num_blocks == 0:
         return out
     tree_starts, tree_bits = (tree.starts, tree.bits) if tree is not None else (seq_lens, seq_lens)  # unread then
+    tile = blocks.tile
     _extend_kernel[(num_blocks, heads)](
         q, k_cache, v_cache, out, req_to_token, req_rows, seq_lens, blocks.extend_lens, blocks.q_starts,
         blocks.block_req, blocks.block_start, tree_starts, tree_bits, page_map if page_map is not None else seq_lens,
         q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1), scale, window or 0, softcap or 0.0,
-        GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N,
+        GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_Q=tile.block_q, BLOCK_K=tile.block_k,
         IEEE=k_cache.dtype == torch.float32, TREE=tree is not None,
-        SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size)
+        SOFTCAP=softcap is not None, MAPPED=page_map is not None, PAGE_SIZE=page_size,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out

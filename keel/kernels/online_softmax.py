@@ -11,33 +11,48 @@ import triton
 import triton.language as tl
 
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
 def online_softmax_step(q, k_ptrs, v_ptrs, key_ok, visible, m_i, l_i, acc, scale, softcap, IEEE: tl.constexpr,
-                        SOFTCAP: tl.constexpr):
+                        SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
     """Fold one block of keys into the running state and return the new (m_i, l_i, acc), all float32.
 
     q: [rows, head_dim]; k_ptrs / v_ptrs: [keys, head_dim] addresses of the block's K and V; key_ok: [keys],
     which keys exist (the others load as zeros); visible: [rows, keys], which scores count (the others are
-    -inf). m_i / l_i: [rows] running max and sum of exp; acc: [rows, head_dim] running sum of p @ v. A row that
-    has seen no visible key keeps m_i == -inf, l_i == 0 and acc == 0 (its exponentials are taken against 0).
+    -inf). m_i / l_i: [rows] running max and sum of exp; acc: [rows, head_dim] running sum of p @ v. Scores are
+    kept in base 2 (times log2 e: exp2 is the hardware's instruction), m_i too, so a row's log-sum-exp is
+    m_i + log2(l_i). A row that has seen no visible key keeps m_i == -inf, l_i == 0 and acc == 0 (its exponentials are taken against 0).
     IEEE: float32 caches, dot products in full float32 precision rather than TF32. SOFTCAP: scores become
-    softcap * tanh(score / softcap) (Gemma 2), before the mask.
+    softcap * tanh(score / softcap) (Gemma 2), before the mask. MASKED False: every key exists and every score
+    counts (key_ok and visible are not read), as for the keys before a prefill block's first query.
     """
-    k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))
-    qk = qk * scale
     if SOFTCAP:
+        qk = qk * scale
         qk = softcap * (2.0 * tl.sigmoid(2.0 * qk / softcap) - 1.0)  # tanh, in terms every Triton version has
-    qk = tl.where(visible, qk, float("-inf"))
+        qk = qk * LOG2E
+    else:
+        qk = qk * (scale * LOG2E)
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(qk - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:

@@ -121,6 +121,25 @@ def test_extend_with_prefix(page_size, heads, kv_heads, window, backend):
              backend)
 
 
+@pytest.mark.parametrize("tile", ["SMALL_TILE", "LARGE_TILE"])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_triton_extend_with_each_tile(tile, page_size, window, monkeypatch):
+    """Both tiles (the large one is taken by long prefills on GPUs), with prefixes longer than a key block so the
+    unmasked key blocks run, query blocks cut short, and blocks laid out longest first."""
+    from keel.kernels import extend_attention
+
+    monkeypatch.setattr(extend_attention, "extend_tile", lambda lens, device: getattr(extend_attention, tile))
+    run_case([0, 130, 70, 0], [200, 5, 140, 1], page_size, 8, 2, window, ForwardMode.EXTEND, "triton")
+
+
+def test_extend_blocks_start_with_the_longest_running():
+    from keel.kernels.extend_attention import SMALL_TILE, plan_extend_blocks
+
+    blocks = plan_extend_blocks((70, 5), torch.device("cpu"), SMALL_TILE)
+    assert blocks.block_req.tolist() == [1, 0, 0, 0] and blocks.block_start.tolist() == [0, 64, 32, 0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
@@ -183,11 +202,13 @@ def test_empty_batch_gives_empty_output(mode, backend, rotate):
 
 @pytest.mark.parametrize("min_keys", [1, 8, 64])
 def test_triton_decode_with_many_splits(min_keys, monkeypatch):
-    """Small split thresholds: up to MAX_SPLITS splits per request, some of them empty."""
+    """Small split thresholds: up to the cap's splits per request (27 here, in scratch 32 wide; a lone request
+    64), some of them empty."""
     from keel.kernels import decode_attention
 
     monkeypatch.setattr(decode_attention, "MIN_KEYS_PER_SPLIT", min_keys)
     run_case([0, 2, 30, 64, 100], [1, 1, 1, 1, 1], 4, 8, 2, None, ForwardMode.DECODE, "triton")
+    run_case([100], [1], 4, 8, 2, None, ForwardMode.DECODE, "triton")
     run_case([0, 2, 30, 64, 100], [1, 1, 1, 1, 1], 4, 8, 2, 7, ForwardMode.DECODE, "triton")
 
 
@@ -208,12 +229,13 @@ def test_triton_decode_of_a_batch_that_fills_the_gpu_unsplit(page_size, monkeypa
 
 
 def test_decode_planner_is_one_decision_per_request():
-    from keel.kernels.decode_attention import MAX_SPLITS, MIN_KEYS_PER_SPLIT, plan_decode_splits
+    from keel.kernels.decode_attention import MAX_SPLITS, MIN_KEYS_PER_SPLIT, TARGET_PROGRAMS, plan_decode_splits
 
-    m = MIN_KEYS_PER_SPLIT
-    seq_lens = torch.tensor([1, m, m + 1, MAX_SPLITS * m + 1, 100000])
+    m, cap = MIN_KEYS_PER_SPLIT, min(MAX_SPLITS, -(-TARGET_PROGRAMS // 5))  # 5 requests, one KV head
+    seq_lens = torch.tensor([1, m, m + 1, cap * m + 1, 100000])
     splits = plan_decode_splits(seq_lens, num_kv_heads=1, window=None)
-    assert splits.counts.tolist() == [1, 1, 2, MAX_SPLITS, MAX_SPLITS] and splits.cap == MAX_SPLITS
+    assert splits.counts.tolist() == [1, 1, 2, cap, cap] and splits.cap == cap
+    assert splits.width >= cap and splits.width & (splits.width - 1) == 0 and splits.width < 2 * cap
     assert plan_decode_splits(seq_lens, 1, window=3 * m + 1).counts.tolist() == [1, 1, 2, 4, 4]
     # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it (no combine step then)
     full = plan_decode_splits(torch.full((256,), 100000), 8, None)
