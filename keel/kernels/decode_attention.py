@@ -3,9 +3,10 @@
 One program handles one request, one KV head (all the query heads that share it) and one split
 of that request's keys. `plan_decode_splits` decides, once per forward and on the device, how
 many splits each request gets; the attention kernel and the combine kernel both read that one
-tensor, and the partial-result buffers are sized from the plan's cap (DESIGN rule "one planner"). A request planned as one split is finished by the attention kernel itself and
-skipped by the combine kernel (most requests at short contexts or large batches). Planning on
-the device needs no host copy of the sequence lengths, so the same code runs inside a CUDA graph.
+tensor, and the partial-result buffers are sized from the plan's cap (DESIGN rule "one planner").
+A request planned as one split is finished by the attention kernel itself and skipped by the
+combine kernel (most requests at short contexts or large batches). Planning on the device needs
+no host copy of the sequence lengths, so the same code runs inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -167,8 +168,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     page_map[s // page_size].
 
     partial_out [batch, heads, width, head_dim] and partial_lse [batch, heads, width] (float32) are scratch sized
-    from the planner's cap (`DecodeSplits.width`, or more); `splits` is the planner's decision. `tree`: one entry per row, the
-    draft-tree keys each row sees (no sliding window then: a tree's positions are not its table positions).
+    from the planner's cap (`DecodeSplits.width`, or more); `splits` is the planner's decision. `tree`: one entry
+    per row, the draft-tree keys each row sees (no sliding window then: a tree's positions are not its table
+    positions).
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]

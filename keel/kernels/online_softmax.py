@@ -23,7 +23,8 @@ def online_softmax_step(q, k_ptrs, v_ptrs, key_ok, visible, m_i, l_i, acc, scale
     which keys exist (the others load as zeros); visible: [rows, keys], which scores count (the others are
     -inf). m_i / l_i: [rows] running max and sum of exp; acc: [rows, head_dim] running sum of p @ v. Scores are
     kept in base 2 (times log2 e: exp2 is the hardware's instruction), m_i too, so a row's log-sum-exp is
-    m_i + log2(l_i). A row that has seen no visible key keeps m_i == -inf, l_i == 0 and acc == 0 (its exponentials are taken against 0).
+    m_i + log2(l_i). A row that has seen no visible key keeps m_i == -inf, l_i == 0 and acc == 0 (its
+    exponentials are taken against 0).
     IEEE: float32 caches, dot products in full float32 precision rather than TF32. SOFTCAP: scores become
     softcap * tanh(score / softcap) (Gemma 2), before the mask. MASKED False: every key exists and every score
     counts (key_ok and visible are not read), as for the keys before a prefill block's first query.
