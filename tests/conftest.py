@@ -36,13 +36,7 @@ os.environ[STRICT_ENV] = "1"
 FULL_TESTS_ENV = "KEEL_FULL_TESTS"
 
 
-# Files that take minutes on one worker (real models converted and run beside transformers): first, so the other
-# worker's many short files run beside them instead of after.
-LONGEST_FILES = ("tests/models/test_gguf.py",)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FILES)  # stable: otherwise as collected
     if os.environ.get(FULL_TESTS_ENV) == "1":
         return
     skip = pytest.mark.skip(reason=f"a slow variant CI leaves out; {FULL_TESTS_ENV}=1 runs it")
