@@ -61,14 +61,16 @@ def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device,
     """Query blocks, longest-running first (a request's last blocks see the most keys), so the tail of the
     launch is short blocks rather than long ones."""
     tile = tile or extend_tile(extend_lens, device)
-    blocks, q_starts = [], []
+    block_req, block_start, q_starts = [], [], []
     offset = 0
     for i, length in enumerate(extend_lens):
         q_starts.append(offset)
-        blocks.extend((i, start) for start in range(0, length, tile.block_q))
+        for start in range(0, length, tile.block_q):
+            block_req.append(i)
+            block_start.append(start)
         offset += length
-    blocks.reverse()
-    block_req, block_start = [b[0] for b in blocks], [b[1] for b in blocks]
+    block_req.reverse()
+    block_start.reverse()
     return ExtendBlocks(*columns_to_device(
         [(values, torch.int32) for values in (block_req, block_start, q_starts, list(extend_lens))], device), tile)
 
