@@ -18,6 +18,7 @@ from keel.distributed.dp_attention import DpRound
 from keel.runner.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
+    from keel.models.layers.norm import RMSNorm
     from keel.models.layers.rotary import RotaryEmbedding
 
 
@@ -36,11 +37,14 @@ class AttentionLayer:
 
 @dataclass(frozen=True)
 class Rotation:
-    """The rotary embedding this forward's q and k still need. The backend applies it, fused with
-    its KV store where it can (Triton: one kernel rotates q and k and stores k and v)."""
+    """The rotary embedding this forward's q and k still need, and the RMSNorm of each of their heads
+    before it (Qwen3's `q_norm` / `k_norm`, both or neither). The backend applies them, fused with its
+    KV store where it can (Triton: one kernel normalises and rotates q and k and stores k and v)."""
 
     rotary: RotaryEmbedding
     positions: torch.Tensor
+    q_norm: Optional[RMSNorm] = None
+    k_norm: Optional[RMSNorm] = None
 
 
 class AttentionBackend(Protocol):

@@ -66,6 +66,8 @@ class TorchNativeBackend:
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_pool: KVPool, metadata: TorchNativeMetadata, rotation: Optional[Rotation]) -> torch.Tensor:
         if rotation is not None:
+            if rotation.q_norm is not None and rotation.k_norm is not None:
+                q, k = rotation.q_norm(q), rotation.k_norm(k)
             q, k = rotation.rotary(rotation.positions, q, k)
         out_cache_loc, kv_slots = metadata.out_cache_loc, metadata.kv_slots
         if kv_pool.is_swa(layer.layer_id):

@@ -96,8 +96,11 @@ class TritonBackend:
         if rotation is None:
             store_kv(k_cache, v_cache, loc, k, v)
         else:
+            norms = rotation.q_norm, rotation.k_norm
+            head_norms = None if norms[0] is None or norms[1] is None else \
+                (norms[0].weight, norms[1].weight, norms[0].eps)
             rotate_and_store(q, k, v, rotation.positions, rotation.rotary.cos, rotation.rotary.sin, k_cache, v_cache,
-                             loc)
+                             loc, head_norms)
         table, page_size = self.req_table.slots, kv_pool.page_size if page_map is not None else 1
         if isinstance(metadata, TritonDecodeMetadata):
             out = decode_attention(q, k_cache, v_cache, table, metadata.req_rows, metadata.seq_lens,

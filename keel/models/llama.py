@@ -53,9 +53,8 @@ class LlamaAttention(nn.Module):
         q = q.reshape(-1, spec.num_heads, spec.head_dim)
         k = k.reshape(-1, spec.num_kv_heads, spec.head_dim)
         v = v.reshape(-1, spec.num_kv_heads, spec.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(ctx.attend(spec, q, k, v, Rotation(self.rotary, positions)),
+        rotation = Rotation(self.rotary, positions, self.q_norm, self.k_norm)  # the backend applies the norms
+        return self.o_proj(ctx.attend(spec, q, k, v, rotation),
                            add_to=hidden if residual is None else residual)
 
 

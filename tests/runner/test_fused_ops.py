@@ -48,3 +48,21 @@ def test_rotate_and_store_matches_the_reference_rotation(kind):
     untouched = torch.ones(10, dtype=torch.bool)
     untouched[loc.cpu()] = False
     assert (k_cache[untouched.to(KERNEL_DEVICE)] == 0).all() and (v_cache[untouched.to(KERNEL_DEVICE)] == 0).all()
+
+
+def test_rotate_and_store_normalises_each_head_first():
+    """Qwen3's q_norm / k_norm fused into the rotation: as the RMSNorm layers, then the rotation."""
+    rotary = RotaryEmbedding(32, RopeConfig(theta=10000.0), 64).to(KERNEL_DEVICE)
+    g = torch.Generator().manual_seed(3)
+    q = (3 * torch.randn(5, 4, 32, generator=g)).to(KERNEL_DEVICE)
+    k, v = torch.randn(5, 2, 32, generator=g).to(KERNEL_DEVICE), torch.randn(5, 2, 32, generator=g).to(KERNEL_DEVICE)
+    q_norm, k_norm = RMSNorm(32, 1e-6).to(KERNEL_DEVICE), RMSNorm(32, 1e-6).to(KERNEL_DEVICE)
+    q_norm.weight.data = (torch.randn(32, generator=g).abs() + 0.5).to(KERNEL_DEVICE)
+    k_norm.weight.data = (torch.randn(32, generator=g).abs() + 0.5).to(KERNEL_DEVICE)
+    positions, loc = torch.tensor([0, 3, 7, 20, 63], device=KERNEL_DEVICE), torch.arange(5, device=KERNEL_DEVICE)
+    k_cache, v_cache = torch.zeros(5, 2, 32, device=KERNEL_DEVICE), torch.zeros(5, 2, 32, device=KERNEL_DEVICE)
+    want_q, want_k = rotary(positions, q_norm(q), k_norm(k))
+    rotate_and_store(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, loc,
+                     (q_norm.weight, k_norm.weight, 1e-6))
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache, want_k, atol=1e-5, rtol=1e-5)
