@@ -38,7 +38,9 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """Projects hidden states to float32 logits; shares the embedding matrix when tied.
 
-    With `fused`, a single row goes through the GEMV kernel, which writes float32 directly."""
+    With `fused`, a single row goes through the GEMV kernel, which writes float32 directly, and on a GPU so does
+    cuBLAS for many rows (rounding them to bfloat16 and copying them to float32 took two passes over the logits:
+    ~0.1 ms of a 5.7 ms step of qwen3-0.6b at batch 256)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None,
                  fused: bool = False) -> None:
@@ -57,6 +59,8 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fused and gemv_applies(hidden, self.weight):
             logits = gemv(hidden, self.weight, out_dtype=torch.float32)
+        elif self.fused and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
         else:
             logits = F.linear(hidden, self.weight).float()
         return all_gather_last_dim(logits) if self.split else logits
