@@ -25,12 +25,17 @@ from keel.kernels.pdl import pdl_launch_args, pdl_wait
 from keel.runner.forward_batch import TreeMask
 
 # The most splits a request may get. A lone long request needs many: on an H200, llama-3.1-8b batch 1 at 32k
-# keys, 16 splits read 2.1 TB/s, 33 (TARGET_PROGRAMS' share) 3.0 TB/s.
-MAX_SPLITS = 64
+# keys, 16 splits read 2.1 TB/s, 33 3.0 TB/s, 66 (FEW_LANES_TARGET_PROGRAMS' share) 3.3 TB/s.
+MAX_SPLITS = 128
 # Shorter contexts get fewer splits. Small, because a lone request's decode is latency-bound: on an H200,
 # llama-3.1-8b batch 1 at ~250 tokens runs 77.2 % of HBM bandwidth with 64, 75.5 % with 256.
 MIN_KEYS_PER_SPLIT = 64
 TARGET_PROGRAMS = 264  # enough programs to fill the GPU twice over (132 SMs on an H100/H200)
+# A few long requests read faster as four programs per SM: on an H200, llama-3.1-8b at 32k keys, batch 1 took
+# 41.1 us against 45.7 with 264, batch 2 71.1 against 78.4, batch 4 144.3 against 153.6; batch 8 lost (333 against
+# 279), so only batches of at most FEW_LANES (request, KV head) pairs get the larger target.
+FEW_LANES = 32
+FEW_LANES_TARGET_PROGRAMS = 528
 BLOCK_N = 64
 
 
@@ -63,7 +68,9 @@ class DecodeSplits:
 def plan_decode_splits(seq_lens: torch.Tensor, num_kv_heads: int, window: Optional[int]) -> DecodeSplits:
     """Splits per request: enough to fill the GPU, none shorter than MIN_KEYS_PER_SPLIT keys."""
     keys = seq_lens if window is None else torch.clamp(seq_lens, max=window)
-    cap = max(1, min(MAX_SPLITS, math.ceil(TARGET_PROGRAMS / max(1, seq_lens.numel() * num_kv_heads))))
+    lanes = max(1, seq_lens.numel() * num_kv_heads)
+    target = FEW_LANES_TARGET_PROGRAMS if lanes <= FEW_LANES else TARGET_PROGRAMS
+    cap = max(1, min(MAX_SPLITS, math.ceil(target / lanes)))
     splits = (keys + MIN_KEYS_PER_SPLIT - 1) // MIN_KEYS_PER_SPLIT
     return DecodeSplits(torch.clamp(splits, 1, cap).to(torch.int32), cap)
 

@@ -223,15 +223,17 @@ def test_triton_decode_of_a_batch_that_fills_the_gpu_unsplit(page_size, monkeypa
             raise AssertionError("the combine step was launched for a batch planned as one split per request")
 
     monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(decode_attention, "FEW_LANES_TARGET_PROGRAMS", 1)
     monkeypatch.setattr(decode_attention, "_decode_combine_kernel", NotLaunched())
     for window in (None, 5):
         run_case([0, 1, 15, 16, 40, 300], [1] * 6, page_size, 8, 2, window, ForwardMode.DECODE, "triton")
 
 
 def test_decode_planner_is_one_decision_per_request():
-    from keel.kernels.decode_attention import MAX_SPLITS, MIN_KEYS_PER_SPLIT, TARGET_PROGRAMS, plan_decode_splits
+    from keel.kernels.decode_attention import (FEW_LANES, FEW_LANES_TARGET_PROGRAMS, MAX_SPLITS, MIN_KEYS_PER_SPLIT,
+                                               TARGET_PROGRAMS, plan_decode_splits)
 
-    m, cap = MIN_KEYS_PER_SPLIT, min(MAX_SPLITS, -(-TARGET_PROGRAMS // 5))  # 5 requests, one KV head
+    m, cap = MIN_KEYS_PER_SPLIT, min(MAX_SPLITS, -(-FEW_LANES_TARGET_PROGRAMS // 5))  # 5 requests, one KV head
     seq_lens = torch.tensor([1, m, m + 1, cap * m + 1, 100000])
     splits = plan_decode_splits(seq_lens, num_kv_heads=1, window=None)
     assert splits.counts.tolist() == [1, 1, 2, cap, cap] and splits.cap == cap
@@ -240,6 +242,9 @@ def test_decode_planner_is_one_decision_per_request():
     # a full GPU needs no splitting: 256 requests x 8 KV heads already fill it (no combine step then)
     full = plan_decode_splits(torch.full((256,), 100000), 8, None)
     assert full.cap == 1 and full.counts.max() == 1
+    # past FEW_LANES (request, KV head) pairs the smaller target holds
+    many = plan_decode_splits(torch.full((FEW_LANES // 8 + 1,), 100000), 8, None)
+    assert many.cap == min(MAX_SPLITS, -(-TARGET_PROGRAMS // (FEW_LANES + 8)))
 
 
 def random_tree_bits(size: int, g: torch.Generator) -> list[int]:
