@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -27,16 +30,15 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q6_K")
 
 
-def check_gguf(path: Path) -> None:
-    """Raise ValueError, in one line, unless `path` is a complete GGUF file of tensor types keel converts."""
-    from gguf import GGUFReader
-
+def check_gguf(path: Path) -> Any:
+    """Parse `path` and return gguf's reader of it; raise ValueError, in one line, unless it is a complete GGUF
+    file of tensor types keel converts."""
     with path.open("rb") as f:
         head = f.read(4)
     if head != GGUF_MAGIC:
         raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r}")
     try:
-        reader = GGUFReader(path)
+        reader = _reader_class()(path)
     except Exception as e:  # gguf raises whatever numpy does on a short read
         raise ValueError(f"{path} is not a readable GGUF file (cut short or corrupt): "
                          f"{type(e).__name__}: {e}") from None
@@ -49,6 +51,47 @@ def check_gguf(path: Path) -> None:
         if tensor.data_offset + tensor.n_bytes > size:
             raise ValueError(f"{path} is cut short: tensor {tensor.name!r} ends at byte "
                              f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")
+    return reader
+
+
+@lru_cache(maxsize=None)
+def _reader_class() -> type:
+    """gguf's reader, parsing through a plain ndarray view of its memory map: each slice of a numpy memmap is
+    another memmap object, whose construction was most of the parse of a large vocabulary (Gemma 3's 262k
+    tokens: about 2.6x faster as a view)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    class PlainViewReader(GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Optional[str] = None) -> Any:
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            dtype, count = np.dtype(dtype), int(count)
+            values = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+            return values.view(values.dtype.newbyteorder(override_order or self.byte_order))
+
+    return PlainViewReader
+
+
+@contextmanager
+def parsed_once(path: Path, reader: Any) -> Iterator[None]:
+    """Inside the block, whoever opens `path` with gguf's reader gets `reader`, parsed already: transformers
+    parses the file anew for the config, the tokenizer and the weights it loads from it (three parses that
+    took ~20 s each for Gemma 3 on two CPU cores). Not thread-safe: one conversion at a time in a process."""
+    import gguf
+
+    opened = gguf.GGUFReader
+    target = path.resolve()
+
+    def reuse(file: Any, *args: Any, **kwargs: Any) -> Any:
+        return reader if not args and not kwargs and Path(file).resolve() == target else opened(file, *args, **kwargs)
+
+    gguf.GGUFReader = reuse
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = opened
 
 
 def _check_tokenizer(tokenizer: object, path: Path) -> None:
@@ -81,13 +124,14 @@ def convert_gguf(path: Path, directory: Path) -> None:
     """Write `path` as a Hugging Face directory (config, tokenizer, float32 safetensors) into `directory`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_gguf(path)
+    reader = check_gguf(path)
     logger.info("converting %s into a Hugging Face checkpoint (once; later starts read it from %s)",
                    path.name, directory.parent)
     folder, name = path.parent, path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    _check_tokenizer(tokenizer, path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with parsed_once(path, reader):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        _check_tokenizer(tokenizer, path)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = model.config
     config.architectures = [type(model).__name__]
     for attribute in ("quantization_config", "_pre_quantization_dtype"):

@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import keel
-from keel.models.gguf import check_gguf
+from keel.models.gguf import check_gguf, parsed_once
 from keel.models.packaged import PACKAGED_MODELS, packaged_gguf
 from keel.models.source import cache_dir, resolve_model
 from keel.models.tokenizer import load_tokenizer
@@ -56,8 +57,11 @@ def gguf_path(name: str) -> Path:
 @lru_cache(maxsize=None)
 def hf_reference(name: str) -> tuple[torch.nn.Module, object]:
     path = gguf_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # transformers would parse the file for each of these; gguf's own reader parses it once (not keel's, which the
+    # reference must not share)
+    with parsed_once(path, GGUFReader(path)):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return model, tokenizer
 
 
@@ -163,6 +167,22 @@ def test_a_chat_completion_through_the_server_equals_transformers(tmp_path, keel
         assert response.json()["choices"][0]["message"]["content"] == expected
     finally:
         stop_server(server)
+
+
+def test_keels_reader_parses_as_ggufs_own():
+    """check_gguf's reader (a plain view of the memory map) against gguf's reader: every field and tensor alike."""
+    path = gguf_path("smollm2-135m-instruct")
+    ours, theirs = check_gguf(path), GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields) > 20
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.data, mine.types) == (field.offset, field.data, field.types)
+        assert [bytes(part) for part in mine.parts] == [bytes(part) for part in field.parts]
+    assert len(ours.tensors) == len(theirs.tensors) > 100
+    for mine, tensor in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type, mine.data_offset, mine.n_bytes) == \
+            (tensor.name, tensor.tensor_type, tensor.data_offset, tensor.n_bytes)
+        assert mine.shape.tolist() == tensor.shape.tolist() and bytes(mine.data) == bytes(tensor.data)
 
 
 def test_packaged_models_resolve_without_importing_their_packages():
