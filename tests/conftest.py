@@ -53,8 +53,14 @@ def keel_cache_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPat
     path = cache.mkdir("keel-cache") if cache is not None else tmp_path_factory.mktemp("keel-cache")
     os.environ["KEEL_CACHE_DIR"] = str(path)
     # Built here, not by the first server that needs it: a server's start-up has a deadline, and training under a
-    # loaded machine can pass it. The other test worker waits for this one (keel.models.source's lock).
-    resolve_model(DEMO_NAME)
+    # loaded machine can pass it. The other test worker waits for this one (keel.models.source's lock), so the
+    # training may take every core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        resolve_model(DEMO_NAME)
+    finally:
+        torch.set_num_threads(threads)
     return path
 
 
