@@ -31,18 +31,17 @@ class ExtendTile:
     num_stages: int
 
 
-# Small tiles for short extends (draft verification, small prompts: more programs) and the CPU interpreter; on a
-# GPU, long extends take the large one (H200, llama-3.1-8b geometry: 2.6x the small tile's rate at 8k-32k tokens,
-# 2.5x at 512 new tokens after 2,000 cached, slower at 128 new tokens; docs/benchmarks.md).
+# Small tiles for short extends (draft verification, small prompts: more programs); long extends take the large one
+# (H200, llama-3.1-8b geometry: 2.6x the small tile's rate at 8k-32k tokens, 2.5x at 512 new tokens after 2,000
+# cached, slower at 128 new tokens; docs/benchmarks.md), as they do under the CPU interpreter, where fewer, larger
+# programs are faster too (a 330-token extend: 1.70 s with the small tile, 0.64 s with the large).
 SMALL_TILE = ExtendTile(32, 32, 4, 3)
 LARGE_TILE = ExtendTile(64, 64, 4, 3)
 LARGE_TILE_FROM = 256  # tokens: a batch whose longest extend reaches this takes the large tile
 
 
-def extend_tile(extend_lens: tuple[int, ...], device: torch.device) -> ExtendTile:
-    if device.type == "cuda" and max(extend_lens, default=0) >= LARGE_TILE_FROM:
-        return LARGE_TILE
-    return SMALL_TILE
+def extend_tile(extend_lens: tuple[int, ...]) -> ExtendTile:
+    return LARGE_TILE if max(extend_lens, default=0) >= LARGE_TILE_FROM else SMALL_TILE
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def plan_extend_blocks(extend_lens: tuple[int, ...], device: torch.device,
                        tile: Optional[ExtendTile] = None) -> ExtendBlocks:
     """Query blocks, longest-running first (a request's last blocks see the most keys), so the tail of the
     launch is short blocks rather than long ones."""
-    tile = tile or extend_tile(extend_lens, device)
+    tile = tile or extend_tile(extend_lens)
     block_req, block_start, q_starts = [], [], []
     offset = 0
     for i, length in enumerate(extend_lens):

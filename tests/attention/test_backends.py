@@ -129,7 +129,7 @@ def test_triton_extend_with_each_tile(tile, page_size, window, monkeypatch):
     unmasked key blocks run, query blocks cut short, and blocks laid out longest first."""
     from keel.kernels import extend_attention
 
-    monkeypatch.setattr(extend_attention, "extend_tile", lambda lens, device: getattr(extend_attention, tile))
+    monkeypatch.setattr(extend_attention, "extend_tile", lambda lens: getattr(extend_attention, tile))
     run_case([0, 130, 70, 0], [200, 5, 140, 1], page_size, 8, 2, window, ForwardMode.EXTEND, "triton")
 
 
