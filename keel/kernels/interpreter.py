@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 
+import triton
+
 
 def patch_nested_calls() -> None:
     import triton.language as tl
@@ -60,4 +62,4 @@ INTERPRETED_ROWS_PER_PROGRAM = 32
 def rows_per_program(device_type: str, rows: int) -> int:
     if device_type == "cuda":
         return 1
-    return min(INTERPRETED_ROWS_PER_PROGRAM, 1 << max(rows - 1, 0).bit_length())
+    return min(INTERPRETED_ROWS_PER_PROGRAM, triton.next_power_of_2(rows))
