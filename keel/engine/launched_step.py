@@ -206,7 +206,7 @@ def _target_step(batch: ScheduledBatch, view: ForwardBatch, index: Optional[torc
     last = first_t + (counts - 1 if counts is not None else 0)
     if features is not None and index is not None:
         features = features[index]
-    return TargetStep(view, features, next_ids, view_rows_t[last], req_rows)
+    return TargetStep(view, features, next_ids, view_rows_t[last], req_rows, tuple(p.req for p in batch.sampled))
 
 
 def _view_lengths(batch: ScheduledBatch, path: Optional[torch.Tensor]) -> list[int]:

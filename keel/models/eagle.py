@@ -61,6 +61,8 @@ class EagleHead(nn.Module):
     embed_tokens: VocabEmbedding
     lm_head: LMHead
     loaded_from_checkpoint: set[str] = set()  # set by the loader
+    # the target's token id of each column of compute_logits' output; None: the same ids (a full-vocabulary head)
+    target_ids: Optional[torch.Tensor] = None
 
     def __init__(self, config: ModelConfig, head: EagleHeadConfig) -> None:
         super().__init__()
@@ -113,6 +115,11 @@ class LlamaForCausalLMEagle3(EagleHead):
     def project_target_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 
+    def share_target(self, target: nn.Module) -> None:
+        super().share_target(target)
+        if self.head.draft_vocab_size != self.config.vocab_size or bool(self.d2t.any()):  # d2t is loaded by now
+            self.target_ids = torch.arange(self.head.draft_vocab_size, device=self.d2t.device) + self.d2t
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
                 input_features: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(normed hidden states for the logits, the pre-norm ones: the next draft position's input)."""
@@ -121,13 +128,9 @@ class LlamaForCausalLMEagle3(EagleHead):
         return self.norm(hidden), hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits over the target's vocabulary (-inf outside the draft vocabulary)."""
-        draft = self.lm_head(hidden)
-        if self.head.draft_vocab_size == self.config.vocab_size and not bool(self.d2t.any()):
-            return draft
-        full = draft.new_full((draft.shape[0], self.config.vocab_size), float("-inf"))
-        full[:, torch.arange(draft.shape[1], device=draft.device) + self.d2t] = draft
-        return full
+        """float32 logits over the draft vocabulary (`target_ids` maps its ids to the target's): the drafter picks
+        its tokens among 32k columns rather than a 128k-column copy that is -inf outside them."""
+        return self.lm_head(hidden)
 
 
 class _Eagle3Layer(nn.Module):

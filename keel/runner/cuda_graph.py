@@ -125,7 +125,10 @@ class CudaGraphRunner:
                 _write_rows(self.tree.bits, batch.tree.bits, size, 0)
         self.graphs[size].replay()
         out = self.outputs[size]
-        return RunnerOutput(out.logits[:bs], out.features[:bs] if out.features is not None else None)
+        logits = out.logits[:bs]  # the graph computes every row's logits
+        if batch.logits_indices.shape[0] != bs:  # a caller that wants some rows' only (a drafter's pass)
+            logits = logits[batch.logits_indices]
+        return RunnerOutput(logits, out.features[:bs] if out.features is not None else None)
 
 
 def _rows(batch: ForwardBatch) -> int:

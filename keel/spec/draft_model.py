@@ -13,12 +13,15 @@ An EAGLE head drafts one position behind: its position p reads the token at p + 
 the target's (captured by its forward) for verified positions, its own output of p - 1 while it drafts ahead.
 So `observe` feeds it the tokens that follow each position (prompt tokens, accepted drafts, the new token) with
 the target's features, and keeps each request's feature of its last committed position, on the device, for
-the first draft step of the next round.
+the first draft step of the next round. That pass's row at the last committed position is the first draft step
+itself (the same token, position, feature and KV slot), so it also keeps that row's logits and output, and the
+next round drafts from them instead of running the step again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,11 +33,22 @@ from keel.runner.forward_batch import ForwardBatch, ForwardMode, TreeMask
 from keel.runner.model_runner import ModelRunner
 from keel.runner.sampler import SamplingBatch, filtered_probs, sample_from
 from keel.scheduler.batch import DraftRoots, DraftTokens, DraftTree, build_sampling_batch
+from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
 from keel.spec.drafter import TargetStep
 from keel.transfer import columns_to_device, to_device
 
 DRAFT_SEED_KEY = 0x2545F4914F6CDD1D  # mixed into request seeds: the drafter's draws are not the verifier's
+
+
+@dataclass(frozen=True)
+class ObservedRoots:
+    """An EAGLE head's output, in its pass over a target step (`observe`), at each sampled request's last committed
+    position: the request's next first draft step, as long as no later target step ran the request."""
+
+    rows: dict[int, tuple[Req, int]]  # request id -> (the request, its row below): a reused id is another request
+    logits: torch.Tensor  # [n, head vocabulary] float32
+    features: torch.Tensor  # [n, dim] the head's output hidden state: the second draft step's input
 
 
 class DraftModelDrafter:
@@ -50,6 +64,9 @@ class DraftModelDrafter:
         # EAGLE: per request-table row, the head's input hidden state for the request's last committed position
         self.features = (torch.zeros(table.slots.shape[0], self.head.input_feature_size, dtype=runner.dtype,
                                      device=runner.device) if self.head is not None else None)
+        self.target_ids = self.head.target_ids if self.head is not None else None  # of the head's logits columns
+        # the last two observe passes, newest first: a round may run its verify and its prefills as two steps
+        self._observed: tuple[ObservedRoots, ...] = ()
 
     @torch.inference_mode()
     def propose(self, batch: ScheduledBatch, roots: DraftRoots) -> Optional[DraftTokens]:
@@ -78,23 +95,25 @@ class DraftModelDrafter:
             sampling = dataclasses.replace(sampling, steps=sampling.steps - roots.shifts)
         tokens = torch.zeros(n, k, dtype=torch.int64, device=device)
         probs = None if greedy else torch.zeros(n, k, self.vocab_size, dtype=torch.float32, device=device)
+        observed = self._observed_roots(parts)
         start = 0
         for step, rows_of_step in enumerate(active):
             m = len(rows_of_step)
             at = slice(start, start + m)
             start += m
             who = index[at]
-            out = self._forward_rows(roots.token_ids[who] if step == 0 else tokens[who, step - 1], positions[at],
-                                     rows[at], features[who] if features is not None else None, None, slots[at])
+            out = observed if step == 0 and observed is not None else self._forward_rows(
+                roots.token_ids[who] if step == 0 else tokens[who, step - 1], positions[at], rows[at],
+                features[who] if features is not None else None, None, slots[at])
             if features is not None and out.features is not None:
                 features[who] = out.features  # the next step's input hidden states
             if sampling is None:
-                tokens[who, step] = out.logits.argmax(dim=-1)
+                tokens[who, step] = self._target_ids(out.logits.argmax(dim=-1))
                 continue
             drawn, q = _draw(out.logits, _rows_of(sampling, who, step))
-            tokens[who, step] = drawn
+            tokens[who, step] = self._target_ids(drawn)
             if probs is not None and q is not None:
-                probs[who, step] = q
+                probs[who, step] = self._target_probs(q)
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=not greedy, probs=probs)
 
     def _propose_tree(self, parts: list[BatchPart], roots: DraftRoots) -> DraftTokens:
@@ -111,8 +130,9 @@ class DraftModelDrafter:
         rows = to_device([p.row for p in parts], torch.int64, device)
         root_pos = roots.positions - behind  # the table position each root row writes
         features = self.features[rows] if self.features is not None else None
-        out = self._forward_rows(roots.token_ids, root_pos, rows, features, None)
+        out = self._observed_roots(parts) or self._forward_rows(roots.token_ids, root_pos, rows, features, None)
         top_tokens, top_scores = _top_log_probs(out.logits, k)
+        top_tokens = self._target_ids(top_tokens)
         num_candidates = k + (self.steps - 1) * k * k
         tokens = torch.zeros(n, num_candidates, dtype=torch.int64, device=device)
         scores = torch.full((n, num_candidates), float("-inf"), dtype=torch.float64, device=device)
@@ -132,6 +152,7 @@ class DraftModelDrafter:
                 hidden.reshape(n * k, -1) if hidden is not None else None, TreeMask(frontier_roots, bits.reshape(-1)),
                 self.table.slots[req_rows, table_pos].to(torch.int64), table_pos + 1)
             top_tokens, top_scores = _top_log_probs(out.logits, k)
+            top_tokens = self._target_ids(top_tokens)
             offset = k + (step - 1) * k * k
             children = slice(offset, offset + k * k)
             tokens[:, children] = top_tokens.reshape(n, k * k)
@@ -149,6 +170,46 @@ class DraftModelDrafter:
         tree_parents = torch.cat([node_of.new_zeros(n, 1), node_of.gather(1, parents.gather(1, chosen) + 1)], dim=1)
         return DraftTokens(tokens.gather(1, chosen), {p.req.rid: i for i, p in enumerate(parts)},
                            tree=tree_shape(tree_parents, min(self.steps, size - 1)))
+
+    def _observed_roots(self, parts: list[BatchPart]) -> Optional[RunnerOutput]:
+        """The first draft step's output (the roots' rows) of every part, when the head's recent passes over the
+        target's steps computed them all; None otherwise, and the step runs. A request's newest pass is the one
+        after its last target step (every step that samples it observes it), so an older one is never read."""
+        found = [self._observed_row(p.req) for p in parts]
+        if not found or None in found:
+            return None
+        logits, features = None, None
+        for k, source in enumerate(self._observed):
+            at = [i for i, (s, _) in enumerate(found) if s == k]
+            if not at:
+                continue
+            where, rows = columns_to_device([(at, torch.int64), ([found[i][1] for i in at], torch.int64)],
+                                            self.runner.device)
+            if len(at) == len(parts):
+                return RunnerOutput(source.logits[rows], source.features[rows])
+            if logits is None or features is None:
+                logits = source.logits.new_empty(len(parts), source.logits.shape[1])
+                features = source.features.new_empty(len(parts), source.features.shape[1])
+            logits[where], features[where] = source.logits[rows], source.features[rows]
+        return RunnerOutput(logits, features) if logits is not None else None
+
+    def _observed_row(self, req: Req) -> Optional[tuple[int, int]]:
+        """(pass, row) of the request's root in the newest kept pass that ran it; None when none did."""
+        for k, source in enumerate(self._observed):
+            entry = source.rows.get(req.rid)
+            if entry is not None:
+                return (k, entry[1]) if entry[0] is req else None
+        return None
+
+    def _target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's ids of the head's logits columns `ids`."""
+        return ids if self.target_ids is None else self.target_ids[ids]
+
+    def _target_probs(self, q: torch.Tensor) -> torch.Tensor:
+        """A distribution over the head's columns as one over the target's vocabulary."""
+        if self.target_ids is None:
+            return q
+        return q.new_zeros(q.shape[0], self.vocab_size).index_copy_(1, self.target_ids, q)
 
     def _forward_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, req_rows: torch.Tensor,
                       features: Optional[torch.Tensor], tree: Optional[TreeMask], slots: Optional[torch.Tensor] = None,
@@ -175,9 +236,13 @@ class DraftModelDrafter:
                 or step.last_req_rows is None:
             raise ValueError("TargetStep lacks the target's features or next tokens, which an EAGLE head reads")
         features = self.head.project_target_features(step.features)
-        self.runner.forward_full(dataclasses.replace(draft_batch, input_ids=step.next_token_ids,
-                                                     input_features=features))
+        out = self.runner.forward_full(dataclasses.replace(draft_batch, input_ids=step.next_token_ids,
+                                                           input_features=features, logits_indices=step.last_tokens))
         self.features[step.last_req_rows] = features[step.last_tokens]
+        if out.features is not None:
+            newest = ObservedRoots({req.rid: (req, i) for i, req in enumerate(step.last_reqs)}, out.logits,
+                                   out.features[step.last_tokens])
+            self._observed = (newest,) + self._observed[:1]
 
 
 def tree_shape(parents: torch.Tensor, max_depth: int) -> DraftTree:

@@ -12,6 +12,7 @@ from keel.config import EngineConfig
 from keel.runner.forward_batch import ForwardBatch
 from keel.runner.model_runner import ModelRunner
 from keel.scheduler.batch import DraftRoots, DraftTokens
+from keel.scheduler.req import Req
 from keel.scheduler.scheduler import ScheduledBatch
 
 
@@ -25,6 +26,7 @@ class TargetStep:
     next_token_ids: Optional[torch.Tensor] = None  # [tokens] the token after each one (junk past rejected drafts)
     last_tokens: Optional[torch.Tensor] = None  # [sampled parts] token index of each one's last committed token
     last_req_rows: Optional[torch.Tensor] = None  # [sampled parts] their request-table rows
+    last_reqs: tuple[Req, ...] = ()  # their requests
 
 
 class Drafter(Protocol):

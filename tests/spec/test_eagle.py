@@ -38,12 +38,27 @@ def test_a_head_reads_the_hidden_state_of_the_right_position(eagle3, page_size, 
             proposals.append((last, drafts.token_ids[drafts.rows[part.req.rid], :part.num_draft].tolist()))
         return drafts
 
-    engine.core.drafter.propose = recording
+    forwards = []  # draft forwards each propose ran
+    forward_rows = engine.core.drafter._forward_rows
+
+    def counting(*args, **kwargs):
+        forwards[-1] += 1
+        return forward_rows(*args, **kwargs)
+
+    def recording_counted(batch, roots):
+        forwards.append(0)
+        return recording(batch, roots)
+
+    engine.core.drafter.propose = recording_counted
+    engine.core.drafter._forward_rows = counting
     outputs = engine.generate(PROMPTS, GREEDY)
     expected = keel.Engine(str(target), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
     assert len(proposals) > 10
     assert all(drafts == [last] * len(drafts) for last, drafts in proposals)
+    # the first draft step is the row the head's pass over the target's last step ran (a verify, or the prefill and
+    # the verify of a round that ran both): here no propose runs it again
+    assert all(n <= 2 for n in forwards), forwards
 
 
 def test_the_algorithm_must_match_the_head(tiny_model, tmp_path):
