@@ -54,8 +54,15 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     num_chunks = triton.cdiv(n, chunk)
     best = torch.empty(rows, num_chunks, dtype=torch.float32, device=x.device)
     best_at = torch.empty(rows, num_chunks, dtype=torch.int32, device=x.device)
-    pdl = pdl_launch_args(x.device)
     _chunk_argmax_kernel[(rows, num_chunks)](x, best, best_at, n, x.stride(0), num_chunks, CHUNK_C=chunk, num_warps=4,
-                                             **pdl)
-    _pick_chunk_kernel[(rows,)](best, best_at, out, num_chunks, CHUNKS_PAD=triton.next_power_of_2(num_chunks), **pdl)
+                                             **pdl_launch_args(x.device))
+    return pick_chunk(best, best_at, out)
+
+
+def pick_chunk(best: torch.Tensor, best_at: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The second launch of a chunked argmax: `out[r]` = best_at[r, c] of the first chunk c holding row r's maximum
+    (best, best_at: [rows, chunks] float32 and int32)."""
+    rows, num_chunks = best.shape
+    _pick_chunk_kernel[(rows,)](best, best_at, out, num_chunks, CHUNKS_PAD=triton.next_power_of_2(num_chunks),
+                                **pdl_launch_args(out.device))
     return out

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from keel.kernels.argmax import argmax_rows
+from keel.kernels.noise import keyed_uniform, race_argmax
 
 _M32 = 0xFFFFFFFF
 
@@ -82,7 +83,7 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not batch.needs_filter:
         return sample_from(probs, batch.seeds, batch.steps)
     sorted_probs, sorted_ids = _sorted_kept(probs, batch)
-    choice = (sorted_probs / exponential_noise(batch.seeds, batch.steps, sorted_ids)).argmax(dim=-1)
+    choice = _race(sorted_probs, batch.seeds, batch.steps, sorted_ids)
     return sorted_ids.gather(1, choice[:, None])[:, 0]
 
 
@@ -116,7 +117,16 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def sample_from(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """One token per row of (unnormalised) `probs`, drawn by the exponential race keyed by (seed, step)."""
-    token_ids = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+    return _race(probs, seeds, steps)
+
+
+def _race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+          token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each row's column maximising probs / Exp(1) noise keyed by the column's token id (default: the column)."""
+    if probs.is_cuda:  # one pass over probs, where torch makes a dozen over [n, vocab] int64 tensors
+        return race_argmax(probs, seeds, steps, token_ids)
+    if token_ids is None:
+        token_ids = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
     return (probs / exponential_noise(seeds, steps, token_ids)).argmax(dim=-1)
 
 
@@ -127,9 +137,13 @@ def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch
 
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Uniform noise in (0, 1), a pure function of (seed, step, token id) per element. token_ids: [n, m]."""
+    if token_ids.is_cuda:
+        return keyed_uniform(seeds, steps, token_ids)
     row_key = _mix32(_mix32(_mix32(seeds & _M32) ^ (seeds >> 32)) ^ (steps & _M32))
     bits = _mix32(row_key[:, None] ^ _mix32(token_ids))
-    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    # 23 bits: x + 0.5 is exact in float32 (with 24, the top value rounded to u = 1, noise 0), and so the same
+    # wherever and however it is computed (keel.kernels.noise)
+    return ((bits >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
