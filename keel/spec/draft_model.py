@@ -64,7 +64,6 @@ class DraftModelDrafter:
         # EAGLE: per request-table row, the head's input hidden state for the request's last committed position
         self.features = (torch.zeros(table.slots.shape[0], self.head.input_feature_size, dtype=runner.dtype,
                                      device=runner.device) if self.head is not None else None)
-        self.target_ids = self.head.target_ids if self.head is not None else None  # of the head's logits columns
         # the last two observe passes, newest first: a round may run its verify and its prefills as two steps
         self._observed: tuple[ObservedRoots, ...] = ()
 
@@ -201,15 +200,20 @@ class DraftModelDrafter:
                 return (k, entry[1]) if entry[0] is req else None
         return None
 
+    @property
+    def _column_ids(self) -> Optional[torch.Tensor]:
+        """The target's id of each column of the drafter's logits; None: the column is the id."""
+        return self.head.target_ids if self.head is not None else None
+
     def _target_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The target's ids of the head's logits columns `ids`."""
-        return ids if self.target_ids is None else self.target_ids[ids]
+        mapping = self._column_ids
+        return ids if mapping is None else mapping[ids]
 
     def _target_probs(self, q: torch.Tensor) -> torch.Tensor:
         """A distribution over the head's columns as one over the target's vocabulary."""
-        if self.target_ids is None:
-            return q
-        return q.new_zeros(q.shape[0], self.vocab_size).index_copy_(1, self.target_ids, q)
+        mapping = self._column_ids
+        return q if mapping is None else q.new_zeros(q.shape[0], self.vocab_size).index_copy_(1, mapping, q)
 
     def _forward_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, req_rows: torch.Tensor,
                       features: Optional[torch.Tensor], tree: Optional[TreeMask], slots: Optional[torch.Tensor] = None,
