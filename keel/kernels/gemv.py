@@ -7,6 +7,10 @@ Owning whole columns also lets the epilogue finish the job: the RMSNorm of the i
 is accumulated in the same pass over the input), the bias, silu(gate) * up for a fused gate/up
 projection, and the residual add. A decoder layer's projections then need no norm, activation
 or add kernels between them.
+
+A few rows (a speculative verify of 4 tokens, a small decode batch) take a second kernel: each
+weight tile is read once for all rows and multiplied on the tensor cores, with the same epilogue
+except the norm, which runs as its own kernel first.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from keel.kernels.norm import rms_norm
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
 
 
@@ -30,19 +35,17 @@ class GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, ROWS, N, K, stride_x, stride_o,
-                 eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATE_UP: tl.constexpr, ADD: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, N, K, eps,
+                 HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATE_UP: tl.constexpr, ADD: tl.constexpr,
                  EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    # One row per program; the programs of one column block are adjacent, so a second row mostly
-    # finds the weight tile in L2 (still slower than cuBLAS from two rows on: see gemv_applies).
+    # One row: each program owns BLOCK_N whole output columns.
     pdl_wait(PDL)
-    row = tl.program_id(0) % ROWS
-    cols = tl.program_id(0) // ROWS * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     col_ok = cols < N
     w_tile = w_ptr + cols.to(tl.int64)[:, None] * K + ks[None, :]
     up_tile = w_tile + N * K  # GATE_UP: the up rows follow the gate rows
-    x_row = x_ptr + row * stride_x + ks
+    x_row = x_ptr + ks
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_K], tl.float32)
@@ -74,21 +77,69 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, ROWS, N, K, stride_x
             up_out = up_out * inv_rms
         out = out / (1.0 + tl.exp(-out)) * up_out
     if ADD:  # into out itself: each element is read and written by this program only
-        out += tl.load(out_ptr + row * stride_o + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        out += tl.load(out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ROWS, N, K, stride_x, stride_o,
+                      HAS_BIAS: tl.constexpr, GATE_UP: tl.constexpr, ADD: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # A few rows: each weight tile is read once for all of them and multiplied on the tensor cores as
+    # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_R], the rows padded with zeros to the smallest tile.
+    pdl_wait(PDL)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    col_ok = cols < N
+    row_ok = rows < ROWS
+    w_tile = w_ptr + cols.to(tl.int64)[:, None] * K + ks[None, :]
+    up_tile = w_tile + N * K  # GATE_UP: the up rows follow the gate rows
+    x_tile = x_ptr + rows[None, :] * stride_x + ks[:, None]  # x transposed: [BLOCK_K, BLOCK_R]
+    acc = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+    for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
+        x = tl.load(x_tile + k, mask=row_ok[None, :], other=0.0)
+        w = tl.load(w_tile + k, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
+        acc = tl.dot(w, x, acc, input_precision=PRECISION)
+        if GATE_UP:
+            up = tl.load(up_tile + k, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
+            acc_up = tl.dot(up, x, acc_up, input_precision=PRECISION)
+    out = acc
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    if GATE_UP:
+        out = out / (1.0 + tl.exp(-out)) * acc_up
+    out_tile = out_ptr + rows[None, :] * stride_o + cols[:, None]
+    ok = col_ok[:, None] & row_ok[None, :]
+    if ADD:  # into out itself: each element is read and written by this program only
+        out += tl.load(out_tile, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+ROWS_TILE = 16  # rows per program of the several-row kernel: the smallest tensor-core tile
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` is the faster path for x @ weight.T: a single row (from two rows on, cuBLAS
-    was faster on an H200) and K in blocks of at least 16."""
-    return x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] % 16 == 0
+    """Whether `gemv` is the faster path for x @ weight.T: up to ROWS_TILE rows (a speculative verify, a
+    small decode batch; from 2 rows on the several-row kernel, measured against cuBLAS in
+    docs/benchmarks.md) and K in blocks of at least 16."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= ROWS_TILE and x.stride(1) == 1 and weight.is_contiguous()
+            and weight.shape[1] % 16 == 0)
 
 
 def gemv_config(k: int, norm: bool, gate_up: bool) -> GemvConfig:
-    """The best tiles measured for each kind on an H200 at llama-3.1-8b sizes (docs/benchmarks.md)."""
+    """The one-row kernel's best tiles measured for each kind on an H200 at llama-3.1-8b sizes (docs/benchmarks.md)."""
     # k & -k, the largest power of two dividing k: the K loop needs no mask
     block_k = min(512 if norm or gate_up else 1024, k & -k)
     return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if gate_up else 1 if norm else 2, num_stages=2)
+
+
+def gemv_rows_config(k: int, gate_up: bool) -> GemvConfig:
+    """The several-row kernel's tiles, the best of a sweep at llama-3.1-8b sizes on an H200 (docs/benchmarks.md)."""
+    if gate_up:  # two tiles in flight per stage
+        return GemvConfig(block_n=64, block_k=min(128, k & -k), num_warps=4, num_stages=4)
+    return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=5)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -98,8 +149,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     tensor of `out_dtype` (default x's dtype), or added into `add_to` in place and returned.
 
     Each part is optional: the norm when `norm_weight` is given (with `eps`), and with `gate_up`
-    the weight is [gate; up] (2N rows) and act(g, u) = silu(g) * u. Correct for any rows, but
-    each row reads the weight again: fast at one row only (`gemv_applies`).
+    the weight is [gate; up] (2N rows) and act(g, u) = silu(g) * u. Correct for any rows, fast for
+    up to ROWS_TILE (`gemv_applies`).
     """
     rows, k = x.shape
     n = weight.shape[0] // 2 if gate_up else weight.shape[0]
@@ -107,13 +158,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         raise ValueError(f"gemv needs a contiguous [N, {k}] weight and unit-stride rows; got {tuple(weight.shape)}")
     if add_to is not None and (add_to.shape != (rows, n) or add_to.stride(1) != 1):
         raise ValueError(f"add_to must be [{rows}, {n}] with unit-stride rows, got {tuple(add_to.shape)}")
-    config = gemv_config(k, norm_weight is not None, gate_up)
     out = add_to if add_to is not None else torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
-    if rows:
-        _gemv_kernel[(rows * triton.cdiv(n, config.block_n),)](
-            x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-            out, rows, n, k, x.stride(0), out.stride(0), eps,
-            HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATE_UP=gate_up, ADD=add_to is not None,
-            EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
+    bias_or_any = bias if bias is not None else weight
+    parts = dict(HAS_BIAS=bias is not None, GATE_UP=gate_up, ADD=add_to is not None)
+    if rows == 1:
+        config = gemv_config(k, norm_weight is not None, gate_up)
+        _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+            x, weight, bias_or_any, norm_weight if norm_weight is not None else weight, out, n, k, eps, **parts,
+            NORM=norm_weight is not None, EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            **pdl_launch_args(x.device))
+    elif rows:
+        # A norm inside this kernel measured slower than the separate one (docs/speculative.md)
+        x = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+        config = gemv_rows_config(k, gate_up)
+        _gemv_rows_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(rows, ROWS_TILE))](
+            x, weight, bias_or_any, out, rows, n, k, x.stride(0), out.stride(0), **parts,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_R=ROWS_TILE, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            **pdl_launch_args(x.device))
     return out

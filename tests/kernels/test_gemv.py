@@ -1,4 +1,4 @@
-"""The GEMV kernel and the one-row projection path against float64 torch (interpreted on a CPU)."""
+"""The GEMV kernels and the few-row projection path against float64 torch (interpreted on a CPU)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keel.kernels.gemv import gemv, gemv_applies
+from keel.kernels.gemv import ROWS_TILE, gemv, gemv_applies
 from keel.models.layers.embedding import LMHead
 from keel.models.layers.linear import GateUpLinear, Linear
 from keel.models.layers.norm import RMSNorm
@@ -27,7 +27,7 @@ def reference(x, weight, bias=None, norm_weight=None, residual=None, gate_up=Fal
     return out if residual is None else out + residual.double()
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 17])  # the one-row kernel; the several-row one, in one and two row tiles
 @pytest.mark.parametrize("n", [40, 42])  # 42: the last column block is partial
 @pytest.mark.parametrize("parts", ["plain", "bias", "norm", "residual", "gate_up", "all"])
 def test_gemv_matches_float64(rows, n, parts):
@@ -59,10 +59,12 @@ def test_gemv_writes_the_requested_dtype_and_rejects_bad_shapes():
     assert gemv(x[:0], weight).shape == (0, 24)
 
 
-def test_gemv_applies_to_one_row_only():
+def test_gemv_applies_to_a_few_rows_only():
     weight = torch.empty(8, 64)
     assert gemv_applies(torch.empty(1, 64), weight)
-    assert not gemv_applies(torch.empty(2, 64), weight)
+    assert gemv_applies(torch.empty(ROWS_TILE, 64), weight)
+    assert not gemv_applies(torch.empty(ROWS_TILE + 1, 64), weight)
+    assert not gemv_applies(torch.empty(0, 64), weight)
     assert not gemv_applies(torch.empty(1, 72)[:, :40], torch.empty(8, 40))  # K not in blocks of 16
     assert not gemv_applies(torch.empty(1, 64), torch.empty(64, 8).t())  # weight not contiguous
 
@@ -76,7 +78,7 @@ def _layer_pair(cls, *args, **kwargs):
     return plain.to(KERNEL_DEVICE), fused.to(KERNEL_DEVICE)
 
 
-@pytest.mark.parametrize("rows", [1, 5])  # one row takes the GEMV kernel, five take cuBLAS (or torch on a CPU)
+@pytest.mark.parametrize("rows", [1, 5, 20])  # the one-row kernel, the several-row one, cuBLAS (torch on a CPU)
 def test_projection_layers_fuse_norm_residual_and_activation(rows):
     g = torch.Generator().manual_seed(rows)
     norm = RMSNorm(64, EPS).to(KERNEL_DEVICE)
