@@ -19,11 +19,10 @@ from typing import Optional
 
 import torch
 
+from keel.kernels.accept import ACCEPT_KEY, accept_chains
 from keel.runner.sampler import SamplingBatch, apply_penalties, filtered_probs, sample_from, uniform_noise
 from keel.scheduler.batch import DraftTree
 from keel.spec import SIMULATE_ACCEPT_ENV
-
-ACCEPT_KEY = 0xFFFFFFFF  # the "token id" that keys each position's accept draw (no real token has it)
 
 
 def simulated_accept_len() -> Optional[float]:
@@ -55,12 +54,17 @@ def verify(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_
     n, k = drafts.shape
     if rows.penalties is not None:  # only on rows of requests without drafts (the scheduler sees to that)
         logits = apply_penalties(logits, rows.penalties)
+    simulate = simulated_accept_len()
+    if logits.is_cuda and (rows.all_greedy or simulate is not None):  # one launch where torch takes ~30
+        row_tokens, counts = accept_chains(logits.argmax(dim=-1), starts, num_draft, drafts, rows.seeds, rows.steps,
+                                           None if simulate is None else simulate - 1.0)
+        return Verified(row_tokens, counts)
     offsets = torch.arange(k + 1, device=logits.device)
     position_rows = starts[:, None] + torch.minimum(offsets[None], num_draft[:, None])  # [n, k + 1]
     is_draft = offsets[None, :k] < num_draft[:, None]
     argmax = logits.argmax(dim=-1)
     accepted = _run_length((drafts == argmax[position_rows[:, :k]]) & is_draft)
-    if (simulate := simulated_accept_len()) is not None:
+    if simulate is not None:
         accepted = _simulated_accepts(simulate - 1.0, num_draft, rows.seeds[starts], rows.steps[starts])
     final = argmax[starts + accepted]
     if not rows.all_greedy and simulate is None:
