@@ -21,7 +21,8 @@ ACCEPT_KEY = 0xFFFFFFFF  # keel.spec.verify's: the "token id" keying each positi
 
 @triton.jit
 def _accept_chain_kernel(argmax_ptr, starts_ptr, num_draft_ptr, drafts_ptr, seeds_ptr, steps_ptr, row_tokens_ptr,
-                         counts_ptr, num_columns, stride_d, whole, frac, KEY: tl.constexpr, SIMULATE: tl.constexpr, BLOCK_D: tl.constexpr):
+                         counts_ptr, num_columns, stride_d, whole, frac, KEY: tl.constexpr, SIMULATE: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     part = tl.program_id(0)
     start = tl.load(starts_ptr + part)
     num_draft = tl.load(num_draft_ptr + part)
