@@ -46,6 +46,7 @@ from keel.models.registry import model_class
 from keel.models.source import resolve_model
 from keel.models.tokenizer import load_tokenizer
 from keel.runner.model_runner import ModelRunner, SwaGroup, free_memory_bytes, resolve_device
+from keel.runner.penalties import PenaltyCounts
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import FinishReason, Req
@@ -105,6 +106,7 @@ class EngineCore:
             logger.warning("%s=%s: verification accepts that many tokens per step on average, whatever the drafts: "
                            "outputs are NOT the model's (for benchmarks only)", SIMULATE_ACCEPT_ENV, simulate)
         self._launched: Optional[LaunchedStep] = None  # the step whose results have not been read yet
+        self.penalties = PenaltyCounts(self.model_config.vocab_size, self.runner.device)
         self.on_schedule: Optional[Callable[[ScheduledBatch], None]] = None  # sees every batch (benchmarks)
         self.disagg: Optional[DisaggSide] = None  # a prefill or decode server's side (enable_disaggregation)
         self.device_wait_s = 0.0  # the host's time waiting for the device to finish steps, summed (benchmarks)
@@ -266,6 +268,8 @@ class EngineCore:
         here, for this request alone (raises RequestFault), instead of in a step shared with others."""
         try:
             build_sampling_batch([req], self.model_config.vocab_size, torch.device("cpu"))
+            if req.params.has_penalties:  # (its counts and penalty values, as launch_step adds them)
+                PenaltyCounts(self.model_config.vocab_size, torch.device("cpu")).inputs([req])
         except Exception as e:
             raise RequestFault(f"request {req.rid} cannot be batched: {type(e).__name__}: {e}") from e
 
@@ -370,12 +374,13 @@ class EngineCore:
         if self.disagg is not None:
             outputs += self.disagg.poll()
         self._live.difference_update(out.rid for out in outputs if out.finish_reason is not None)
+        self.penalties.free_finished()
         self._after_step()
         return outputs
 
     def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
         step = launch_step(self.runner, batch, self.model_config.vocab_size,
-                           previous.pending if previous is not None else None, self.drafter)
+                           previous.pending if previous is not None else None, self.penalties, self.drafter)
         self.scheduler.launched(batch)
         if step.done is not None:
             self.kv_cache.set_fence(step.done)  # what is freed from now on may still be read by this forward

@@ -20,6 +20,7 @@ from keel.debug.guards import guard_on
 from keel.engine.outputs import TokenLogprob
 from keel.grammar import apply_bitmask, fill_bitmask
 from keel.runner.model_runner import ModelRunner
+from keel.runner.penalties import PenaltyCounts
 from keel.runner.sampler import SamplingBatch
 from keel.scheduler.batch import (DraftTokens, DraftTree, PendingTokens, build_forward_batch,
                                   build_sampling_batch, draft_roots, prompt_logprob_rows)
@@ -70,8 +71,8 @@ class LaunchedStep:
     logprobs: Optional[TopLogprobs]  # of each sampled row
     prompt_scores: Optional[PromptScores]
     done: Optional[torch.cuda.Event]  # fires when every result above is on the host; None off CUDA
-    # The next step cannot be built before these tokens are known: penalties count them on the host, and a
-    # grammar's matcher must take them before it can mask the next token.
+    # The next step cannot be built before these tokens are known: a grammar's matcher must take them before
+    # it can mask the next token (penalties count them on the device: keel.runner.penalties).
     needs_host_tokens: bool = False
 
     def read(self) -> StepResults:
@@ -99,7 +100,7 @@ class LaunchedStep:
 
 @torch.inference_mode()
 def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, previous: Optional[PendingTokens],
-                drafter: Optional[Drafter] = None) -> LaunchedStep:
+                penalties: PenaltyCounts, drafter: Optional[Drafter] = None) -> LaunchedStep:
     """Queue `batch`'s forward, sampling and prompt scoring; `previous` holds the ids of the step before it
     when the host has not read them yet. With a drafter, parts with num_draft > 0 get their draft tokens from it
     and are verified; the drafter also sees the target's forward (a draft model writes its KV for it)."""
@@ -119,8 +120,10 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
         reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
         offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
         sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
+        if any(r.params.has_penalties for r in reqs):
+            sampling = dataclasses.replace(sampling, penalties=penalties.inputs(reqs))
         grammars = [r.grammar for r in reqs]
-        needs_host_tokens = sampling.penalties is not None or any(g is not None for g in grammars)
+        needs_host_tokens = any(g is not None for g in grammars)
         if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
             sampling = dataclasses.replace(sampling, steps=sampling.steps - _row_shifts(sampled_parts, previous))
         if drafts is None:
@@ -143,6 +146,8 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
             if sampling.wants_logprobs:
                 rows = logits[:num_rows] if verified.source_rows is None else logits[verified.source_rows]
                 logprobs = _row_logprobs(rows, verified.row_tokens, sampling.num_top_logprobs)
+        if sampling.penalties is not None:
+            penalties.count(reqs, row_tokens)
     if drafter is not None:
         path = verified.path if drafts is not None else None
         view, index = (forward_batch, None) if path is None else _committed_view(batch, forward_batch, path)

@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 
 from keel.runner.forward_batch import NOT_IN_TREE, ForwardBatch, ForwardMode, TreeMask
-from keel.runner.sampler import PenaltyInputs, SamplingBatch
+from keel.runner.sampler import SamplingBatch
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
-from keel.transfer import columns_to_device, to_device
+from keel.transfer import columns_to_device
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,8 @@ def _owed_positions(part: BatchPart) -> range:
 def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device,
                          step_offsets: Optional[list[int]] = None) -> SamplingBatch:
     """One row per entry of `reqs` (a request may fill several: a speculative step samples each drafted
-    position); a row samples output token num_generated + its step offset (0 by default)."""
+    position); a row samples output token num_generated + its step offset (0 by default). Penalties are left
+    out: their counts live on the device (keel.runner.penalties), and launch_step adds them."""
     params = [r.params for r in reqs]
     offsets = step_offsets if step_offsets is not None else [0] * len(reqs)
 
@@ -283,37 +284,10 @@ def build_sampling_batch(reqs: list[Req], vocab_size: int, device: torch.device,
     return SamplingBatch(
         greedy=greedy_t, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps, min_ps=min_ps, seeds=seeds,
         steps=steps,
-        penalties=_penalty_inputs(reqs, vocab_size, device) if any(p.has_penalties for p in params) else None,
+        penalties=None,
         all_greedy=all(greedy),
         needs_filter=any(p.top_k is not None or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
         num_top_logprobs=max(p.top_logprobs for p in params),
         wants_logprobs=any(p.wants_logprobs for p in params),
     )
 
-
-def _penalty_inputs(reqs: list[Req], vocab_size: int, device: torch.device) -> PenaltyInputs:
-    """Token counts of each penalised request; other rows get neutral penalties and empty counts."""
-    n = len(reqs)
-    counts = torch.zeros(n, vocab_size, dtype=torch.float32)
-    seen = torch.zeros(n, vocab_size, dtype=torch.bool)
-    for i, req in enumerate(reqs):
-        if not req.params.has_penalties:
-            continue
-        if req.pending:
-            raise ValueError(f"request {req.rid} uses penalties, which need every output id on the host, "
-                             "but has a pending token")
-        output = torch.tensor(req.output_ids, dtype=torch.int64)
-        counts[i].index_add_(0, output, torch.ones(len(output)))
-        seen[i, output] = True
-        seen[i, torch.tensor(req.prompt_ids, dtype=torch.int64)] = True
-    p = [r.params for r in reqs]
-    repetition, frequency, presence = columns_to_device(
-        [([x.repetition_penalty for x in p], torch.float32), ([x.frequency_penalty for x in p], torch.float32),
-         ([x.presence_penalty for x in p], torch.float32)], device)
-    return PenaltyInputs(
-        repetition=repetition,
-        frequency=frequency,
-        presence=presence,
-        output_counts=to_device(counts, torch.float32, device),
-        seen=to_device(seen, torch.bool, device),
-    )

@@ -79,13 +79,19 @@ def test_next_step_launches_before_the_previous_is_read(tiny_model, make_engine,
                       ("launch", 3), ("read", 2), ("read", 3)]
 
 
-def test_penalties_need_the_tokens_before_the_next_step(tiny_model, make_engine, restore_read):
+def test_penalties_keep_overlap_on(tiny_model, make_engine, restore_read):
+    """Penalty counts live on the device (keel.runner.penalties): the next step launches before the host has
+    read the token it counts, and the tokens are those of a run without overlap."""
     directory, _ = tiny_model("llama3")
+    penalized = keel.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True, frequency_penalty=0.5)
+    prompts = random_prompts([5], seed=2)
+    sequential = make_engine(directory, disable_overlap=True).generate(prompts, penalized)[0].token_ids
     engine = make_engine(directory)
     events = record_order(engine)
-    penalized = keel.SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True, frequency_penalty=0.5)
-    engine.generate(random_prompts([5], seed=2), penalized)
-    assert events == [("launch", 0), ("read", 0), ("launch", 1), ("read", 1), ("launch", 2), ("read", 2)]
+    assert engine.generate(prompts, penalized)[0].token_ids == sequential
+    assert events == [("launch", 0), ("launch", 1), ("read", 0), ("launch", 2), ("read", 1),
+                      ("launch", 3), ("read", 2), ("read", 3)]
+    assert len(engine.core.penalties) == 0  # the finished request's slot was freed
 
 
 def test_disable_overlap_reads_each_step_before_the_next(tiny_model, make_engine, restore_read):

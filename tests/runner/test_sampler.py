@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from keel.runner.sampler import apply_penalties, exponential_noise, sample
+from keel.runner.penalties import PenaltyCounts
+from keel.runner.sampler import SamplingBatch, apply_penalties, exponential_noise, sample
 from keel.sampling_params import SamplingParams
 from keel.scheduler.batch import build_sampling_batch
 from keel.scheduler.req import Req
@@ -24,10 +27,18 @@ def reqs_for(params: list[SamplingParams], seeds: list[int], prompts=None, outpu
     return reqs
 
 
+def sampling_batch(reqs: list[Req]) -> SamplingBatch:
+    """build_sampling_batch, with the penalty inputs launch_step adds from the device counts (here on the CPU)."""
+    batch = build_sampling_batch(reqs, VOCAB, CPU)
+    if any(r.params.has_penalties for r in reqs):
+        batch = dataclasses.replace(batch, penalties=PenaltyCounts(VOCAB, CPU).inputs(reqs))
+    return batch
+
+
 def draw(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
     """n independent draws from one row of logits (n rows, n different seeds)."""
     reqs = reqs_for([params] * n, list(range(n)))
-    return sample(logits.expand(n, -1).contiguous(), build_sampling_batch(reqs, VOCAB, CPU)).token_ids
+    return sample(logits.expand(n, -1).contiguous(), sampling_batch(reqs)).token_ids
 
 
 def reference_kept(probs: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
@@ -66,7 +77,7 @@ def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p, min_p
 def test_greedy_is_argmax_and_ignores_seed():
     logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(0))
     reqs = reqs_for([SamplingParams(temperature=0.0)] * 6, [1, 2, 3, 4, 5, 6])
-    out = sample(logits, build_sampling_batch(reqs, VOCAB, CPU))
+    out = sample(logits, sampling_batch(reqs))
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
 
 
@@ -76,9 +87,9 @@ def test_seeded_draw_does_not_depend_on_the_rest_of_the_batch():
     mixed = [SamplingParams(temperature=0.9, seed=42), SamplingParams(temperature=0.0),
              SamplingParams(temperature=1.0, top_k=4), SamplingParams(temperature=0.9, seed=42),
              SamplingParams(temperature=0.5, top_p=0.5)]
-    batch = sample(logits, build_sampling_batch(reqs_for(mixed, [42, 0, 7, 42, 9]), VOCAB, CPU)).token_ids
+    batch = sample(logits, sampling_batch(reqs_for(mixed, [42, 0, 7, 42, 9]))).token_ids
     for i in (0, 3):
-        alone = sample(logits[i:i + 1], build_sampling_batch(reqs_for([mixed[i]], [42]), VOCAB, CPU)).token_ids
+        alone = sample(logits[i:i + 1], sampling_batch(reqs_for([mixed[i]], [42]))).token_ids
         assert alone.item() == batch[i].item()
 
 
@@ -99,19 +110,19 @@ def test_repetition_penalty_matches_transformers():
     logits = torch.randn(2, VOCAB, generator=g)
     prompts, outputs = [[1, 2, 3], [4]], [[3, 5], [4, 4, 7]]
     params = [SamplingParams(temperature=0.0, repetition_penalty=1.7)] * 2
-    out = sample(logits, build_sampling_batch(reqs_for(params, [0, 0], prompts, outputs), VOCAB, CPU))
+    out = sample(logits, sampling_batch(reqs_for(params, [0, 0], prompts, outputs)))
     expected = torch.stack([
         RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([p + o]), logits[i:i + 1].clone())[0]
         for i, (p, o) in enumerate(zip(prompts, outputs))])
     assert out.token_ids.tolist() == expected.argmax(-1).tolist()
-    penalties = build_sampling_batch(reqs_for(params, [0, 0], prompts, outputs), VOCAB, CPU).penalties
+    penalties = sampling_batch(reqs_for(params, [0, 0], prompts, outputs)).penalties
     torch.testing.assert_close(apply_penalties(logits, penalties), expected)
 
 
 def test_frequency_and_presence_penalties_count_output_tokens_only():
     logits = torch.zeros(1, VOCAB)
     params = SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25)
-    batch = build_sampling_batch(reqs_for([params], [0], [[9, 9, 9]], [[3, 3, 5]]), VOCAB, CPU)
+    batch = sampling_batch(reqs_for([params], [0], [[9, 9, 9]], [[3, 3, 5]]))
     penalized = apply_penalties(logits, batch.penalties)[0]
     assert penalized[3].item() == pytest.approx(-(2 * 0.5 + 0.25))
     assert penalized[5].item() == pytest.approx(-(0.5 + 0.25))
@@ -123,7 +134,7 @@ def test_rows_without_penalties_are_untouched_in_a_penalised_batch():
     logits = torch.randn(2, VOCAB, generator=g)
     params = [SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=1.0),
               SamplingParams(temperature=0.0)]
-    batch = build_sampling_batch(reqs_for(params, [0, 0], [[1], [1]], [[2], [2]]), VOCAB, CPU)
+    batch = sampling_batch(reqs_for(params, [0, 0], [[1], [1]], [[2], [2]]))
     torch.testing.assert_close(apply_penalties(logits, batch.penalties)[1], logits[1])
 
 
@@ -131,7 +142,7 @@ def test_logprobs_are_the_raw_model_distribution():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(3, VOCAB, generator=g)
     params = [SamplingParams(temperature=0.8, top_k=2, logprobs=True, top_logprobs=3, repetition_penalty=1.5)] * 3
-    out = sample(logits, build_sampling_batch(reqs_for(params, [1, 2, 3], [[0]] * 3, [[1]] * 3), VOCAB, CPU))
+    out = sample(logits, sampling_batch(reqs_for(params, [1, 2, 3], [[0]] * 3, [[1]] * 3)))
     raw = torch.log_softmax(logits, -1)
     torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
     torch.testing.assert_close(out.top_logprobs, raw.topk(3, dim=-1).values)
@@ -139,5 +150,5 @@ def test_logprobs_are_the_raw_model_distribution():
 
 
 def test_no_logprobs_unless_asked():
-    out = sample(torch.zeros(1, VOCAB), build_sampling_batch(reqs_for([SamplingParams()], [0]), VOCAB, CPU))
+    out = sample(torch.zeros(1, VOCAB), sampling_batch(reqs_for([SamplingParams()], [0])))
     assert out.logprobs is None and out.top_ids is None
