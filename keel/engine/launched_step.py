@@ -120,8 +120,10 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
         reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
         offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
         sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
+        counted = None
         if any(r.params.has_penalties for r in reqs):
-            sampling = dataclasses.replace(sampling, penalties=penalties.inputs(reqs))
+            penalty_inputs, counted = penalties.inputs(reqs)
+            sampling = dataclasses.replace(sampling, penalties=penalty_inputs)
         grammars = [r.grammar for r in reqs]
         needs_host_tokens = any(g is not None for g in grammars)
         if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
@@ -146,8 +148,8 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
             if sampling.wants_logprobs:
                 rows = logits[:num_rows] if verified.source_rows is None else logits[verified.source_rows]
                 logprobs = _row_logprobs(rows, verified.row_tokens, sampling.num_top_logprobs)
-        if sampling.penalties is not None:
-            penalties.count(reqs, row_tokens)
+        if counted is not None:
+            penalties.count(counted, row_tokens)
     if drafter is not None:
         path = verified.path if drafts is not None else None
         view, index = (forward_batch, None) if path is None else _committed_view(batch, forward_batch, path)

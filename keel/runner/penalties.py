@@ -30,6 +30,15 @@ class _Slot:
     counted: int  # output tokens its counts hold
 
 
+@dataclass(frozen=True)
+class CountedRows:
+    """One step's penalised sampling rows, as `inputs` put them on the device, for `count` to add their tokens."""
+
+    rows: torch.Tensor  # [m] int64 sampling rows of penalised requests
+    index: torch.Tensor  # [m] int64 their slots
+    slots: tuple[_Slot, ...]
+
+
 def initial_counts(req: Req, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Host [vocab] int32 occurrences of each token in `req`'s output read so far, and [vocab] bool tokens seen in
     its prompt or output; raises IndexError for a token id outside the vocabulary."""
@@ -54,31 +63,29 @@ class PenaltyCounts:
         """Requests holding a slot."""
         return len(self._slots)
 
-    def inputs(self, reqs: list[Req]) -> PenaltyInputs:
+    def inputs(self, reqs: list[Req]) -> tuple[PenaltyInputs, CountedRows]:
         """The penalty inputs of a sampling batch with one row per entry of `reqs` (rows of requests without
-        penalties get neutral ones)."""
-        index = [self._slot(r).index if r.params.has_penalties else _NEUTRAL for r in reqs]
+        penalties get neutral ones), and its penalised rows for `count`; all in one copy to the device."""
+        penalised = [(i, self._slot(r)) for i, r in enumerate(reqs) if r.params.has_penalties]
+        index = [_NEUTRAL] * len(reqs)
+        for i, slot in penalised:
+            index[i] = slot.index
         params = [r.params for r in reqs]
-        rows, repetition, frequency, presence = columns_to_device(
+        index_t, repetition, frequency, presence, rows_t, slots_t = columns_to_device(
             [(index, torch.int64), ([p.repetition_penalty for p in params], torch.float32),
              ([p.frequency_penalty for p in params], torch.float32),
-             ([p.presence_penalty for p in params], torch.float32)], self.device)
-        return PenaltyInputs(repetition=repetition, frequency=frequency, presence=presence,
-                             output_counts=self.counts[rows].to(torch.float32), seen=self.seen[rows])
+             ([p.presence_penalty for p in params], torch.float32),
+             ([i for i, _ in penalised], torch.int64), ([s.index for _, s in penalised], torch.int64)], self.device)
+        inputs = PenaltyInputs(repetition=repetition, frequency=frequency, presence=presence,
+                               output_counts=self.counts[index_t].to(torch.float32), seen=self.seen[index_t])
+        return inputs, CountedRows(rows_t, slots_t, tuple(s for _, s in penalised))
 
-    def count(self, reqs: list[Req], row_tokens: torch.Tensor) -> None:
-        """Add the token each penalised request's row sampled (`row_tokens`, on the device, one per entry of
-        `reqs`, as passed to `inputs` in the same step)."""
-        rows = [i for i, r in enumerate(reqs) if r.params.has_penalties]
-        if not rows:
-            return
-        slots = [self._slots[reqs[i].rid] for i in rows]
-        rows_t, index_t = columns_to_device([(rows, torch.int64), ([s.index for s in slots], torch.int64)],
-                                            self.device)
-        tokens = row_tokens[rows_t]
-        self.counts.index_put_((index_t, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-        self.seen[index_t, tokens] = True
-        for slot in slots:
+    def count(self, counted: CountedRows, row_tokens: torch.Tensor) -> None:
+        """Add the token each penalised row sampled (`row_tokens`: [rows], on the device) to its slot."""
+        tokens = row_tokens[counted.rows]
+        self.counts.index_put_((counted.index, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        self.seen[counted.index, tokens] = True
+        for slot in counted.slots:
             slot.counted += 1
 
     def free_finished(self) -> None:

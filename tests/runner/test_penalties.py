@@ -21,8 +21,8 @@ def _req(rid: int, prompt: list[int], params: SamplingParams = PENALISED) -> Req
 def _step(counts: PenaltyCounts, reqs: list[Req], tokens: list[int]) -> torch.Tensor:
     """One sampling step as launch_step runs it: read the inputs, count the sampled tokens, the host reads them
     back later (here at once)."""
-    inputs = counts.inputs(reqs)
-    counts.count(reqs, torch.tensor(tokens))
+    inputs, counted = counts.inputs(reqs)
+    counts.count(counted, torch.tensor(tokens))
     for req in reqs:
         req.pending += 1
     return inputs.output_counts
@@ -43,7 +43,7 @@ def test_counts_follow_the_sampled_tokens_without_the_host_reading_them():
     assert second[0, 7].item() == 1 and second[1, 8].item() == 1 and second[2].sum().item() == 0
     _read(reqs, [7, 8, 9])
     _read(reqs, [7, 5, 9])
-    third = counts.inputs(reqs)
+    third, _ = counts.inputs(reqs)
     for row, req in enumerate(reqs[:2]):  # the device counts are those built from the host's output ids
         want_counts, want_seen = initial_counts(req, VOCAB)
         assert torch.equal(third.output_counts[row], want_counts.float())
@@ -60,11 +60,11 @@ def test_slots_are_reused_grown_and_rebuilt_when_they_may_not_match():
     reqs[0].status = ReqStatus.FINISHED
     counts.free_finished()
     newcomer = _req(1, [9])  # the finished request's id, reused: its counts must not leak in
-    row = counts.inputs([newcomer]).output_counts[0]
+    row = counts.inputs([newcomer])[0].output_counts[0]
     assert row.sum().item() == 0
     stale = reqs[1]
     stale.output_ids.append(11)  # a token the device never counted (a step failed after counting another)
-    rebuilt = counts.inputs([stale]).output_counts[0]
+    rebuilt = counts.inputs([stale])[0].output_counts[0]
     assert rebuilt[11].item() == 1 and rebuilt[2].item() == 1
     stale.pending = 1  # ... and one that cannot be rebuilt: its tokens are still on the device
     stale.output_ids.append(12)

@@ -31,7 +31,7 @@ def sampling_batch(reqs: list[Req]) -> SamplingBatch:
     """build_sampling_batch, with the penalty inputs launch_step adds from the device counts (here on the CPU)."""
     batch = build_sampling_batch(reqs, VOCAB, CPU)
     if any(r.params.has_penalties for r in reqs):
-        batch = dataclasses.replace(batch, penalties=PenaltyCounts(VOCAB, CPU).inputs(reqs))
+        batch = dataclasses.replace(batch, penalties=PenaltyCounts(VOCAB, CPU).inputs(reqs)[0])
     return batch
 
 
