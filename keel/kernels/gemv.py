@@ -9,8 +9,7 @@ projection, and the residual add. A decoder layer's projections then need no nor
 or add kernels between them.
 
 A few rows (a speculative verify of 4 tokens, a small decode batch) take a second kernel: each
-weight tile is read once for all rows and multiplied on the tensor cores, with the same epilogue
-except the norm, which runs as its own kernel first.
+weight tile is read once for all rows and multiplied on the tensor cores, with the same fusions.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from keel.kernels.norm import rms_norm
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
 
 
@@ -82,11 +80,13 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, N, K, eps,
 
 
 @triton.jit
-def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ROWS, N, K, stride_x, stride_o,
-                      HAS_BIAS: tl.constexpr, GATE_UP: tl.constexpr, ADD: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, ROWS, N, K, stride_x, stride_o, eps,
+                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATE_UP: tl.constexpr, ADD: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
     # A few rows: each weight tile is read once for all of them and multiplied on the tensor cores as
-    # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_R], the rows padded with zeros to the smallest tile.
+    # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_R], the rows padded with zeros to the smallest tile. The norm as in
+    # the one-row kernel: x * norm weight goes into the product, each row's scale multiplies the result.
     pdl_wait(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -98,13 +98,22 @@ def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ROWS, N, K, stride_x, str
     x_tile = x_ptr + rows[None, :] * stride_x + ks[:, None]  # x transposed: [BLOCK_K, BLOCK_R]
     acc = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+    squares = tl.zeros([BLOCK_K, BLOCK_R], tl.float32)
     for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
         x = tl.load(x_tile + k, mask=row_ok[None, :], other=0.0)
+        if NORM:
+            x32 = x.to(tl.float32)
+            squares += x32 * x32
+            x = (x32 * tl.load(norm_ptr + k + ks).to(tl.float32)[:, None]).to(x_ptr.dtype.element_ty)
         w = tl.load(w_tile + k, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
         if GATE_UP:
             up = tl.load(up_tile + k, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
             acc_up = tl.dot(up, x, acc_up, input_precision=PRECISION)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)[None, :]
+        acc *= scale
+        acc_up *= scale
     out = acc
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
@@ -138,8 +147,8 @@ def gemv_config(k: int, norm: bool, gate_up: bool) -> GemvConfig:
 def gemv_rows_config(k: int, gate_up: bool) -> GemvConfig:
     """The several-row kernel's tiles, the best of a sweep at llama-3.1-8b sizes on an H200 (docs/benchmarks.md)."""
     if gate_up:  # two tiles in flight per stage
-        return GemvConfig(block_n=64, block_k=min(128, k & -k), num_warps=4, num_stages=4)
-    return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=5)
+        return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=3)
+    return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=4)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -169,11 +178,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
             BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
             **pdl_launch_args(x.device))
     elif rows:
-        # A norm inside this kernel measured slower than the separate one (docs/speculative.md)
-        x = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
         config = gemv_rows_config(k, gate_up)
         _gemv_rows_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(rows, ROWS_TILE))](
-            x, weight, bias_or_any, out, rows, n, k, x.stride(0), out.stride(0), **parts,
+            x, weight, bias_or_any, norm_weight if norm_weight is not None else weight, out, rows, n, k, x.stride(0),
+            out.stride(0), eps, **parts, NORM=norm_weight is not None,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_R=ROWS_TILE, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
             **pdl_launch_args(x.device))

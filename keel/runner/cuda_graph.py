@@ -108,21 +108,21 @@ class CudaGraphRunner:
         """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
         bs = batch.batch_size
         size = next(s for s in self.sizes if s >= _rows(batch))
-        _write_rows(self.input_ids, batch.input_ids, size, 0)
-        _write_rows(self.positions, batch.positions, size, 0)
+        write_rows(self.input_ids, batch.input_ids, size, 0)
+        write_rows(self.positions, batch.positions, size, 0)
         if batch.mode is not ForwardMode.IDLE or guard_on("fresh-metadata"):  # off: seed 000's stale rows
             for static, real, pad in ((self.req_rows, batch.req_rows, PAD_ROW),
                                       (self.seq_lens, batch.seq_lens, PAD_SEQ_LEN),
                                       (self.out_cache_loc, batch.out_cache_loc, PAD_SLOT)):
-                _write_rows(static, real, size, pad)
+                write_rows(static, real, size, pad)
         if self.features is not None and batch.input_features is not None:
-            _write_rows(self.features, batch.input_features, size, 0)
+            write_rows(self.features, batch.input_features, size, 0)
         if self.tree is not None:
             if batch.tree is None:
                 self.tree.starts[:size].fill_(NOT_IN_TREE)
             else:
-                _write_rows(self.tree.starts, batch.tree.starts, size, NOT_IN_TREE)
-                _write_rows(self.tree.bits, batch.tree.bits, size, 0)
+                write_rows(self.tree.starts, batch.tree.starts, size, NOT_IN_TREE)
+                write_rows(self.tree.bits, batch.tree.bits, size, 0)
         self.graphs[size].replay()
         out = self.outputs[size]
         logits = out.logits[:bs]  # the graph computes every row's logits
@@ -136,7 +136,7 @@ def _rows(batch: ForwardBatch) -> int:
     return batch.dp.padded if batch.dp is not None else batch.batch_size
 
 
-def _write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
+def write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
     """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit (guard
     `bounded-write`: with it off, the rows are copied unchecked and padded rows keep the last replay's values)."""
     n = real.shape[0]

@@ -134,7 +134,7 @@ class ModelRunner:
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
             max_bs = min(config.cuda_graph_max_bs, config.max_running_requests * config.rows_per_request)
             features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
-            self.cuda_graph = CudaGraphRunner(self._forward_eager, max_bs, self.device, features, config.draft_tree)
+            self.cuda_graph = CudaGraphRunner(self.forward_eager, max_bs, self.device, features, config.draft_tree)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -159,7 +159,7 @@ class ModelRunner:
             return self.cuda_graph.replay(batch)
         if batch.dp is not None and batch.dp.decode and batch.batch_size < batch.dp.padded:
             batch = batch.padded_to(batch.dp.padded)  # the shape every rank runs this round
-        return self._forward_eager(batch)
+        return self.forward_eager(batch)
 
     def forward_idle(self) -> None:
         """This rank's part of a data-parallel round in which it has no requests: an IDLE forward (zero tokens;
@@ -167,7 +167,8 @@ class ModelRunner:
         self.forward_full(ForwardBatch.idle(self.device))
 
     @torch.inference_mode()
-    def _forward_eager(self, batch: ForwardBatch) -> RunnerOutput:
+    def forward_eager(self, batch: ForwardBatch) -> RunnerOutput:
+        """`forward_full` never through a captured graph: for capturing one (this runner's, or a caller's own)."""
         if self.attn_backend is None or self.kv_pool is None:
             raise RuntimeError("ModelRunner.forward before attach_kv: the runner has no KV pool")
         ctx = AttentionContext(self.attn_backend, self._metadata(batch), self.kv_pool, batch.dp)

@@ -35,6 +35,7 @@ from keel.runner.sampler import SamplingBatch, filtered_probs, sample_from
 from keel.scheduler.batch import DraftRoots, DraftTokens, DraftTree, build_sampling_batch
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import BatchPart, ScheduledBatch
+from keel.spec.draft_chain import DraftChain
 from keel.spec.drafter import TargetStep
 from keel.transfer import columns_to_device, to_device
 
@@ -66,6 +67,9 @@ class DraftModelDrafter:
                                      device=runner.device) if self.head is not None else None)
         # the last two observe passes, newest first: a round may run its verify and its prefills as two steps
         self._observed: tuple[ObservedRoots, ...] = ()
+        # greedy chains' steps after the first (CUDA-graph captured where the runner's are)
+        chained = topk == 1 and num_draft > 1
+        self.chain = DraftChain(runner, table, num_draft - 1, self._column_ids) if chained else None
 
     @torch.inference_mode()
     def propose(self, batch: ScheduledBatch, roots: DraftRoots) -> Optional[DraftTokens]:
@@ -74,6 +78,8 @@ class DraftModelDrafter:
             return None
         if self.topk > 1:
             return self._propose_tree(parts, roots)
+        if self.chain is not None and all(p.req.params.is_greedy and p.num_draft == self.num_draft for p in parts):
+            return self._propose_chain(parts, roots, self.chain)
         device = self.runner.device
         n, k = len(parts), self.num_draft
         behind = 1 if self.head is not None else 0  # an EAGLE head drafts one position behind the tokens
@@ -114,6 +120,17 @@ class DraftModelDrafter:
             if probs is not None and q is not None:
                 probs[who, step] = self._target_probs(q)
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=not greedy, probs=probs)
+
+    def _propose_chain(self, parts: list[BatchPart], roots: DraftRoots, chain: DraftChain) -> DraftTokens:
+        """Greedy drafts, num_draft for every part: the first step (kept from `observe` when it ran it), then the
+        rest of the chain in one go."""
+        rows = to_device([p.row for p in parts], torch.int64, self.runner.device)
+        positions = roots.positions - (1 if self.head is not None else 0)  # the first step's table position
+        out = self._observed_roots(parts) or self._forward_rows(
+            roots.token_ids, positions, rows, self.features[rows] if self.features is not None else None, None)
+        first = self._target_ids(out.logits.argmax(dim=-1))
+        tokens = torch.cat([first[:, None], chain.run(first, positions + 1, rows, out.features)], dim=1)
+        return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=False)
 
     def _propose_tree(self, parts: list[BatchPart], roots: DraftRoots) -> DraftTokens:
         """EAGLE-2's dynamic tree. Step 0 runs each root and keeps its top-k tokens as candidates; each later step

@@ -95,3 +95,32 @@ def test_seed_003_draft_tree_rows_stay_in_their_graph_rows(tiny_model):
     outputs = five_after_eight(directory, cuda_graph_max_bs=64, **TREE)
     verified, accepted = sum(o.spec_verify_ct for o in outputs), sum(o.spec_accepted_tokens for o in outputs)
     assert accepted >= verified, (accepted, verified)
+
+
+@pytest.mark.parametrize("algorithm", ["STANDALONE", "EAGLE3"])
+@pytest.mark.parametrize("rows", [1, 3, 5])  # graphs of 1, 4 and 8 rows: none, one and three padded rows
+def test_draft_chain_graph_drafts_what_its_steps_draft_eagerly(algorithm, rows, tiny_model, tmp_path):
+    """A greedy chain's later steps replayed from one CUDA graph give the tokens of the same steps run one
+    forward at a time without graphs (float32, the same kernels: exactly)."""
+    directory, _ = tiny_model("llama3")
+    path = directory if algorithm == "STANDALONE" else write_eagle_head(tmp_path / "head", directory, eagle3=True,
+                                                                        draft_vocab_size=300)
+    engine = keel.Engine(str(directory), **OPTIONS, speculative_algorithm=algorithm, speculative_num_steps=4,
+                         speculative_draft_model_path=str(path))
+    drafter, table = engine.core.drafter, engine.core.kv_cache.table
+    chain = drafter.chain
+    assert chain is not None and chain.steps == 3 and sorted(chain.graphs)[:4] == [1, 2, 4, 8]
+    g = torch.Generator().manual_seed(rows)
+    req_rows = torch.arange(1, rows + 1)
+    width = 32  # table positions 0..31 of each row on slots of their own, in an idle engine's free pages
+    table.write(req_rows.repeat_interleave(width), torch.arange(width).repeat(rows),
+                (req_rows[:, None] * width + torch.arange(width)).reshape(-1))
+    tokens = torch.randint(0, 200, (rows,), generator=g).cuda()
+    positions = torch.randint(4, 20, (rows,), generator=g).cuda()
+    features = None
+    if drafter.features is not None:
+        features = torch.randn(rows, drafter.features.shape[1], generator=g).cuda()
+    inputs = (tokens, positions, req_rows.cuda(), features)
+    replayed = chain.run(*inputs).clone()
+    eager = chain._chain(*inputs, drafter.runner.forward_eager)
+    assert torch.equal(replayed, eager), (replayed, eager)

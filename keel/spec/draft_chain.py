@@ -1,0 +1,91 @@
+"""A greedy draft chain's later steps as one function of device tensors, and on a GPU one CUDA graph.
+
+Step s of a chain (s >= 1) runs the draft model on step s - 1's token and, for an EAGLE head, its output
+hidden state, and takes the argmax of its logits (as a target id) as its draft. Nothing in that reads the
+host, so with CUDA graphs all the steps are captured together, per batch size: a round's drafting is one
+replay instead of, per step, a forward batch built on the host, its graph inputs written, the replay, and
+the argmax, id map and scatters after it (docs/speculative.md has the measured difference).
+
+Padding rows of a replay are the decode graphs' (request-table row PAD_ROW, whose positions all map to the
+reserved slot PAD_SLOT), so they read and write only that slot at any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from keel.cache.req_table import ReqToTokenTable
+from keel.distributed.parallel import tensor_parallel
+from keel.runner.cuda_graph import RunnerOutput, write_rows
+from keel.runner.forward_batch import PAD_ROW, ForwardBatch, ForwardMode
+from keel.runner.model_runner import ModelRunner
+
+
+class DraftChain:
+    def __init__(self, runner: ModelRunner, table: ReqToTokenTable, steps: int,
+                 target_ids: Optional[torch.Tensor]) -> None:
+        """steps: the chain's steps after the first; target_ids: the target's id of each draft logits column
+        (None: the same ids)."""
+        self.runner, self.table, self.steps, self.target_ids = runner, table, steps, target_ids
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        graphs = runner.cuda_graph
+        if graphs is not None and steps and not tensor_parallel().dp_attention:  # DP rounds: each step's own
+            self._capture(graphs.sizes)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+            features: Optional[torch.Tensor]) -> torch.Tensor:
+        """The drafts [n, steps] after `tokens` [n] (the first step's drafts, target ids): the next step writes
+        table position `positions` of request-table row `rows` and reads `features` [n, dim] (EAGLE: the first
+        step's output hidden states; None for a model that reads none)."""
+        n = tokens.shape[0]
+        size = next((s for s in sorted(self.graphs) if s >= n), None)
+        if size is None:
+            return self._chain(tokens, positions, rows, features, self.runner.forward_full)
+        write_rows(self.tokens, tokens, size, 0)
+        write_rows(self.positions, positions, size, 0)
+        write_rows(self.rows, rows, size, PAD_ROW)
+        if self.features is not None and features is not None:
+            write_rows(self.features, features, size, 0)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
+
+    def _chain(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+               features: Optional[torch.Tensor], forward: Callable[[ForwardBatch], RunnerOutput]) -> torch.Tensor:
+        n, device = tokens.shape[0], tokens.device
+        drafts = []
+        every_row = torch.arange(n, device=device)
+        for _ in range(self.steps):
+            slots = self.table.slots[rows, positions].to(torch.int64)
+            out = forward(ForwardBatch(ForwardMode.DRAFT_DECODE, device, None, (1,) * n, tokens, positions, rows,
+                                       positions + 1, slots, every_row, features))
+            ids = out.logits.argmax(dim=-1)
+            tokens = ids if self.target_ids is None else self.target_ids[ids]
+            drafts.append(tokens)
+            positions, features = positions + 1, out.features
+        return torch.stack(drafts, dim=1)
+
+    def _capture(self, sizes: list[int]) -> None:
+        runner, device = self.runner, self.runner.device
+        max_bs = max(sizes)
+        self.tokens = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.rows = torch.full((max_bs,), PAD_ROW, dtype=torch.int64, device=device)
+        self.features = (torch.zeros(max_bs, runner.model.input_feature_size, dtype=runner.dtype, device=device)
+                         if runner.model.needs_features else None)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for size in sorted(sizes, reverse=True):  # largest first, so smaller graphs reuse its memory
+                inputs = (self.tokens[:size], self.positions[:size], self.rows[:size],
+                          self.features[:size] if self.features is not None else None)
+                self._chain(*inputs, runner.forward_eager)  # warm up
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[size] = self._chain(*inputs, runner.forward_eager)
+                self.graphs[size] = graph
+        torch.cuda.current_stream(device).wait_stream(stream)
