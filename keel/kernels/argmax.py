@@ -59,6 +59,13 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return pick_chunk(best, best_at, out)
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax: `argmax_rows` for float32 logits on a GPU, torch's elsewhere."""
+    if logits.is_cuda and logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1:
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def pick_chunk(best: torch.Tensor, best_at: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The second launch of a chunked argmax: `out[r]` = best_at[r, c] of the first chunk c holding row r's maximum
     (best, best_at: [rows, chunks] float32 and int32)."""

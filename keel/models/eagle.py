@@ -94,7 +94,7 @@ class LlamaForCausalLMEagle3(EagleHead):
         super().__init__(config, head)
         hidden = config.hidden_size
         self.embed_tokens = VocabEmbedding(config.vocab_size, hidden)
-        self.fc = Linear(3 * head.target_hidden_size, hidden)
+        self.fc = Linear(3 * head.target_hidden_size, hidden, fused=fused)
         rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions)
         self.midlayer = _Eagle3Layer(config, rotary, fused)
         self.norm = RMSNorm(hidden, config.rms_norm_eps, fused)

@@ -108,21 +108,18 @@ class CudaGraphRunner:
         """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
         bs = batch.batch_size
         size = next(s for s in self.sizes if s >= _rows(batch))
-        write_rows(self.input_ids, batch.input_ids, size, 0)
-        write_rows(self.positions, batch.positions, size, 0)
+        writes = [(self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0)]
         if batch.mode is not ForwardMode.IDLE or guard_on("fresh-metadata"):  # off: seed 000's stale rows
-            for static, real, pad in ((self.req_rows, batch.req_rows, PAD_ROW),
-                                      (self.seq_lens, batch.seq_lens, PAD_SEQ_LEN),
-                                      (self.out_cache_loc, batch.out_cache_loc, PAD_SLOT)):
-                write_rows(static, real, size, pad)
+            writes += [(self.req_rows, batch.req_rows, PAD_ROW), (self.seq_lens, batch.seq_lens, PAD_SEQ_LEN),
+                       (self.out_cache_loc, batch.out_cache_loc, PAD_SLOT)]
         if self.features is not None and batch.input_features is not None:
-            write_rows(self.features, batch.input_features, size, 0)
+            writes.append((self.features, batch.input_features, 0))
         if self.tree is not None:
             if batch.tree is None:
                 self.tree.starts[:size].fill_(NOT_IN_TREE)
             else:
-                write_rows(self.tree.starts, batch.tree.starts, size, NOT_IN_TREE)
-                write_rows(self.tree.bits, batch.tree.bits, size, 0)
+                writes += [(self.tree.starts, batch.tree.starts, NOT_IN_TREE), (self.tree.bits, batch.tree.bits, 0)]
+        write_all_rows(writes, size)
         self.graphs[size].replay()
         out = self.outputs[size]
         logits = out.logits[:bs]  # the graph computes every row's logits
@@ -139,12 +136,20 @@ def _rows(batch: ForwardBatch) -> int:
 def write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
     """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit (guard
     `bounded-write`: with it off, the rows are copied unchecked and padded rows keep the last replay's values)."""
-    n = real.shape[0]
-    if not guard_on("bounded-write"):
-        static[:n].copy_(real)
-        return
-    if n > size or size > static.shape[0] or real.shape[1:] != static.shape[1:]:
-        raise IndexError(f"CUDA-graph input of {list(real.shape)} into a buffer of {list(static.shape)} "
-                         f"(graph size {size})")
-    static[:n].copy_(real)
-    static[n:size].fill_(pad)
+    write_all_rows([(static, real, pad)], size)
+
+
+def write_all_rows(writes: list[tuple[torch.Tensor, torch.Tensor, int]], size: int) -> None:
+    """`write_rows` for each (static, real, pad), their copies in one launch (one per dtype): a replay's
+    inputs are a handful of tiny copies, each costing a launch more than its bytes."""
+    checked = guard_on("bounded-write")
+    if checked:
+        for static, real, _ in writes:
+            if real.shape[0] > size or size > static.shape[0] or real.shape[1:] != static.shape[1:]:
+                raise IndexError(f"CUDA-graph input of {list(real.shape)} into a buffer of {list(static.shape)} "
+                                 f"(graph size {size})")
+    torch._foreach_copy_([static[:real.shape[0]] for static, real, _ in writes], [real for _, real, _ in writes])
+    if checked:
+        for static, real, pad in writes:
+            if real.shape[0] < size:
+                static[real.shape[0]:size].fill_(pad)

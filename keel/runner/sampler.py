@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from keel.kernels.argmax import argmax_rows
+from keel.kernels.argmax import greedy_ids
 from keel.kernels.noise import keyed_uniform, race_argmax
 
 _M32 = 0xFFFFFFFF
@@ -60,7 +60,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.wants_logprobs else None
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
-    token_ids = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
+    token_ids = greedy_ids(logits)
     if not batch.all_greedy:
         token_ids = torch.where(batch.greedy, token_ids, _sample_random(logits, batch))
     if raw_logprobs is None:

@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
+from keel.kernels.argmax import greedy_ids
 from keel.cache.req_table import ReqToTokenTable
 from keel.distributed.parallel import tensor_parallel
-from keel.runner.cuda_graph import RunnerOutput, write_rows
+from keel.runner.cuda_graph import RunnerOutput, write_all_rows
 from keel.runner.forward_batch import PAD_ROW, ForwardBatch, ForwardMode
 from keel.runner.model_runner import ModelRunner
 
@@ -45,28 +46,28 @@ class DraftChain:
         size = next((s for s in sorted(self.graphs) if s >= n), None)
         if size is None:
             return self._chain(tokens, positions, rows, features, self.runner.forward_full)
-        write_rows(self.tokens, tokens, size, 0)
-        write_rows(self.positions, positions, size, 0)
-        write_rows(self.rows, rows, size, PAD_ROW)
+        writes = [(self.tokens, tokens, 0), (self.positions, positions, 0), (self.rows, rows, PAD_ROW)]
         if self.features is not None and features is not None:
-            write_rows(self.features, features, size, 0)
+            writes.append((self.features, features, 0))
+        write_all_rows(writes, size)
         self.graphs[size].replay()
         return self.outputs[size][:n]
 
     def _chain(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                features: Optional[torch.Tensor], forward: Callable[[ForwardBatch], RunnerOutput]) -> torch.Tensor:
         n, device = tokens.shape[0], tokens.device
-        drafts = []
         every_row = torch.arange(n, device=device)
-        for _ in range(self.steps):
-            slots = self.table.slots[rows, positions].to(torch.int64)
-            out = forward(ForwardBatch(ForwardMode.DRAFT_DECODE, device, None, (1,) * n, tokens, positions, rows,
-                                       positions + 1, slots, every_row, features))
-            ids = out.logits.argmax(dim=-1)
-            tokens = ids if self.target_ids is None else self.target_ids[ids]
-            drafts.append(tokens)
-            positions, features = positions + 1, out.features
-        return torch.stack(drafts, dim=1)
+        # each step's positions, lengths and slots, for all steps at once: [steps, n]
+        positions = positions + torch.arange(self.steps + 1, device=device)[:, None]
+        slots = self.table.slots[rows, positions[:-1]].to(torch.int64)
+        drafts = torch.empty(n, self.steps, dtype=torch.int64, device=device)
+        for step in range(self.steps):
+            out = forward(ForwardBatch(ForwardMode.DRAFT_DECODE, device, None, (1,) * n, tokens, positions[step],
+                                       rows, positions[step + 1], slots[step], every_row, features))
+            ids = greedy_ids(out.logits)
+            tokens = drafts[:, step] = ids if self.target_ids is None else self.target_ids[ids]
+            features = out.features
+        return drafts
 
     def _capture(self, sizes: list[int]) -> None:
         runner, device = self.runner, self.runner.device

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from keel.kernels.argmax import greedy_ids
 from keel.cache.req_table import ReqToTokenTable
 from keel.models.eagle import EagleHead
 from keel.runner.cuda_graph import RunnerOutput
@@ -113,7 +114,7 @@ class DraftModelDrafter:
             if features is not None and out.features is not None:
                 features[who] = out.features  # the next step's input hidden states
             if sampling is None:
-                tokens[who, step] = self._target_ids(out.logits.argmax(dim=-1))
+                tokens[who, step] = self._target_ids(greedy_ids(out.logits))
                 continue
             drawn, q = _draw(out.logits, _rows_of(sampling, who, step))
             tokens[who, step] = self._target_ids(drawn)
@@ -128,7 +129,7 @@ class DraftModelDrafter:
         positions = roots.positions - (1 if self.head is not None else 0)  # the first step's table position
         out = self._observed_roots(parts) or self._forward_rows(
             roots.token_ids, positions, rows, self.features[rows] if self.features is not None else None, None)
-        first = self._target_ids(out.logits.argmax(dim=-1))
+        first = self._target_ids(greedy_ids(out.logits))
         tokens = torch.cat([first[:, None], chain.run(first, positions + 1, rows, out.features)], dim=1)
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=False)
 
@@ -295,7 +296,7 @@ def _rows_of(sampling: SamplingBatch, index: torch.Tensor, step: int) -> Samplin
 
 def _draw(logits: torch.Tensor, sampling: SamplingBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Each row's draft token, and the distribution q it was drawn from (None when every row is greedy)."""
-    argmax = logits.argmax(dim=-1)
+    argmax = greedy_ids(logits)
     if sampling.all_greedy:
         return argmax, None
     q = filtered_probs(logits, sampling)

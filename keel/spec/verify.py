@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from keel.kernels.argmax import greedy_ids
 from keel.kernels.accept import ACCEPT_KEY, accept_chains
 from keel.runner.sampler import SamplingBatch, apply_penalties, filtered_probs, sample_from, uniform_noise
 from keel.scheduler.batch import DraftTree
@@ -56,13 +57,13 @@ def verify(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor, num_
         logits = apply_penalties(logits, rows.penalties)
     simulate = simulated_accept_len()
     if logits.is_cuda and (rows.all_greedy or simulate is not None):  # one launch where torch takes ~30
-        row_tokens, counts = accept_chains(logits.argmax(dim=-1), starts, num_draft, drafts, rows.seeds, rows.steps,
+        row_tokens, counts = accept_chains(greedy_ids(logits), starts, num_draft, drafts, rows.seeds, rows.steps,
                                            None if simulate is None else simulate - 1.0)
         return Verified(row_tokens, counts)
     offsets = torch.arange(k + 1, device=logits.device)
     position_rows = starts[:, None] + torch.minimum(offsets[None], num_draft[:, None])  # [n, k + 1]
     is_draft = offsets[None, :k] < num_draft[:, None]
-    argmax = logits.argmax(dim=-1)
+    argmax = greedy_ids(logits)
     accepted = _run_length((drafts == argmax[position_rows[:, :k]]) & is_draft)
     if simulate is not None:
         accepted = _simulated_accepts(simulate - 1.0, num_draft, rows.seeds[starts], rows.steps[starts])
@@ -110,7 +111,7 @@ def verify_tree(logits: torch.Tensor, rows: SamplingBatch, starts: torch.Tensor,
     valid = nodes[None] <= num_draft[:, None]  # a part without drafts has its root only
     node_rows = starts[:, None] + torch.minimum(nodes[None], num_draft[:, None])
     node_tokens = torch.cat([tokens.new_zeros(n, 1), tokens], dim=1)
-    argmax = logits.argmax(dim=-1)
+    argmax = greedy_ids(logits)
     matches = (node_tokens == argmax[node_rows.gather(1, tree.parents)]) & valid
     accepted = torch.ones_like(matches)
     for _ in range(tree.max_depth):  # a node is accepted when it matches and its parent is accepted
