@@ -1,6 +1,6 @@
-"""Speculative decoding on the GPU: the Triton path with CUDA graphs (draft decode steps replay the draft
-model's decode graphs; verify and draft extend run eagerly), float32, against the same engine without
-speculation. Skipped without CUDA."""
+"""Speculative decoding on the GPU: the Triton path with CUDA graphs (verify and draft decode steps replay the
+decode graphs, a greedy chain's later steps its own graph; draft extend runs eagerly), float32, against the same
+engine without speculation. Skipped without CUDA."""
 
 from __future__ import annotations
 
