@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
-from keel.kernels.argmax import greedy_ids
 from keel.cache.req_table import ReqToTokenTable
+from keel.debug.guards import guard_on
 from keel.distributed.parallel import tensor_parallel
+from keel.kernels.argmax import greedy_ids
 from keel.runner.cuda_graph import RunnerOutput, write_all_rows
 from keel.runner.forward_batch import PAD_ROW, ForwardBatch, ForwardMode
 from keel.runner.model_runner import ModelRunner
@@ -35,7 +36,9 @@ class DraftChain:
         self.outputs: dict[int, torch.Tensor] = {}
         graphs = runner.cuda_graph
         if graphs is not None and steps and not tensor_parallel().dp_attention:  # DP rounds: each step's own
-            self._capture(graphs.sizes)
+            # a row per request: the decode graphs' sizes up to the first that holds every running request
+            limit = runner.config.max_running_requests
+            self._capture([s for s in graphs.sizes if s < limit] + [s for s in graphs.sizes if s >= limit][:1])
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
             features: Optional[torch.Tensor]) -> torch.Tensor:
@@ -47,8 +50,11 @@ class DraftChain:
         if size is None:
             return self._chain(tokens, positions, rows, features, self.runner.forward_full)
         writes = [(self.tokens, tokens, 0), (self.positions, positions, 0), (self.rows, rows, PAD_ROW)]
-        if self.features is not None and features is not None:
-            writes.append((self.features, features, 0))
+        if self.features is not None:
+            if features is None and guard_on("optional-explicit"):  # off: the buffer's last features (seed 004)
+                raise ValueError("DraftChain.run without features: the draft model reads a hidden state per row")
+            if features is not None:
+                writes.append((self.features, features, 0))
         write_all_rows(writes, size)
         self.graphs[size].replay()
         return self.outputs[size][:n]

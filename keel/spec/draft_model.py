@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from keel.kernels.argmax import greedy_ids
 from keel.cache.req_table import ReqToTokenTable
+from keel.kernels.argmax import greedy_ids
 from keel.models.eagle import EagleHead
 from keel.runner.cuda_graph import RunnerOutput
 from keel.runner.forward_batch import ForwardBatch, ForwardMode, TreeMask

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from keel.kernels.argmax import greedy_ids
 from keel.kernels.accept import ACCEPT_KEY, accept_chains
+from keel.kernels.argmax import greedy_ids
 from keel.runner.sampler import SamplingBatch, apply_penalties, filtered_probs, sample_from, uniform_noise
 from keel.scheduler.batch import DraftTree
 from keel.spec import SIMULATE_ACCEPT_ENV

@@ -124,3 +124,6 @@ def test_draft_chain_graph_drafts_what_its_steps_draft_eagerly(algorithm, rows, 
     replayed = chain.run(*inputs).clone()
     eager = chain._chain(*inputs, drafter.runner.forward_eager)
     assert torch.equal(replayed, eager), (replayed, eager)
+    if features is not None:  # a head's graph never replays on the last call's hidden states (guard 004)
+        with pytest.raises(ValueError, match="without features"):
+            chain.run(tokens, positions, req_rows.cuda(), None)
