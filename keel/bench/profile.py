@@ -3,7 +3,9 @@ profiler, after the timed runs (so the figures they report carry no profiling ov
 
 It writes a trace of a window of engine steps (chrome://tracing or ui.perfetto.dev; gzipped when PATH ends in .gz)
 and prints the kernels that took the most device time in the window (on a CPU: the ops that took the most host
-time). For the steps outside the window (the profiler's per-op overhead would inflate the host's share) it prints
+time), and how each traced step's time splits between its parts (draft, forward, sample, observe: the
+ranges keel.engine.phases records; on the device's timeline on a GPU, the host's on a CPU). For the steps
+outside the window (the profiler's per-op overhead would inflate the host's share) it prints
 each kind of step's median wall time and how long the host waited in it for the device to finish the step before
 (`EngineCore.device_wait_s`). A step that hardly waits is host-bound: the device idled while Python worked. (The
 thread's CPU time cannot tell: CUDA spins while it waits.)
@@ -27,6 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from keel.engine.core import EngineCore
+from keel.engine.phases import PHASES, PREFIX as PHASE_PREFIX
 from keel.scheduler.scheduler import ScheduledBatch
 
 HOST_BOUND = 0.1  # a step that waits for the device less than this share of its wall time counts as host-bound
@@ -51,11 +54,22 @@ class StepTimes:
 
 
 @dataclass(frozen=True)
+class PhaseTime:
+    """A part of the traced steps (keel.engine.phases, or "other": the rest of each step), on the device's
+    timeline (on a CPU: the host's), per step."""
+
+    name: str
+    ms_per_step: float
+    share: float  # of the steps' time
+
+
+@dataclass(frozen=True)
 class ProfileReport:
     trace_path: str
     window_steps: int  # the steps the trace covers
     top_ops: list[OpTime]
     steps: list[StepTimes]
+    phases: list[PhaseTime]
 
 
 @dataclass(frozen=True)
@@ -112,7 +126,9 @@ def profile_steps(core: EngineCore, run: Callable[[], object], path: str, skip_s
     first = skip_steps + 1
     traced = samples[first:first + window_steps]
     untraced = samples[:first] + samples[first + window_steps:]
-    return ProfileReport(path, len(traced), _top_ops(profiler.events(), on_device), _step_times(untraced or samples))
+    events = profiler.events()
+    return ProfileReport(path, len(traced), _top_ops(events, on_device), _step_times(untraced or samples),
+                         _phases(events, on_device, len(traced)))
 
 
 def _export(profiler: profile, path: str) -> None:
@@ -135,21 +151,43 @@ def _top_ops(events, on_device: bool) -> list[OpTime]:
     ops by their own host time."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for e in events:
+        ranged = e.name.startswith(("ProfilerStep", PHASE_PREFIX))  # a step's or a phase's range, not an op
         if on_device and e.device_type == DeviceType.CUDA:
-            if e.name.startswith("ProfilerStep"):  # the step's annotation on the device's timeline
+            if ranged:  # its span on the device's timeline
                 continue
             own = e.time_range.elapsed_us()
         elif not on_device and e.device_type == DeviceType.CPU:
             own = e.self_cpu_time_total
         else:
             continue
-        # on a CPU the profiler's step ranges own the Python time spent outside any op
-        name = "(Python outside torch ops)" if e.name.startswith("ProfilerStep") else e.name
+        # on a CPU the step's and phases' ranges own the Python time spent outside any op
+        name = "(Python outside torch ops)" if ranged else e.name
         totals[name][0] += 1
         totals[name][1] += own
     total = sum(us for _, us in totals.values()) or 1.0
     top = sorted(totals.items(), key=lambda item: -item[1][1])[:TOP_OPS]
     return [OpTime(name, int(calls), us / 1e3, us / total) for name, (calls, us) in top]
+
+
+def _phases(events, on_device: bool, steps: int) -> list[PhaseTime]:
+    """Each step phase's time in the traced steps, from its ranges: their spans on the device's timeline (from its
+    first kernel's start to its last one's end, so a gap inside counts) or on the host's; the rest of the steps'
+    spans is "other". Empty when no range was recorded."""
+    kind = DeviceType.CUDA if on_device else DeviceType.CPU
+    spent: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for e in events:
+        if e.device_type != kind:
+            continue
+        if e.name.startswith("ProfilerStep"):
+            total += e.time_range.elapsed_us()
+        elif e.name.startswith(PHASE_PREFIX):
+            spent[e.name[len(PHASE_PREFIX):]] += e.time_range.elapsed_us()
+    if not spent or not total or not steps:
+        return []
+    spent["other"] = max(0.0, total - sum(spent.values()))
+    order = [name for name in (*PHASES, "other") if name in spent]
+    return [PhaseTime(name, spent[name] / 1e3 / steps, spent[name] / total) for name in order]
 
 
 def _step_times(samples: list[StepSample]) -> list[StepTimes]:
@@ -168,6 +206,9 @@ def format_report(report: ProfileReport, on_device: bool) -> str:
              f"  top ops by {'device' if on_device else 'host'} time in those steps{pdl}:"]
     lines += [f"  {op.total_ms:10.2f} ms {100 * op.share:5.1f}% {op.calls:7d} calls  {_short(op.name)}"
               for op in report.top_ops]
+    if report.phases:
+        lines.append(f"  each step's parts ({'device' if on_device else 'host'} timeline, per step): " + ", ".join(
+            f"{p.name} {p.ms_per_step:.2f} ms ({100 * p.share:.0f}%)" for p in report.phases))
     lines.append(f"  the other steps (medians; host-bound: waited for the device < {HOST_BOUND:.0%} of the step):")
     lines += [f"  {t.mode:14s} {t.steps:6d} steps {t.median_wall_ms:9.2f} ms, waiting for the device "
               f"{t.median_wait_ms:8.2f} ms, host-bound {100 * t.host_bound_share:5.1f}%" for t in report.steps]

@@ -18,6 +18,7 @@ import torch
 
 from keel.debug.guards import guard_on
 from keel.engine.outputs import TokenLogprob
+from keel.engine.phases import step_phase
 from keel.grammar import apply_bitmask, fill_bitmask
 from keel.runner.model_runner import ModelRunner
 from keel.runner.penalties import PenaltyCounts
@@ -98,6 +99,20 @@ class LaunchedStep:
         return StepResults(token_ids, [logprobs[start:start + count] for start, count in zip(starts, counts)], waited)
 
 
+@dataclass(frozen=True)
+class _Drawn:
+    """A step's sampled or verified tokens: on the device for the next step, on their way to the host."""
+
+    pending: PendingTokens
+    row_tokens: torch.Tensor  # each sampled row's token, on the device
+    token_ids: torch.Tensor  # host copy of row_tokens
+    counts_device: Optional[torch.Tensor]  # a verify's count of tokens each part keeps; None: one each
+    counts: Optional[torch.Tensor]  # its host copy
+    logprobs: Optional[TopLogprobs]
+    verified: Optional[Verified]
+    needs_host_tokens: bool
+
+
 @torch.inference_mode()
 def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, previous: Optional[PendingTokens],
                 penalties: PenaltyCounts, drafter: Optional[Drafter] = None) -> LaunchedStep:
@@ -106,61 +121,76 @@ def launch_step(runner: ModelRunner, batch: ScheduledBatch, vocab_size: int, pre
     and are verified; the drafter also sees the target's forward (a draft model writes its KV for it)."""
     drafts = None
     if drafter is not None and any(p.num_draft for p in batch.sampled):
-        drafts = drafter.propose(batch, draft_roots(batch, runner.device, previous))
-    table = runner.req_table.slots if runner.req_table is not None else None
-    forward_batch = build_forward_batch(batch, runner.device, previous, drafts, table)
-    output = runner.forward_full(forward_batch)
-    logits = output.logits
-    sampled_parts = batch.sampled
-    num_rows = sum(1 + p.num_draft for p in sampled_parts)
-    pending, token_ids, counts, logprobs, verified = None, None, None, None, None
-    needs_host_tokens = False
-    row_tokens, counts_device = None, None  # each sampled row's token and each part's count, on the device
-    if sampled_parts:
-        reqs = [p.req for p in sampled_parts for _ in range(1 + p.num_draft)]
-        offsets = [i for p in sampled_parts for i in range(1 + p.num_draft)]
-        sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
-        counted = None
-        if any(r.params.has_penalties for r in reqs):
-            penalty_inputs, counted = penalties.inputs(reqs)
-            sampling = dataclasses.replace(sampling, penalties=penalty_inputs)
-        grammars = [r.grammar for r in reqs]
-        needs_host_tokens = any(g is not None for g in grammars)
-        if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
-            sampling = dataclasses.replace(sampling, steps=sampling.steps - _row_shifts(sampled_parts, previous))
-        if drafts is None:
-            bitmask = fill_bitmask(grammars, logits.shape[-1])  # while the forward runs
-            if bitmask is not None:
-                apply_bitmask(logits[:num_rows], bitmask)
-            sampled = runner.sample(logits[:num_rows], sampling)
-            pending = PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)})
-            row_tokens = sampled.token_ids
-            token_ids = to_host(sampled.token_ids)
-            if sampled.logprobs is not None:
-                logprobs = _host_top(sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
-        else:
-            verified = _verify(logits[:num_rows], sampling, sampled_parts, drafts)
-            if verified.path is not None:
-                _move_accepted_kv(runner, batch, forward_batch, verified.path)
-            row_tokens, counts_device = verified.row_tokens, verified.counts
-            pending = _pending_after_verify(sampled_parts, verified, runner.device)
-            token_ids, counts = to_host(verified.row_tokens), to_host(verified.counts)
-            if sampling.wants_logprobs:
-                rows = logits[:num_rows] if verified.source_rows is None else logits[verified.source_rows]
-                logprobs = _row_logprobs(rows, verified.row_tokens, sampling.num_top_logprobs)
-        if counted is not None:
-            penalties.count(counted, row_tokens)
+        with step_phase("draft"):
+            drafts = drafter.propose(batch, draft_roots(batch, runner.device, previous))
+    with step_phase("forward"):
+        table = runner.req_table.slots if runner.req_table is not None else None
+        forward_batch = build_forward_batch(batch, runner.device, previous, drafts, table)
+        output = runner.forward_full(forward_batch)
+    num_rows = sum(1 + p.num_draft for p in batch.sampled)
+    drawn = None
+    if batch.sampled:
+        with step_phase("sample"):
+            drawn = _draw(runner, batch, forward_batch, output.logits[:num_rows], vocab_size, previous, penalties,
+                          drafts)
     if drafter is not None:
-        path = verified.path if drafts is not None else None
-        view, index = (forward_batch, None) if path is None else _committed_view(batch, forward_batch, path)
-        drafter.observe(_target_step(batch, view, index, path, output.features, row_tokens, counts_device)
-                        if drafter.reads_target_features else TargetStep(view))
-    prompt_scores = _score_prompts(batch, logits[num_rows:])
+        with step_phase("observe"):
+            path = drawn.verified.path if drawn is not None and drawn.verified is not None else None
+            view, index = (forward_batch, None) if path is None else _committed_view(batch, forward_batch, path)
+            drafter.observe(_target_step(batch, view, index, path, output.features,
+                                         drawn.row_tokens if drawn else None, drawn.counts_device if drawn else None)
+                            if drafter.reads_target_features else TargetStep(view))
+    prompt_scores = _score_prompts(batch, output.logits[num_rows:])
     done = None
     if runner.device.type == "cuda":
         done = torch.cuda.Event()
         done.record()
-    return LaunchedStep(batch, pending, token_ids, counts, logprobs, prompt_scores, done, needs_host_tokens)
+    if drawn is None:
+        return LaunchedStep(batch, None, None, None, None, prompt_scores, done)
+    return LaunchedStep(batch, drawn.pending, drawn.token_ids, drawn.counts, drawn.logprobs, prompt_scores, done,
+                        drawn.needs_host_tokens)
+
+
+def _draw(runner: ModelRunner, batch: ScheduledBatch, forward_batch: ForwardBatch, logits: torch.Tensor,
+          vocab_size: int, previous: Optional[PendingTokens], penalties: PenaltyCounts,
+          drafts: Optional[DraftTokens]) -> _Drawn:
+    """Sample the batch's sampled rows (`logits`), or verify their drafts."""
+    parts = batch.sampled
+    reqs = [p.req for p in parts for _ in range(1 + p.num_draft)]
+    offsets = [i for p in parts for i in range(1 + p.num_draft)]
+    sampling = build_sampling_batch(reqs, vocab_size, runner.device, offsets)
+    counted = None
+    if any(r.params.has_penalties for r in reqs):
+        penalty_inputs, counted = penalties.inputs(reqs)
+        sampling = dataclasses.replace(sampling, penalties=penalty_inputs)
+    grammars = [r.grammar for r in reqs]
+    needs_host_tokens = any(g is not None for g in grammars)
+    if previous is not None and previous.shifts is not None:  # a verify in flight: fewer generated than counted
+        sampling = dataclasses.replace(sampling, steps=sampling.steps - _row_shifts(parts, previous))
+    if drafts is None:
+        bitmask = fill_bitmask(grammars, logits.shape[-1])  # while the forward runs
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
+        sampled = runner.sample(logits, sampling)
+        logprobs = None
+        if sampled.logprobs is not None:
+            logprobs = _host_top(sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+        drawn = _Drawn(PendingTokens(sampled.token_ids, {r.rid: i for i, r in enumerate(reqs)}), sampled.token_ids,
+                       to_host(sampled.token_ids), None, None, logprobs, None, needs_host_tokens)
+    else:
+        verified = _verify(logits, sampling, parts, drafts)
+        if verified.path is not None:
+            _move_accepted_kv(runner, batch, forward_batch, verified.path)
+        logprobs = None
+        if sampling.wants_logprobs:
+            rows = logits if verified.source_rows is None else logits[verified.source_rows]
+            logprobs = _row_logprobs(rows, verified.row_tokens, sampling.num_top_logprobs)
+        drawn = _Drawn(_pending_after_verify(parts, verified, runner.device), verified.row_tokens,
+                       to_host(verified.row_tokens), verified.counts, to_host(verified.counts), logprobs, verified,
+                       needs_host_tokens)
+    if counted is not None:
+        penalties.count(counted, drawn.row_tokens)
+    return drawn
 
 
 def _row_shifts(parts: list[BatchPart], previous: PendingTokens) -> torch.Tensor:

@@ -37,8 +37,23 @@ def test_bench_offline_profile_writes_a_trace_and_reports_steps(tiny_model, tmp_
     assert all(t["median_wall_ms"] > 0 for t in profile["steps"])
     # on a CPU nothing waits for a device: every step is host-bound
     assert all(t["median_wait_ms"] == 0 and t["host_bound_share"] == 1 for t in profile["steps"])
+    phases = {p["name"]: p for p in profile["phases"]}
+    assert set(phases) == {"forward", "sample", "other"}  # no drafter: nothing drafts or observes
+    assert all(p["ms_per_step"] > 0 for p in phases.values())
+    assert abs(sum(p["share"] for p in phases.values()) - 1) < 1e-6
     out = capsys.readouterr().out
     assert f"profile: trace of 3 steps written to {trace}" in out and "host-bound 100.0%" in out
+    assert "each step's parts (host timeline, per step): forward" in out
+
+
+def test_bench_offline_profile_splits_speculative_steps_into_their_parts(tiny_model, tmp_path):
+    directory, _ = tiny_model("llama3")
+    record = offline.run(_bench_args("offline", directory, tmp_path, tmp_path / "t.json", 3, "--num-prompts", "2",
+                                     "--input-len", "8", "8", "--output-len", "16", "16",
+                                     "--speculative-algorithm", "STANDALONE",
+                                     "--speculative-draft-model-path", str(directory)))
+    phases = {p["name"]: p["ms_per_step"] for p in record["profile"]["phases"]}
+    assert set(phases) == {"draft", "forward", "sample", "observe", "other"} and min(phases.values()) > 0
 
 
 def test_bench_latency_profile(tiny_model, tmp_path, capsys):
