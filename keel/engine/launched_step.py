@@ -236,14 +236,20 @@ def _target_step(batch: ScheduledBatch, view: ForwardBatch, index: Optional[torc
          (view_rows, torch.int64), (token_rows, torch.int64),
          (list(itertools.accumulate(emitted, initial=0))[:-1], torch.int64),
          ([p.row for p in batch.sampled], torch.int64)], device)
+    last = first_t + (counts - 1 if counts is not None else 0)
+    if features is not None and index is not None:
+        features = features[index]
+    reqs = tuple(p.req for p in batch.sampled)
+    if (row_tokens is not None and row_tokens.shape[0] == view.num_tokens
+            and view_rows == token_rows == list(range(view.num_tokens))):
+        # every token is the sampled row of the same index (a verify of drafted chains only): its successor is its
+        # draw
+        return TargetStep(view, features, row_tokens, last, req_rows, reqs)
     next_ids = torch.roll(view.input_ids, -1)
     if row_tokens is not None:
         next_ids[view_rows_t] = row_tokens[token_rows_t]
     next_ids[chunk_rows] = chunk_tokens
-    last = first_t + (counts - 1 if counts is not None else 0)
-    if features is not None and index is not None:
-        features = features[index]
-    return TargetStep(view, features, next_ids, view_rows_t[last], req_rows, tuple(p.req for p in batch.sampled))
+    return TargetStep(view, features, next_ids, view_rows_t[last], req_rows, reqs)
 
 
 def _view_lengths(batch: ScheduledBatch, path: Optional[torch.Tensor]) -> list[int]:
@@ -326,6 +332,8 @@ def _verify(logits: torch.Tensor, sampling: SamplingBatch, parts: list[BatchPart
         return verify_tree(logits, sampling, starts_t, num_draft_t, drafts.token_ids[draft_rows_t],
                            DraftTree(tree.parents[draft_rows_t], tree.depths[draft_rows_t], tree.bits[draft_rows_t],
                                      tree.max_depth))
+    if draft_rows == list(range(drafts.token_ids.shape[0])):  # every part drafted, in order: no gather
+        return verify(logits, sampling, starts_t, num_draft_t, drafts.token_ids, drafts.probs)
     probs = drafts.probs[draft_rows_t] if drafts.probs is not None else None
     return verify(logits, sampling, starts_t, num_draft_t, drafts.token_ids[draft_rows_t], probs)
 

@@ -45,6 +45,14 @@ def draft_roots(batch: ScheduledBatch, device: torch.device, pending: Optional[P
             known.append((i, part.req.token_ids(root, root + 1)[0]))
         else:
             pending_rows.append((i, _pending_row(part, pending)))
+    if not known and pending is not None:  # overlap scheduling's usual step: every root is a token in flight
+        from_t, roots_t = columns_to_device([([r for _, r in pending_rows], torch.int64), (roots, torch.int64)],
+                                            device)
+        tokens = pending.token_ids[from_t]
+        if pending.shifts is None:
+            return DraftRoots(tokens, roots_t, torch.zeros_like(tokens))
+        shifts = pending.shifts[from_t]
+        return DraftRoots(tokens, roots_t - shifts, shifts)
     known_t, known_ids, at_t, from_t, roots_t = columns_to_device(
         [([i for i, _ in known], torch.int64), ([t for _, t in known], torch.int64),
          ([i for i, _ in pending_rows], torch.int64), ([r for _, r in pending_rows], torch.int64),

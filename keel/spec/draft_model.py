@@ -126,11 +126,14 @@ class DraftModelDrafter:
         """Greedy drafts, num_draft for every part: the first step (kept from `observe` when it ran it), then the
         rest of the chain in one go."""
         rows = to_device([p.row for p in parts], torch.int64, self.runner.device)
-        positions = roots.positions - (1 if self.head is not None else 0)  # the first step's table position
-        out = self._observed_roots(parts) or self._forward_rows(
-            roots.token_ids, positions, rows, self.features[rows] if self.features is not None else None, None)
+        out = self._observed_roots(parts)
+        if out is None:  # the first step's table position: an EAGLE head's is one behind the root token's
+            positions = roots.positions - 1 if self.head is not None else roots.positions
+            out = self._forward_rows(roots.token_ids, positions, rows,
+                                     self.features[rows] if self.features is not None else None, None)
+        after = roots.positions if self.head is not None else roots.positions + 1  # the second step's
         first = self._target_ids(greedy_ids(out.logits))
-        tokens = torch.cat([first[:, None], chain.run(first, positions + 1, rows, out.features)], dim=1)
+        tokens = torch.cat([first[:, None], chain.run(first, after, rows, out.features)], dim=1)
         return DraftTokens(tokens, {p.req.rid: i for i, p in enumerate(parts)}, random=False)
 
     def _propose_tree(self, parts: list[BatchPart], roots: DraftRoots) -> DraftTokens:
@@ -195,6 +198,9 @@ class DraftModelDrafter:
         found = [self._observed_row(p.req) for p in parts]
         if not found or None in found:
             return None
+        newest = self._observed[0]
+        if found == [(0, i) for i in range(newest.logits.shape[0])]:  # that pass's rows, in order: no gather
+            return RunnerOutput(newest.logits, newest.features)
         logits, features = None, None
         for k, source in enumerate(self._observed):
             at = [i for i, (s, _) in enumerate(found) if s == k]
