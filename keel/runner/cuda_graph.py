@@ -133,15 +133,11 @@ def _rows(batch: ForwardBatch) -> int:
     return batch.dp.padded if batch.dp is not None else batch.batch_size
 
 
-def write_rows(static: torch.Tensor, real: torch.Tensor, size: int, pad: int) -> None:
-    """static[:n] = real, static[n:size] = pad; refuses, loudly, anything that would not fit (guard
-    `bounded-write`: with it off, the rows are copied unchecked and padded rows keep the last replay's values)."""
-    write_all_rows([(static, real, pad)], size)
-
-
 def write_all_rows(writes: list[tuple[torch.Tensor, torch.Tensor, int]], size: int) -> None:
-    """`write_rows` for each (static, real, pad), their copies in one launch (one per dtype): a replay's
-    inputs are a handful of tiny copies, each costing a launch more than its bytes."""
+    """static[:n] = real, static[n:size] = pad for each (static, real, pad), the copies in one launch (one per
+    dtype: a replay's inputs are a handful of tiny copies, each costing a launch more than its bytes); refuses,
+    loudly, anything that would not fit (guard `bounded-write`: with it off, the rows are copied unchecked and
+    padded rows keep the last replay's values)."""
     checked = guard_on("bounded-write")
     if checked:
         for static, real, _ in writes:

@@ -112,6 +112,15 @@ class ForwardBatch:
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return cls(ForwardMode.IDLE, device, (), (), empty, empty, empty, empty, empty, empty)
 
+    @classmethod
+    def draft_rows(cls, input_ids: torch.Tensor, positions: torch.Tensor, req_rows: torch.Tensor,
+                   seq_lens: torch.Tensor, slots: torch.Tensor, features: Optional[torch.Tensor] = None,
+                   tree: Optional[TreeMask] = None) -> "ForwardBatch":
+        """A DRAFT_DECODE batch of single-token rows, lengths on the device only, every row's logits sampled."""
+        n, device = input_ids.numel(), input_ids.device
+        return cls(ForwardMode.DRAFT_DECODE, device, None, (1,) * n, input_ids, positions, req_rows, seq_lens, slots,
+                   torch.arange(n, device=device), features, tree)
+
     def padded_to(self, rows: int) -> "ForwardBatch":
         """This decode batch with padding rows appended up to `rows`: each reads and writes only the reserved
         padding slot (request-table row PAD_ROW, KV slot PAD_SLOT, length 1) and is not sampled."""

@@ -22,7 +22,7 @@ from keel.debug.guards import guard_on
 from keel.distributed.parallel import tensor_parallel
 from keel.kernels.argmax import greedy_ids
 from keel.runner.cuda_graph import RunnerOutput, write_all_rows
-from keel.runner.forward_batch import PAD_ROW, ForwardBatch, ForwardMode
+from keel.runner.forward_batch import PAD_ROW, ForwardBatch
 from keel.runner.model_runner import ModelRunner
 
 
@@ -62,14 +62,13 @@ class DraftChain:
     def _chain(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                features: Optional[torch.Tensor], forward: Callable[[ForwardBatch], RunnerOutput]) -> torch.Tensor:
         n, device = tokens.shape[0], tokens.device
-        every_row = torch.arange(n, device=device)
         # each step's positions, lengths and slots, for all steps at once: [steps, n]
         positions = positions + torch.arange(self.steps + 1, device=device)[:, None]
         slots = self.table.slots[rows, positions[:-1]].to(torch.int64)
         drafts = torch.empty(n, self.steps, dtype=torch.int64, device=device)
         for step in range(self.steps):
-            out = forward(ForwardBatch(ForwardMode.DRAFT_DECODE, device, None, (1,) * n, tokens, positions[step],
-                                       rows, positions[step + 1], slots[step], every_row, features))
+            out = forward(ForwardBatch.draft_rows(tokens, positions[step], rows, positions[step + 1], slots[step],
+                                                  features))
             ids = greedy_ids(out.logits)
             tokens = drafts[:, step] = ids if self.target_ids is None else self.target_ids[ids]
             features = out.features

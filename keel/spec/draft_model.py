@@ -244,13 +244,10 @@ class DraftModelDrafter:
                       seq_lens: Optional[torch.Tensor] = None) -> RunnerOutput:
         """One DRAFT_DECODE forward of single-token rows (lengths on the device only), each writing its KV at its
         own position's slot and seeing the keys before it, unless `slots` and `seq_lens` say otherwise."""
-        m = input_ids.numel()
-        device = self.runner.device
         if slots is None:
             slots = self.table.slots[req_rows, positions].to(torch.int64)
-        return self.runner.forward_full(ForwardBatch(
-            ForwardMode.DRAFT_DECODE, device, None, (1,) * m, input_ids, positions, req_rows,
-            positions + 1 if seq_lens is None else seq_lens, slots, torch.arange(m, device=device), features, tree))
+        return self.runner.forward_full(ForwardBatch.draft_rows(
+            input_ids, positions, req_rows, positions + 1 if seq_lens is None else seq_lens, slots, features, tree))
 
     @torch.inference_mode()
     def observe(self, step: TargetStep) -> None:

@@ -3,21 +3,21 @@
 import pytest
 import torch
 
-from keel.runner.cuda_graph import write_rows, capture_sizes
+from keel.runner.cuda_graph import capture_sizes, write_all_rows
 
 
 def test_rows_are_written_and_padding_neutralised():
     static = torch.full((8,), 9)
-    write_rows(static, torch.tensor([5, 6, 7]), size=4, pad=1)
+    write_all_rows([(static, torch.tensor([5, 6, 7]), 1)], size=4)
     assert static.tolist() == [5, 6, 7, 1, 9, 9, 9, 9]  # beyond the graph's size nothing is touched
 
 
 def test_oversized_writes_are_refused():
     static = torch.zeros(8, dtype=torch.int64)
     with pytest.raises(IndexError):
-        write_rows(static, torch.arange(5), size=4, pad=0)  # more rows than the graph has
+        write_all_rows([(static, torch.arange(5), 0)], size=4)  # more rows than the graph has
     with pytest.raises(IndexError):
-        write_rows(static, torch.arange(3), size=9, pad=0)  # a graph larger than its buffer
+        write_all_rows([(static, torch.arange(3), 0)], size=9)  # a graph larger than its buffer
     assert static.eq(0).all()
 
 
