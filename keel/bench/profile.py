@@ -171,17 +171,16 @@ def _top_ops(events, on_device: bool) -> list[OpTime]:
 
 def _phases(events, on_device: bool, steps: int) -> list[PhaseTime]:
     """Each step phase's time in the traced steps, from its ranges: their spans on the device's timeline (from its
-    first kernel's start to its last one's end, so a gap inside counts) or on the host's; the rest of the steps'
-    spans is "other". Empty when no range was recorded."""
+    first kernel's start to its last one's end, so a gap inside counts) or on the host's; "other" is the rest of
+    the steps' wall time (their host ranges: a step's range on the device covers only the kernels it launched
+    outside every phase). Empty when no range was recorded."""
     kind = DeviceType.CUDA if on_device else DeviceType.CPU
     spent: dict[str, float] = defaultdict(float)
     total = 0.0
     for e in events:
-        if e.device_type != kind:
-            continue
-        if e.name.startswith("ProfilerStep"):
+        if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU:
             total += e.time_range.elapsed_us()
-        elif e.name.startswith(PHASE_PREFIX):
+        elif e.name.startswith(PHASE_PREFIX) and e.device_type == kind:
             spent[e.name[len(PHASE_PREFIX):]] += e.time_range.elapsed_us()
     if not spent or not total or not steps:
         return []

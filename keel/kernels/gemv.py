@@ -148,6 +148,10 @@ def gemv_rows_config(k: int, gate_up: bool) -> GemvConfig:
     """The several-row kernel's tiles, the best of a sweep at llama-3.1-8b sizes on an H200 (docs/benchmarks.md)."""
     if gate_up:  # two tiles in flight per stage
         return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=3)
+    # Measured at 2-16 rows: llama-3.1-8b's down projection (K 14336) 30.9-31.7 -> 29.7-30.6 us with half-width
+    # tiles; EAGLE-3's fc (K 12288) lost with them (26.5 -> 31.7 us at 4 rows), so only longer K takes them.
+    if k > 12288:
+        return GemvConfig(block_n=32, block_k=min(256, k & -k), num_warps=2, num_stages=6)
     return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=4)
 
 

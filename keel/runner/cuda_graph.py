@@ -144,7 +144,11 @@ def write_all_rows(writes: list[tuple[torch.Tensor, torch.Tensor, int]], size: i
             if real.shape[0] > size or size > static.shape[0] or real.shape[1:] != static.shape[1:]:
                 raise IndexError(f"CUDA-graph input of {list(real.shape)} into a buffer of {list(static.shape)} "
                                  f"(graph size {size})")
-    torch._foreach_copy_([static[:real.shape[0]] for static, real, _ in writes], [real for _, real, _ in writes])
+    by_dtype: dict[tuple[torch.dtype, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for static, real, _ in writes:  # torch fuses a list's copies only where they share one dtype
+        by_dtype.setdefault((static.dtype, real.dtype), []).append((static[:real.shape[0]], real))
+    for pairs in by_dtype.values():
+        torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
     if checked:
         for static, real, pad in writes:
             if real.shape[0] < size:

@@ -97,3 +97,22 @@ def test_a_step_that_hardly_waits_for_the_device_is_host_bound():
                              StepSample("decode", 0.012, 0.0)])
     assert decode.steps == 3 and decode.median_wall_ms == 10.0 and decode.median_wait_ms == 0.5
     assert decode.host_bound_share == 2 / 3
+
+
+def test_device_phases_are_shares_of_the_steps_wall_time():
+    """On a GPU a step's own range on the device spans only the kernels it launched outside every phase: the
+    phases' shares are of the steps' host ranges, the rest is "other"."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from keel.bench.profile import _phases
+
+    def event(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("ProfilerStep#1", DeviceType.CPU, 5000.0), event("ProfilerStep#1", DeviceType.CUDA, 4.0),
+              event("keel.forward", DeviceType.CUDA, 4000.0), event("keel.draft", DeviceType.CUDA, 500.0),
+              event("keel.forward", DeviceType.CPU, 300.0)]
+    phases = {p.name: (p.ms_per_step, p.share) for p in _phases(events, on_device=True, steps=1)}
+    assert phases == {"draft": (0.5, 0.1), "forward": (4.0, 0.8), "other": (0.5, 0.1)}

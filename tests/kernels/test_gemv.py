@@ -48,6 +48,18 @@ def test_gemv_matches_float64(rows, n, parts):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_long_k_rows_take_half_width_tiles_correctly():
+    """K above 12288 (a down projection) runs the several-row kernel on 32-column tiles; the last one partial."""
+    g = torch.Generator().manual_seed(7)
+    rows, n, k = 3, 40, 12800
+    x = torch.randn(rows, k, generator=g).to(KERNEL_DEVICE)
+    weight = (torch.randn(n, k, generator=g) / k ** 0.5).to(KERNEL_DEVICE)
+    norm_weight = torch.rand(k, generator=g).add(0.5).to(KERNEL_DEVICE)
+    residual = torch.randn(rows, n, generator=g).to(KERNEL_DEVICE)
+    got = gemv(x, weight, None, norm_weight, EPS, residual.clone())
+    torch.testing.assert_close(got.double(), reference(x, weight, None, norm_weight, residual), atol=1e-4, rtol=1e-4)
+
+
 def test_gemv_writes_the_requested_dtype_and_rejects_bad_shapes():
     x = torch.randn(1, 64).to(KERNEL_DEVICE)
     weight = torch.randn(24, 64).to(KERNEL_DEVICE)

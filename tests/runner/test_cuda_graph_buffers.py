@@ -12,6 +12,14 @@ def test_rows_are_written_and_padding_neutralised():
     assert static.tolist() == [5, 6, 7, 1, 9, 9, 9, 9]  # beyond the graph's size nothing is touched
 
 
+def test_writes_of_several_dtypes_each_land_in_their_buffer():
+    tokens, features, rows = torch.zeros(4, dtype=torch.int64), torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64)
+    write_all_rows([(tokens, torch.tensor([3, 4]), 0), (features, torch.ones(2, 3), 0),
+                    (rows, torch.tensor([7, 8], dtype=torch.int32), -1)], size=3)  # an int32 source widened
+    assert tokens.tolist() == [3, 4, 0, 0] and rows.tolist() == [7, 8, -1, 0]
+    assert features[:2].eq(1).all() and features[2:].eq(0).all()
+
+
 def test_oversized_writes_are_refused():
     static = torch.zeros(8, dtype=torch.int64)
     with pytest.raises(IndexError):
