@@ -38,7 +38,8 @@ class EngineConfig:
     kv_cache_tokens: Optional[int] = option(
         None, "KV pool size in tokens (of the full-attention pool of a hybrid model; of the sliding-window pool "
         "when every layer slides); default: from --mem-fraction of memory free after weights")
-    mem_fraction: float = option(0.8, "fraction of the memory free after loading weights used for the KV pool")
+    mem_fraction: float = option(
+        0.8, "fraction of the memory free after loading weights used for the KV pool and the CUDA graphs")
     context_length: Optional[int] = option(None, "maximum tokens per request; default: the model's")
     max_running_requests: int = option(256, "most requests holding KV (decoding or prefilling) at once")
     max_prefill_tokens: int = option(16384, "most prompt tokens prefilled in one step")

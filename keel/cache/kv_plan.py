@@ -1,7 +1,7 @@
 """How many KV pages each pool gets: the full pool, and on a hybrid model the sliding-window pool.
 
 The memory budget is --kv-cache-tokens (full-pool tokens), or --mem-fraction of the memory free once every model
-is loaded. A hybrid pool splits it so that the SWA pool holds `swa_full_tokens_ratio` tokens per full-pool token
+is loaded, less what the CUDA graphs will hold (measured before, see ModelRunner.measure_graph_memory). A hybrid pool splits it so that the SWA pool holds `swa_full_tokens_ratio` tokens per full-pool token
 (SGLang's --swa-full-tokens-ratio), but never fewer than one step's prefill and two windows (see `least_swa`), so a
 request can always make progress. A model whose layers all slide keeps no full K/V at all: its full pages only
 index tokens (the request table, the prefix cache), so they cost no device memory and are sized from the requests
@@ -39,19 +39,24 @@ class KVPlan:
 
 
 def plan_kv(config: EngineConfig, full_bytes: int, swa_bytes: int, window: Optional[int], free_bytes: int,
-            context_length: int, on_cpu: bool) -> KVPlan:
+            context_length: int, on_cpu: bool, graph_bytes: int = 0) -> KVPlan:
     """Pages per pool: `full_bytes` / `swa_bytes` are the K/V bytes per token of the layers in each (every
-    runner's; swa_bytes and window only for a hybrid pool), `free_bytes` the memory free for KV."""
+    runner's; swa_bytes and window only for a hybrid pool), `free_bytes` the memory free for KV and the CUDA
+    graphs, `graph_bytes` what the graphs will take of it."""
     ps = config.page_size
     most_tokens = config.max_running_requests * context_length  # every request row full
+    budget = int(free_bytes * config.mem_fraction) - graph_bytes
+    if budget <= 0 and config.kv_cache_tokens is None:
+        raise ValueError(f"no memory left for the KV pool: mem_fraction {config.mem_fraction} of "
+                         f"{free_bytes / 2**30:.2f} GiB free, less {graph_bytes / 2**30:.2f} GiB for CUDA graphs; "
+                         "raise mem_fraction, lower cuda_graph_max_bs or set kv_cache_tokens")
     if window is None:
         tokens = config.kv_cache_tokens
         if tokens is None:
-            tokens = min(int(free_bytes * config.mem_fraction) // full_bytes, most_tokens)
+            tokens = min(budget // full_bytes, most_tokens)
             if on_cpu:
                 tokens = min(tokens, CPU_DEFAULT_KV_TOKENS)
         return KVPlan(_pages(tokens, ps, "KV pool"), 0, None)
-    budget = int(free_bytes * config.mem_fraction)
     ratio = config.swa_full_tokens_ratio
     step = min(config.max_prefill_tokens, config.chunked_prefill_size or context_length)
     # one step's prefill, the window before it, and the window before the end of a cached prefix the request

@@ -153,13 +153,16 @@ class EngineCore:
         window = max(windows[i] for i in swa_layers) if swa_layers else None
         swa_bytes = self.runner.kv_bytes_per_token(len(swa_layers))
         full_bytes = sum(r.kv_bytes_per_token() for r in runners) - swa_bytes
+        # the graphs' memory comes out of a budget; a pool sized in tokens has none
+        graph_bytes = 0 if config.kv_cache_tokens else sum(runner.measure_graph_memory() for runner in runners)
         plan = plan_kv(config, full_bytes, swa_bytes, window, free_memory_bytes(device), self.runner.context_length,
-                       device.type == "cpu")
+                       device.type == "cpu", graph_bytes)
         kv_cache = KVCacheManager(plan.num_pages, config.page_size, config.max_running_requests,
                                   self.runner.context_length, device, prefix_cache=not config.disable_radix_cache,
                                   num_swa_pages=plan.num_swa_pages, window=plan.window)
-        logger.info("KV pool: %s%s; context length %d", plan.describe(config.page_size, full_bytes, swa_bytes),
-                    ", draft model included" if len(runners) > 1 else "", self.runner.context_length)
+        logger.info("KV pool: %s%s; context length %d; %.0f MiB kept for CUDA graphs",
+                    plan.describe(config.page_size, full_bytes, swa_bytes),
+                    ", draft model included" if len(runners) > 1 else "", self.runner.context_length, graph_bytes / 2**20)
         for runner in runners:
             swa = None
             if runner is self.runner and kv_cache.swa is not None:

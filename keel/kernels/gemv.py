@@ -146,20 +146,23 @@ def gemv_config(k: int, norm: bool, gate_up: bool) -> GemvConfig:
 
 def gemv_rows_config(k: int, gate_up: bool) -> GemvConfig:
     """The several-row kernel's tiles, the best of a sweep at llama-3.1-8b sizes on an H200 (docs/benchmarks.md)."""
+    block_k = min(256, k & -k)
     if gate_up:  # two tiles in flight per stage
-        return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=3)
+        return GemvConfig(block_n=64, block_k=block_k, num_warps=4, num_stages=3)
     # Measured at 2-16 rows: llama-3.1-8b's down projection (K 14336) 30.9-31.7 -> 29.7-30.6 us with half-width
     # tiles; EAGLE-3's fc (K 12288) lost with them (26.5 -> 31.7 us at 4 rows), so only longer K takes them.
     if k > 12288:
-        return GemvConfig(block_n=32, block_k=min(256, k & -k), num_warps=2, num_stages=6)
-    return GemvConfig(block_n=64, block_k=min(256, k & -k), num_warps=4, num_stages=4)
+        return GemvConfig(block_n=32, block_k=block_k, num_warps=2, num_stages=6)
+    return GemvConfig(block_n=64, block_k=block_k, num_warps=4, num_stages=4)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
          norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0, add_to: Optional[torch.Tensor] = None,
-         gate_up: bool = False, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+         gate_up: bool = False, out_dtype: Optional[torch.dtype] = None,
+         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """act(rms_norm(x) @ weight.T + bias) for x: [rows, K], weight: [N, K], as a new [rows, N]
-    tensor of `out_dtype` (default x's dtype), or added into `add_to` in place and returned.
+    tensor of `out_dtype` (default x's dtype), or written into `out`, or added into `add_to` in place, and
+    returned.
 
     Each part is optional: the norm when `norm_weight` is given (with `eps`), and with `gate_up`
     the weight is [gate; up] (2N rows) and act(g, u) = silu(g) * u. Correct for any rows, fast for
@@ -169,9 +172,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     n = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if weight.shape[1] != k or x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError(f"gemv needs a contiguous [N, {k}] weight and unit-stride rows; got {tuple(weight.shape)}")
-    if add_to is not None and (add_to.shape != (rows, n) or add_to.stride(1) != 1):
-        raise ValueError(f"add_to must be [{rows}, {n}] with unit-stride rows, got {tuple(add_to.shape)}")
-    out = add_to if add_to is not None else torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    for name, given in (("add_to", add_to), ("out", out)):
+        if given is not None and (given.shape != (rows, n) or given.stride(1) != 1):
+            raise ValueError(f"{name} must be [{rows}, {n}] with unit-stride rows, got {tuple(given.shape)}")
+    if add_to is not None:
+        out = add_to
+    elif out is None:
+        out = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     bias_or_any = bias if bias is not None else weight
     parts = dict(HAS_BIAS=bias is not None, GATE_UP=gate_up, ADD=add_to is not None)
     if rows == 1:

@@ -41,6 +41,7 @@ class CausalLM(nn.Module):
         hidden, captured = self.model.forward_capturing(input_ids, positions, ctx, self.capture.layers)
         return hidden, hidden if self.capture.final else torch.cat(captured, dim=-1)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits for the given hidden states only (the sampled positions)."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float32 logits for the given hidden states only (the sampled positions), written into `out` when
+        given."""
+        return self.lm_head(hidden, out)

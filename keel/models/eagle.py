@@ -127,10 +127,10 @@ class LlamaForCausalLMEagle3(EagleHead):
         hidden = self.midlayer(positions, self.embed_tokens(input_ids), input_features.clone(), ctx)
         return self.norm(hidden), hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 logits over the draft vocabulary (`target_ids` maps its ids to the target's): the drafter picks
         its tokens among 32k columns rather than a 128k-column copy that is -inf outside them."""
-        return self.lm_head(hidden)
+        return self.lm_head(hidden, out)
 
 
 class _Eagle3Layer(nn.Module):
@@ -188,8 +188,8 @@ class LlamaForCausalLMEagle(EagleHead):
             hidden = layer(positions, hidden, ctx)
         return hidden, hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.lm_head(hidden, out)
 
 
 # --speculative-algorithm -> the head architecture it loads

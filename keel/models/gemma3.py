@@ -17,6 +17,8 @@ attention goes through the selected backend, so the Triton kernels and CUDA grap
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -132,10 +134,10 @@ class Gemma3ForCausalLM(CausalLM):
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied, fused=fused)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits = super().compute_logits(hidden, out)
         cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)  # in place: into `out` too
 
 
 class Gemma2ForCausalLM(Gemma3ForCausalLM):

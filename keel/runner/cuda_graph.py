@@ -1,5 +1,10 @@
 """CUDA-graph decode: one captured forward per batch size, replayed with the real rows written in.
 
+Every graph writes its logits into the largest graph's ([max_bs, vocab] float32), and the smaller graphs reuse the
+largest one's memory for their intermediates (one shared pool), so graphs for many sizes cost little more memory
+than the largest alone: enough sizes to keep padding under MAX_PADDING of every batch. (Logits kept per graph took
+about 1 GB for qwen3-0.6b's former 20 sizes up to 256.)
+
 Every input of a captured forward lives in a static buffer sized for the largest batch. A replay
 writes the real rows and neutralises the padded ones (request-table row 0, KV slot 0, length 1:
 they read and write only the reserved padding slot), after checking that what it writes fits
@@ -14,9 +19,10 @@ with padding rows only (an IDLE forward).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -28,12 +34,46 @@ from keel.runner.forward_batch import NOT_IN_TREE, PAD_ROW, PAD_SEQ_LEN, PAD_SLO
 
 logger = logging.getLogger(__name__)
 
-CAPTURE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+MAX_PADDING = 0.1  # the most of a replayed batch that may be padding rows
+ROUND_SIZES_FROM = 64  # sizes from here are multiples of 8 (GEMM tiles)
 
 
 def capture_sizes(max_bs: int) -> list[int]:
-    sizes = [s for s in CAPTURE_SIZES if s < max_bs]
-    return sizes + [max_bs]
+    """Batch sizes to capture up to max_bs: each the largest after the one before that keeps padding (rows of the
+    graph beyond the batch's) under MAX_PADDING for every batch it serves: 1 to 9, then about 11% apart."""
+    sizes = [1]
+    while sizes[-1] < max_bs:
+        prev = sizes[-1]
+        size = math.ceil((prev + 1) / (1 - MAX_PADDING)) - 1  # the first batch it serves is prev + 1
+        if size >= ROUND_SIZES_FROM:
+            size = max(size // 8 * 8, prev + 1)
+        sizes.append(min(size, max_bs))
+    return sizes
+
+
+T = TypeVar("T")
+
+
+def capture_graphs(sizes: list[int], device: torch.device, run: Callable[[int], T], pool: tuple[int, int],
+                   progress: bool = False) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, T]]:
+    """One CUDA graph of `run(size)` per size, in the graph memory pool `pool`, largest first so that the smaller
+    ones reuse its memory; each run twice before capture (Triton compiles, cuBLAS picks its kernels). Returns the
+    graphs and what each captured run returned (its outputs, overwritten by every replay)."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, T] = {}
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for size in tqdm(sorted(sizes, reverse=True), desc="Capturing CUDA graphs", unit="size",
+                         disable=None if progress else True):  # a bar on a terminal when asked
+            for _ in range(2):
+                run(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs[size] = run(size)
+            graphs[size] = graph
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graphs, outputs
 
 
 @dataclass(frozen=True)
@@ -42,15 +82,22 @@ class RunnerOutput:
     features: Optional[torch.Tensor]  # [tokens, dim]: hidden states the model hands a drafter, when it does
 
 
+Hidden = tuple[torch.Tensor, Optional[torch.Tensor]]  # a forward's final hidden states [tokens, dim] and features
+Logits = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # (hidden, out) -> float32 logits
+
+
 class CudaGraphRunner:
-    def __init__(self, forward: Callable[[ForwardBatch], RunnerOutput], max_bs: int, device: torch.device,
-                 input_features: Optional[tuple[int, torch.dtype]] = None, tree: bool = False) -> None:
-        """`input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
+    def __init__(self, forward_hidden: Callable[[ForwardBatch], Hidden], compute_logits: Logits, max_bs: int,
+                 device: torch.device,
+                 input_features: Optional[tuple[int, torch.dtype]] = None, tree: bool = False,
+                 sizes: Optional[list[int]] = None) -> None:
+        """Capture `forward_hidden` and `compute_logits` for each of `sizes` (default: capture_sizes(max_bs)).
+        `input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
         head); `tree`: capture with a TreeMask input, so that draft trees replay too (rows outside a tree get the
         mask that hides nothing)."""
         self.device = device
-        self.sizes = capture_sizes(max_bs)
-        self.max_bs = max_bs
+        self.sizes = sizes or capture_sizes(max_bs)
+        self.max_bs = max(self.sizes)
 
         def buffer() -> torch.Tensor:
             return torch.zeros(max_bs, dtype=torch.int64, device=device)
@@ -65,9 +112,24 @@ class CudaGraphRunner:
         tp = tensor_parallel()
         # data-parallel attention: every rank replays the graph of the round's size, whose gathers are captured
         self.dp_rank_count = (tp.rank, tp.size) if tp.dp_attention else None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, RunnerOutput] = {}
-        self._capture(forward)
+        self.pool = torch.cuda.graph_pool_handle()  # a drafter's chain graphs share it (keel.spec.draft_chain)
+        self.logits: Optional[torch.Tensor] = None  # the largest graph's, which every graph writes
+
+        def run(size: int) -> RunnerOutput:
+            hidden, features = forward_hidden(self._batch(size))
+            out = self.logits[:size] if self.logits is not None else None
+            return RunnerOutput(compute_logits(hidden, out), features)
+
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
+        largest, rest = self.sizes[-1:], self.sizes[:-1]
+        self.graphs, self.outputs = capture_graphs(largest, device, run, self.pool)
+        self.logits = self.outputs[self.max_bs].logits
+        graphs, outputs = capture_graphs(rest, device, run, self.pool, progress=tp.rank == 0)
+        self.graphs.update(graphs)
+        self.outputs.update(outputs)
+        self.memory_bytes = free_before - torch.cuda.mem_get_info(device)[0]
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s, holding %.0f MiB", self.sizes,
+                    time.perf_counter() - start, self.memory_bytes / 2**20)
 
     def _batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(ForwardMode.DECODE, self.device, (1,) * size, (1,) * size, self.input_ids[:size],
@@ -78,26 +140,6 @@ class CudaGraphRunner:
                             DpRound(self.dp_rank_count[0], (size,) * self.dp_rank_count[1], True)
                             if self.dp_rank_count is not None else None)
 
-    def _capture(self, forward: Callable[[ForwardBatch], RunnerOutput]) -> None:
-        start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            sizes = tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", unit="size",
-                         disable=None if tensor_parallel().rank == 0 else True)  # a bar on a terminal, rank 0's
-            for size in sizes:  # largest first, so smaller graphs reuse its memory
-                batch = self._batch(size)
-                for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
-                    forward(batch)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[size] = forward(batch)
-                self.graphs[size] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.sizes,
-                    time.perf_counter() - start)
-
     def can_run(self, batch: ForwardBatch) -> bool:
         if (batch.dp is not None) != (self.dp_rank_count is not None) or (batch.dp is not None and not batch.dp.decode):
             return False
@@ -105,7 +147,7 @@ class CudaGraphRunner:
                                                                               self.tree is not None)
 
     def replay(self, batch: ForwardBatch) -> RunnerOutput:
-        """The outputs of the real rows: views of the graph's outputs, overwritten by its next replay."""
+        """The outputs of the real rows: views of the graph's outputs, overwritten by the next replay."""
         bs = batch.batch_size
         size = next(s for s in self.sizes if s >= _rows(batch))
         writes = [(self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0)]

@@ -31,7 +31,7 @@ from keel.distributed.parallel import attention_split, tensor_parallel
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
-from keel.runner.cuda_graph import CudaGraphRunner, RunnerOutput
+from keel.runner.cuda_graph import CudaGraphRunner, Hidden, RunnerOutput
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
 from keel.runner.sampler import SampleOutput, SamplingBatch, sample
 
@@ -100,6 +100,7 @@ class ModelRunner:
         self.attn_backend: Optional[AttentionBackend] = None
         self.cuda_graph: Optional[CudaGraphRunner] = None
         self.dp_rounds = 0  # data-parallel attention rounds this runner took part in
+        self.graph_memory_measured = 0  # by measure_graph_memory, before the KV pool was sized
         self._previous_metadata: Any = None  # kept only with guard fresh-metadata off (seed 000's bug, for its test)
 
     def kv_bytes_per_token(self, num_layers: Optional[int] = None) -> int:
@@ -124,17 +125,52 @@ class ModelRunner:
     def attach_kv(self, num_pages: int, table: ReqToTokenTable, swa: Optional[SwaGroup] = None) -> None:
         """Give the model its KV pool (num_pages pages, slots addressed through `table`; `swa`: its sliding-window
         layers' group of a hybrid pool), then capture its CUDA graphs, which read both."""
-        mc, config = self.model_config, self.config
+        self._attach_pool(num_pages, table, swa)
+        if self.graph_max_bs:
+            self.cuda_graph = self._capture_graphs()
+
+    @property
+    def graph_max_bs(self) -> int:
+        """The largest decode batch replayed from a CUDA graph; 0: this runner captures none."""
+        config = self.config
+        if self.device.type != "cuda" or self.attention_backend != "triton" or config.disable_cuda_graph:
+            return 0
+        return min(config.cuda_graph_max_bs, config.max_running_requests * config.rows_per_request)
+
+    def measure_graph_memory(self) -> int:
+        """The device bytes this runner's CUDA graphs will hold, measured before the KV pool is sized so that they
+        come out of its budget: the largest size's graph captured on a one-page pool (the smaller sizes reuse its
+        memory pool and write their logits into its buffer). An overestimate by what the first capture loads once
+        (kernels, cuBLAS workspaces). 0 without graphs."""
+        if not self.graph_max_bs:
+            return 0
+        gc.collect()
+        torch.cuda.empty_cache()
+        free_before = free_memory_bytes(self.device)
+        self._attach_pool(1, ReqToTokenTable(1, 1, self.device), None)
+        probe_pool = self.kv_pool.bytes_allocated
+        probe = self._capture_graphs([self.graph_max_bs])
+        used = free_before - free_memory_bytes(self.device) - probe_pool
+        del probe
+        self.kv_pool = self.req_table = self.attn_backend = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        self.graph_memory_measured = max(used, 0)
+        return self.graph_memory_measured
+
+    def _attach_pool(self, num_pages: int, table: ReqToTokenTable, swa: Optional[SwaGroup]) -> None:
+        mc = self.model_config
         self.req_table = table
-        self.kv_pool = KVPool(mc.num_layers, num_pages, config.page_size, self.num_kv_heads, mc.head_dim,
+        self.kv_pool = KVPool(mc.num_layers, num_pages, self.config.page_size, self.num_kv_heads, mc.head_dim,
                               self.dtype, self.device, swa.layers if swa else frozenset(),
                               swa.num_pages if swa else 0, swa.page_map if swa else None)
         self.attn_backend = create_backend(self.attention_backend, table, self.model.attention_layers,
                                            swa.page_map if swa else None)
-        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.disable_cuda_graph:
-            max_bs = min(config.cuda_graph_max_bs, config.max_running_requests * config.rows_per_request)
-            features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
-            self.cuda_graph = CudaGraphRunner(self.forward_eager, max_bs, self.device, features, config.draft_tree)
+
+    def _capture_graphs(self, sizes: Optional[list[int]] = None) -> CudaGraphRunner:
+        features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
+        return CudaGraphRunner(self.forward_hidden, self.model.compute_logits, self.graph_max_bs, self.device,
+                               features, self.config.draft_tree, sizes)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -169,11 +205,16 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_eager(self, batch: ForwardBatch) -> RunnerOutput:
         """`forward_full` never through a captured graph: for capturing one (this runner's, or a caller's own)."""
+        hidden, features = self.forward_hidden(batch)
+        return RunnerOutput(self.model.compute_logits(hidden[batch.logits_indices]), features)
+
+    @torch.inference_mode()
+    def forward_hidden(self, batch: ForwardBatch) -> Hidden:
+        """The model's final hidden states of every token of `batch` (before the LM head), and its features."""
         if self.attn_backend is None or self.kv_pool is None:
             raise RuntimeError("ModelRunner.forward before attach_kv: the runner has no KV pool")
         ctx = AttentionContext(self.attn_backend, self._metadata(batch), self.kv_pool, batch.dp)
-        hidden, features = self.model(batch.input_ids, batch.positions, ctx, batch.input_features)
-        return RunnerOutput(self.model.compute_logits(hidden[batch.logits_indices]), features)
+        return self.model(batch.input_ids, batch.positions, ctx, batch.input_features)
 
     def _metadata(self, batch: ForwardBatch) -> Any:
         """The attention metadata of `batch`, built from it for every forward, IDLE included (guard fresh-metadata:

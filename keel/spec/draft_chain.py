@@ -13,6 +13,7 @@ reserved slot PAD_SLOT), so they read and write only that slot at any step.
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from typing import Optional
 
 import torch
@@ -21,9 +22,11 @@ from keel.cache.req_table import ReqToTokenTable
 from keel.debug.guards import guard_on
 from keel.distributed.parallel import tensor_parallel
 from keel.kernels.argmax import greedy_ids
-from keel.runner.cuda_graph import RunnerOutput, write_all_rows
+from keel.runner.cuda_graph import RunnerOutput, capture_graphs, write_all_rows
 from keel.runner.forward_batch import PAD_ROW, ForwardBatch
 from keel.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 class DraftChain:
@@ -82,16 +85,14 @@ class DraftChain:
         self.rows = torch.full((max_bs,), PAD_ROW, dtype=torch.int64, device=device)
         self.features = (torch.zeros(max_bs, runner.model.input_feature_size, dtype=runner.dtype, device=device)
                          if runner.model.needs_features else None)
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for size in sorted(sizes, reverse=True):  # largest first, so smaller graphs reuse its memory
-                inputs = (self.tokens[:size], self.positions[:size], self.rows[:size],
-                          self.features[:size] if self.features is not None else None)
-                self._chain(*inputs, runner.forward_eager)  # warm up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[size] = self._chain(*inputs, runner.forward_eager)
-                self.graphs[size] = graph
-        torch.cuda.current_stream(device).wait_stream(stream)
+
+        def chain(size: int) -> torch.Tensor:
+            inputs = (self.tokens[:size], self.positions[:size], self.rows[:size],
+                      self.features[:size] if self.features is not None else None)
+            return self._chain(*inputs, runner.forward_eager)
+
+        # in the draft model's decode graphs' pool, whose memory (counted in the KV budget) the chain's steps reuse
+        free_before = torch.cuda.mem_get_info(device)[0]
+        self.graphs, self.outputs = capture_graphs(sizes, device, chain, runner.cuda_graph.pool)
+        logger.info("captured draft chains of %d steps for batch sizes %s, holding %.0f MiB more", self.steps, sizes,
+                    (free_before - torch.cuda.mem_get_info(device)[0]) / 2**20)

@@ -18,6 +18,19 @@ def test_full_kv_alone_takes_the_budget_or_the_tokens_asked_for():
     assert plan_kv(EngineConfig(), 10, 0, None, GIB, 4096, on_cpu=True).num_pages == CPU_DEFAULT_KV_TOKENS
 
 
+def test_the_cuda_graphs_memory_comes_out_of_the_budget():
+    config = EngineConfig(page_size=16)
+    plain = plan_kv(config, 1000, 0, None, GIB, 4096, on_cpu=False)
+    kept = plan_kv(config, 1000, 0, None, GIB, 4096, on_cpu=False, graph_bytes=GIB // 10)
+    assert kept.num_pages == (int(GIB * 0.8) - GIB // 10) // 1000 // 16 < plain.num_pages
+    hybrid = plan_kv(EngineConfig(page_size=16, swa_full_tokens_ratio=0.5), 1000, 1000, 64, GIB, 4096, False,
+                     graph_bytes=GIB // 10)
+    assert (hybrid.num_pages + hybrid.num_swa_pages) * 16 * 1000 <= int(GIB * 0.8) - GIB // 10
+    with pytest.raises(ValueError, match="CUDA graphs"):  # nothing left: a clear error, not a pool of no pages
+        plan_kv(config, 1000, 0, None, GIB, 4096, on_cpu=False, graph_bytes=GIB)
+    assert plan_kv(EngineConfig(kv_cache_tokens=4096), 1000, 0, None, GIB, 4096, False, GIB).num_pages == 4096
+
+
 def test_the_hybrid_split_spends_the_budget_on_both_pools_at_the_ratio():
     config = EngineConfig(page_size=16, swa_full_tokens_ratio=0.05, max_running_requests=1024)
     full_bytes, swa_bytes = 80_000, 400_000

@@ -60,3 +60,18 @@ def test_random_workload_with_triton_cuda_graphs_and_overlap(seed, tiny_model, s
             assert_same_greedy(outputs[i], solo_cuda.generate([req.prompt], req.params)[0],
                                f"request {i}\n{workload.describe()}")
     engine.core.check_idle()
+
+
+def test_graph_memory_is_measured_before_the_kv_pool_and_taken_from_its_budget():
+    engine = keel.Engine("qwen3-0.6b", dtype="bfloat16", device="cuda", attention_backend="triton", mem_fraction=0.1,
+                         max_running_requests=256, cuda_graph_max_bs=256)
+    runner = engine.core.runner
+    graphs = runner.cuda_graph
+    assert len(graphs.sizes) == 40 and runner.graph_memory_measured > 0
+    # the 40 graphs hold little more than the largest alone (they share its pool and write into its logits)
+    assert graphs.memory_bytes <= 1.25 * runner.graph_memory_measured + 64 * 2**20, \
+        (graphs.memory_bytes, runner.graph_memory_measured)
+    prompts = random_prompts([50 + 7 * i for i in range(130)], vocab=151000, seed=0)
+    params = keel.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    assert all(len(out.token_ids) == 4 for out in engine.generate(prompts, params))  # 130 rows: the 136 graph
+    engine.core.check_idle()

@@ -68,6 +68,8 @@ def test_gemv_writes_the_requested_dtype_and_rejects_bad_shapes():
         gemv(x, torch.randn(24, 32).to(KERNEL_DEVICE))
     with pytest.raises(ValueError, match="add_to"):
         gemv(x, weight, add_to=torch.randn(2, 24).to(KERNEL_DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        gemv(x, weight, out=torch.empty(1, 23, device=KERNEL_DEVICE))
     assert gemv(x[:0], weight).shape == (0, 24)
 
 
@@ -111,3 +113,8 @@ def test_projection_layers_fuse_norm_residual_and_activation(rows):
     logits = fused_head(x)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, plain_head(x), atol=1e-5, rtol=1e-5)
+    for head in (plain_head, fused_head):  # into the front rows of a buffer (CUDA graphs of every size share one)
+        buffer = torch.full((rows + 2, 100), 7.0, device=KERNEL_DEVICE)
+        assert head(x, buffer[:rows]).data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(buffer[:rows], logits, atol=1e-5, rtol=1e-5)
+        assert buffer[rows:].eq(7).all()

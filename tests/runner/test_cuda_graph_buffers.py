@@ -1,9 +1,9 @@
-"""The bounded write into CUDA-graph input buffers (the guard itself runs anywhere)."""
+"""The bounded write into CUDA-graph input buffers (the guard itself runs anywhere), and the captured sizes."""
 
 import pytest
 import torch
 
-from keel.runner.cuda_graph import capture_sizes, write_all_rows
+from keel.runner.cuda_graph import MAX_PADDING, capture_sizes, write_all_rows
 
 
 def test_rows_are_written_and_padding_neutralised():
@@ -29,7 +29,11 @@ def test_oversized_writes_are_refused():
     assert static.eq(0).all()
 
 
-def test_capture_sizes_end_at_the_maximum():
-    assert capture_sizes(1) == [1]
-    assert capture_sizes(10) == [1, 2, 4, 8, 10]
-    assert capture_sizes(256)[-1] == 256 and capture_sizes(256) == sorted(set(capture_sizes(256)))
+@pytest.mark.parametrize("max_bs", [1, 2, 10, 63, 64, 100, 256, 257, 512, 1024])
+def test_capture_sizes_keep_padding_under_a_tenth_of_every_batch(max_bs):
+    sizes = capture_sizes(max_bs)
+    assert sizes[0] == 1 and sizes[-1] == max_bs and sizes == sorted(set(sizes))
+    for batch in range(1, max_bs + 1):
+        size = next(s for s in sizes if s >= batch)  # the graph a batch replays
+        assert (size - batch) / size < MAX_PADDING, (batch, size)
+    assert len(capture_sizes(256)) <= 40  # and no more graphs than that needs (each costs capture time)

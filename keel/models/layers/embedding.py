@@ -8,6 +8,8 @@ data-parallel attention every rank holds the whole vocabulary (its tokens are it
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,11 +58,18 @@ class LMHead(nn.Module):
                 self.weight.tp_dim = 0
         self.split = self.weight.shape[0] < vocab_size
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The logits [rows, vocab], written into `out` when given (a CUDA graph's buffer that graphs of every
+        size share)."""
+        if self.split:  # this rank's columns, then all of them
+            logits = all_gather_last_dim(self._logits(hidden, None))
+            return logits if out is None else out.copy_(logits)
+        return self._logits(hidden, out)
+
+    def _logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
         if self.fused and gemv_applies(hidden, self.weight):
-            logits = gemv(hidden, self.weight, out_dtype=torch.float32)
-        elif self.fused and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
-            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
-        else:
-            logits = F.linear(hidden, self.weight).float()
-        return all_gather_last_dim(logits) if self.split else logits
+            return gemv(hidden, self.weight, out_dtype=torch.float32, out=out)
+        if self.fused and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+            return torch.mm(hidden, self.weight.t(), out_dtype=torch.float32, out=out)
+        logits = F.linear(hidden, self.weight).float()
+        return logits if out is None else out.copy_(logits)
