@@ -144,9 +144,11 @@ def gemv_config(k: int, norm: bool, gate_up: bool) -> GemvConfig:
     return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if gate_up else 1 if norm else 2, num_stages=2)
 
 
-def gemv_rows_config(k: int, gate_up: bool) -> GemvConfig:
-    """The several-row kernel's tiles, the best of a sweep at llama-3.1-8b sizes on an H200 (docs/benchmarks.md)."""
-    block_k = min(256, k & -k)
+def gemv_rows_config(k: int, gate_up: bool, itemsize: int = 2) -> GemvConfig:
+    """The several-row kernel's tiles, the best of a sweep at llama-3.1-8b sizes (bfloat16) on an H200
+    (docs/benchmarks.md). Wider elements take narrower K blocks: the same shared memory per stage, which the
+    tuned stage counts fill (float32 at bfloat16's block_k asked for 261 KiB, beyond an H200's 227 KiB)."""
+    block_k = max(16, min(256, k & -k) * 2 // max(itemsize, 2))
     if gate_up:  # two tiles in flight per stage
         return GemvConfig(block_n=64, block_k=block_k, num_warps=4, num_stages=3)
     # Measured at 2-16 rows: llama-3.1-8b's down projection (K 14336) 30.9-31.7 -> 29.7-30.6 us with half-width
@@ -189,7 +191,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
             BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
             **pdl_launch_args(x.device))
     elif rows:
-        config = gemv_rows_config(k, gate_up)
+        config = gemv_rows_config(k, gate_up, x.element_size())
         _gemv_rows_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(rows, ROWS_TILE))](
             x, weight, bias_or_any, norm_weight if norm_weight is not None else weight, out, rows, n, k, x.stride(0),
             out.stride(0), eps, **parts, NORM=norm_weight is not None,

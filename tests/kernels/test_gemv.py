@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keel.kernels.gemv import ROWS_TILE, gemv, gemv_applies
+from keel.kernels.gemv import ROWS_TILE, gemv, gemv_applies, gemv_rows_config
 from keel.models.layers.embedding import LMHead
 from keel.models.layers.linear import GateUpLinear, Linear
 from keel.models.layers.norm import RMSNorm
@@ -58,6 +58,15 @@ def test_long_k_rows_take_half_width_tiles_correctly():
     residual = torch.randn(rows, n, generator=g).to(KERNEL_DEVICE)
     got = gemv(x, weight, None, norm_weight, EPS, residual.clone())
     torch.testing.assert_close(got.double(), reference(x, weight, None, norm_weight, residual), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [16, 64, 4096, 12800, 14336])
+@pytest.mark.parametrize("gate_up", [False, True])
+def test_float32_rows_tiles_take_no_more_shared_memory_than_bfloat16s(k, gate_up):
+    """The long-K float32 case (test above) asked for 261 KiB of shared memory on an H200 before."""
+    half, full = gemv_rows_config(k, gate_up, 2), gemv_rows_config(k, gate_up, 4)
+    assert full.block_k * 4 <= half.block_k * 2 or full.block_k == 16
+    assert k % full.block_k == 0 and (full.block_n, full.num_stages) == (half.block_n, half.num_stages)
 
 
 def test_gemv_writes_the_requested_dtype_and_rejects_bad_shapes():
