@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,10 +54,15 @@ def test_a_head_reads_the_hidden_state_of_the_right_position(eagle3, page_size, 
     engine.core.drafter.propose = recording_counted
     engine.core.drafter._forward_rows = counting
     outputs = engine.generate(PROMPTS, GREEDY)
-    expected = keel.Engine(str(target), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)
+    expected = keel.Engine(str(target), dtype="float32", device="cpu").generate(
+        PROMPTS, dataclasses.replace(GREEDY, top_logprobs=2))
     assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
     assert len(proposals) > 10
-    assert all(drafts == [last] * len(drafts) for last, drafts in proposals)
+    # The head recomputes the target's prediction over other rows, so float32 rounding may pick the other of two
+    # tied candidates (seen with one thread: 1 proposal in 25, top-2 gap below 1e-6); nothing else may differ.
+    ties = {frozenset((lp.top[0][0], lp.top[1][0])) for out in expected for lp in out.logprobs
+            if lp.top[0][1] - lp.top[1][1] < 1e-4}
+    assert all(drafts == [last] * len(drafts) or frozenset((last, drafts[0])) in ties for last, drafts in proposals)
     # the first draft step is the row the head's pass over the target's last step ran (a verify, or the prefill and
     # the verify of a round that ran both): here no propose runs it again
     assert all(n <= 2 for n in forwards), forwards
