@@ -1,9 +1,10 @@
 """How many KV pages each pool gets: the full pool, and on a hybrid model the sliding-window pool.
 
 The memory budget is --kv-cache-tokens (full-pool tokens), or --mem-fraction of the memory free once every model
-is loaded, less what the CUDA graphs will hold (measured before, see ModelRunner.measure_graph_memory). A hybrid pool splits it so that the SWA pool holds `swa_full_tokens_ratio` tokens per full-pool token
-(SGLang's --swa-full-tokens-ratio), but never fewer than one step's prefill and two windows (see `least_swa`), so a
-request can always make progress. A model whose layers all slide keeps no full K/V at all: its full pages only
+is loaded, less what the CUDA graphs will hold (measured before, see ModelRunner.measure_graph_memory). A hybrid
+pool splits it so that the SWA pool holds `swa_full_tokens_ratio` tokens per full-pool token (SGLang's
+--swa-full-tokens-ratio), but never fewer than one step's prefill and two windows (see `least_swa`), so a request
+can always make progress. A model whose layers all slide keeps no full K/V at all: its full pages only
 index tokens (the request table, the prefix cache), so they cost no device memory and are sized from the requests
 they must cover.
 """

@@ -162,7 +162,8 @@ class EngineCore:
                                   num_swa_pages=plan.num_swa_pages, window=plan.window)
         logger.info("KV pool: %s%s; context length %d; %.0f MiB kept for CUDA graphs",
                     plan.describe(config.page_size, full_bytes, swa_bytes),
-                    ", draft model included" if len(runners) > 1 else "", self.runner.context_length, graph_bytes / 2**20)
+                    ", draft model included" if len(runners) > 1 else "", self.runner.context_length,
+                    graph_bytes / 2**20)
         for runner in runners:
             swa = None
             if runner is self.runner and kv_cache.swa is not None:
