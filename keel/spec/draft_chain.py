@@ -12,8 +12,8 @@ reserved slot PAD_SLOT), so they read and write only that slot at any step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import logging
+from collections.abc import Callable
 from typing import Optional
 
 import torch
