@@ -137,9 +137,15 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape[1] % 16 == 0)
 
 
-def gemv_config(k: int, norm: bool, gate_up: bool) -> GemvConfig:
-    """The one-row kernel's best tiles measured for each kind on an H200 at llama-3.1-8b sizes (docs/benchmarks.md)."""
+FEW_COLUMNS = 512  # at most this many output columns: four a program would leave most SMs idle
+
+
+def gemv_config(k: int, norm: bool, gate_up: bool, n: int) -> GemvConfig:
+    """The one-row kernel's best tiles measured for each kind on an H200 at llama-3.1-8b sizes (docs/benchmarks.md).
+    Few columns (a MoE router: 128) take two a program and longer K blocks: qwen3-30b-a3b's router 2.97 -> 1.82 us."""
     # k & -k, the largest power of two dividing k: the K loop needs no mask
+    if n <= FEW_COLUMNS and not gate_up:
+        return GemvConfig(block_n=2, block_k=min(1024, k & -k), num_warps=4, num_stages=2)
     block_k = min(512 if norm or gate_up else 1024, k & -k)
     return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if gate_up else 1 if norm else 2, num_stages=2)
 
@@ -184,7 +190,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     bias_or_any = bias if bias is not None else weight
     parts = dict(HAS_BIAS=bias is not None, GATE_UP=gate_up, ADD=add_to is not None)
     if rows == 1:
-        config = gemv_config(k, norm_weight is not None, gate_up)
+        config = gemv_config(k, norm_weight is not None, gate_up, n)
         _gemv_kernel[(triton.cdiv(n, config.block_n),)](
             x, weight, bias_or_any, norm_weight if norm_weight is not None else weight, out, n, k, eps, **parts,
             NORM=norm_weight is not None, EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n,
