@@ -7,21 +7,25 @@ host sync, so it can be captured in a CUDA graph). Then two launches of `_expert
 block of pairs times one tile of output columns, reading its expert's weights:
   1. x[token] @ w13[e].T, gate and up columns of the tile in one program, storing silu(gate) * up;
   2. that @ w2[e].T, scaled by the pair's routing weight;
-and the k weighted rows of each token are summed.
+and one more launch sums the k weighted rows of each token (into the residual stream, when asked).
 
 With few pairs (batch-1 decode: k pairs, each of a different expert) sorting costs more than it saves: a dozen
 small launches per layer, and a tensor-core tile that is 1/16 used. There each pair runs directly as GEMV programs
-streaming its expert's rows like keel's dense GEMV (`_moe_unsorted`); `fused_route` does the routing in one
-launch.
+streaming its expert's rows like keel's dense GEMV (`_moe_unsorted`), the RMSNorm before the MoE folded into the
+gate/up programs; `fused_route` does the routing in one launch.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from keel.kernels.gemv import gemv_config
+from keel.kernels.gemv import GemvConfig
+from keel.kernels.norm import rms_norm
+from keel.kernels.pdl import pdl_launch_args, pdl_wait
 
 BLOCK_M = 16  # pairs per block; each expert's group is padded to a multiple of it
 
@@ -95,27 +99,35 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_pt
 
 
 @triton.jit
-def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we, stride_wn,
-                        stride_o, TOP_K: tl.constexpr, GATED: tl.constexpr, NUM_EXPERTS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One pair and one tile of n (K a multiple of BLOCK_K); pairs of an expert this rank does not hold (id
-    NUM_EXPERTS) are skipped. GATED: out[pair, n] = silu(x[token] . gate[n]) * (x[token] . up[n]), gate and up rows
-    loaded in the same iteration; else out[pair, n] = weight[pair] * (a[pair] . w2[expert, n]). As in keel's dense
-    GEMV, products are summed over k once, at the end. (Summing a token's k pairs inside the down projection's
-    programs was slower at top-8: each program then reads k experts' tiles, a few rows of short runs each.)"""
+def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, norm_ptr, N, K, stride_a, stride_we, stride_wn,
+                        stride_o, eps, TOP_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                        NUM_EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One pair and one tile of n (K a multiple of BLOCK_K). GATED: out[pair, n] = silu(x[token] . gate[n]) *
+    (x[token] . up[n]), gate and up rows loaded in the same iteration, with NORM x RMS-normalised on the way as in
+    keel's dense GEMV (x * norm weight in the products, 1 / rms(x) on the two sums); else out[pair, n] = weight[pair]
+    * (a[pair] . w2[expert, n]). Pairs of an expert this rank does not hold (id NUM_EXPERTS) store zeros. As in the
+    dense GEMV, products are summed over k once, at the end. (Summing a token's k pairs inside the down
+    projection's programs was slower at top-8: each program then reads k experts' tiles, a few rows of short runs
+    each.)"""
+    pdl_wait(PDL)
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair)
-    if expert >= NUM_EXPERTS:
-        return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    if expert >= NUM_EXPERTS:
+        tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, tl.zeros([BLOCK_N], out_ptr.dtype.element_ty), mask=n_ok)
+        return
     rows = w_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
     a_row = a_ptr + ((pair // TOP_K) if GATED else pair).to(tl.int64) * stride_a
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    squares = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + kk).to(tl.float32)
+        if NORM:
+            squares += a * a
+            a = a * tl.load(norm_ptr + kk).to(tl.float32)
         w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[None, :]
         if GATED:
@@ -124,17 +136,42 @@ def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, strid
             up += w_up.to(tl.float32) * a[None, :]
     out = tl.sum(acc, 1)
     if GATED:
-        out = out * tl.sigmoid(out) * tl.sum(up, 1)
+        up_out = tl.sum(up, 1)
+        if NORM:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
+            out *= inv_rms
+            up_out *= inv_rms
+        out = out * tl.sigmoid(out) * up_out
     else:
         out = out * tl.load(weights_ptr + pair)
     tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
+def _sum_pairs_kernel(down_ptr, out_ptr, N, stride_o, TOP_K: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    """out[t] = sum_j down[t * TOP_K + j] (in float32, rounded once); with ADD, out[t] += that sum (rounded first, as
+    the sum and a separate add would)."""
+    pdl_wait(PDL)
+    t = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(down_ptr + (t * TOP_K + j).to(tl.int64) * N + n, mask=ok, other=0.0).to(tl.float32)
+    out = acc.to(out_ptr.dtype.element_ty)
+    target = out_ptr + t.to(tl.int64) * stride_o + n
+    if ADD:
+        out = (out.to(tl.float32) + tl.load(target, mask=ok, other=0.0).to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(target, out, mask=ok)
+
+
+@triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
     """keel.models.layers.moe.route for one token in one program: softmax over the experts in float32, the top k
     (largest first, ties to the lower id), rescaled to sum to 1 when RENORMALIZE."""
+    pdl_wait(PDL)
     t = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -163,54 +200,87 @@ def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> t
     if tokens:
         _route_kernel[(tokens,)](router_logits, weights, ids, num_experts, router_logits.stride(0), TOP_K=top_k,
                                  K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-                                 BLOCK_E=triton.next_power_of_2(num_experts))
+                                 BLOCK_E=triton.next_power_of_2(num_experts), **pdl_launch_args(router_logits.device))
     return weights, ids
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor) -> torch.Tensor:
+def few_pairs(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether fused_moe runs the pairs unsorted, as GEMV programs (batch-1 decode): few pairs, mostly of distinct
+    experts, where sorting costs more than it saves."""
+    return tokens * top_k <= max(top_k, num_experts // 4)
+
+
+def expert_gemv_config(k: int, gated: bool) -> GemvConfig:
+    """The unsorted expert GEMV's tiles, the best of a sweep at Qwen3-30B-A3B's sizes (top-8 of 128 experts, hidden
+    2048, intermediate 768) on an H200 (docs/benchmarks.md): gate/up 14.4 us (3.5 TB/s) against 17.0 with the dense
+    GEMV's tiles, down 8.9 against 9.8."""
+    if gated:
+        return GemvConfig(block_n=2, block_k=min(1024, k & -k), num_warps=2, num_stages=3)
+    return GemvConfig(block_n=4, block_k=min(256, k & -k), num_warps=1, num_stages=2)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+              add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for each token t, where expert e is the gated MLP
     w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)). x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights and ids
-    [T, k] (keel.models.layers.moe.route); an id of E (an expert another rank holds) contributes nothing. Returns
-    [T, H] in x's dtype."""
+    [T, k] (keel.models.layers.moe.route); an id of E (an expert another rank holds) contributes nothing. With
+    `norm_weight`, x is RMS-normalised first (folded into the gate/up GEMV when `few_pairs`). Returns [T, H] in x's
+    dtype, or, with `add_to`, adds it into that tensor in place and returns it."""
     tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = ids.shape[1]
+    out = add_to if add_to is not None else torch.empty_like(x)
     if tokens == 0:
-        return torch.zeros_like(x)
+        return out
     pairs = tokens * top_k
     gated = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    down = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
     flat_weights = weights.flatten().to(torch.float32).contiguous()
-    if pairs <= max(top_k, num_experts // 4):  # few pairs, mostly of distinct experts: no sorting
-        return _moe_unsorted(x, w13, w2, flat_weights, ids.flatten().contiguous(), gated)
+    if few_pairs(tokens, top_k, num_experts):
+        _moe_unsorted(x, w13, w2, flat_weights, ids.flatten().contiguous(), gated, down, norm_weight, eps)
+    else:
+        if norm_weight is not None:
+            x = rms_norm(x, norm_weight, eps)
+        down.zero_()  # pairs of skipped experts stay 0
+        _moe_sorted(x, w13, w2, flat_weights, ids, gated, down)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_pairs_kernel[(tokens, triton.cdiv(hidden, block))](down, out, hidden, out.stride(0), TOP_K=top_k,
+                                                            ADD=add_to is not None, BLOCK=block,
+                                                            **pdl_launch_args(x.device))
+    return out
+
+
+def _moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                gated: torch.Tensor, down: torch.Tensor) -> None:
+    """Each pair's weighted expert output into `down` [T * k, H], the pairs grouped by expert: two grouped GEMMs."""
+    num_experts, _, hidden = w13.shape
+    inter = w2.shape[2]
+    top_k = ids.shape[1]
     sorted_pairs, block_expert = align_by_expert(ids, num_experts + 1)  # blocks of expert E are skipped
-    down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of skipped experts stay 0
     ieee = x.dtype == torch.float32
     for a, w, out, n, k, first in ((x, w13, gated, inter, hidden, True), (gated, w2, down, hidden, inter, False)):
         block_n = min(64, max(16, triton.next_power_of_2(n)))
         block_k = min(64, max(16, triton.next_power_of_2(k)))
         grid = (block_expert.numel(), triton.cdiv(n, block_n))
-        _expert_gemm_kernel[grid](a, w, out, sorted_pairs, block_expert, flat_weights, pairs, n, k, a.stride(0),
+        _expert_gemm_kernel[grid](a, w, out, sorted_pairs, block_expert, weights, ids.numel(), n, k, a.stride(0),
                                   w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k, ROWS_ARE_TOKENS=first,
                                   GATED=first, SCALED=not first, NUM_EXPERTS=num_experts, BLOCK_M=BLOCK_M,
                                   BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
-    return down.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
 def _moe_unsorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                  gated: torch.Tensor) -> torch.Tensor:
-    """fused_moe for few pairs: each pair's gated MLP input, then its weighted down projection, as GEMV programs;
-    the k rows of each token summed. weights and ids are flat [T * k]."""
-    tokens, hidden = x.shape
-    num_experts, two_i, _ = w13.shape
-    top_k = ids.numel() // tokens
+                  gated: torch.Tensor, down: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float) -> None:
+    """Each pair's gated MLP input, then its weighted down projection into `down`, as GEMV programs. weights and ids
+    are flat [T * k]."""
+    num_experts, two_i, hidden = w13.shape
+    top_k = ids.numel() // x.shape[0]
     inter = two_i // 2
-    down = torch.zeros(ids.numel(), hidden, dtype=x.dtype, device=x.device)  # pairs of skipped experts stay 0
     for a, w, out, n, k, first in ((x, w13, gated, inter, hidden, True), (gated, w2, down, hidden, inter, False)):
-        config = gemv_config(k, norm=False, gate_up=first)  # the dense GEMV's tiles: an expert's rows alike
+        config = expert_gemv_config(k, gated=first)
         _expert_gemv_kernel[(ids.numel(), triton.cdiv(n, config.block_n))](
-            a, w, out, ids, weights, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k,
-            GATED=first, NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages)
-    return down.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+            a, w, out, ids, weights, norm_weight if norm_weight is not None else w, n, k, a.stride(0), w.stride(0),
+            w.stride(1), out.stride(0), eps, TOP_K=top_k, GATED=first, NORM=first and norm_weight is not None,
+            NUM_EXPERTS=num_experts, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+            num_stages=config.num_stages, **pdl_launch_args(x.device))

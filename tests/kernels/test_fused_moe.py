@@ -38,6 +38,29 @@ def test_fused_moe_matches_float32_experts(tokens, num_experts, top_k, renormali
     torch.testing.assert_close(out.cpu(), reference(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [1, 9])  # unsorted (the norm folded into the gate/up GEMV), sorted
+def test_the_norm_before_and_the_residual_add_after(tokens):
+    """fused_moe(x, norm, add_to=h) == h + moe(rms_norm(x))."""
+    from keel.models.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(11 + tokens)
+    hidden, inter, num_experts = 64, 32, 8
+    x = torch.randn(tokens, hidden, generator=g) * 3
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
+    weights, ids = route(torch.randn(tokens, num_experts, generator=g), 2, True)
+    norm = RMSNorm(hidden, 1e-6)
+    norm.weight.data = torch.rand(hidden, generator=g) + 0.5
+    stream = torch.randn(tokens, hidden, generator=g)
+    expected = stream + reference(norm(x), w13, w2, weights, ids)
+    dev = KERNEL_DEVICE
+    stream_dev = stream.to(dev)
+    out = fused_moe(x.to(dev), w13.to(dev), w2.to(dev), weights.to(dev), ids.to(dev), norm.weight.to(dev), norm.eps,
+                    add_to=stream_dev)
+    assert out is stream_dev
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_pairs_are_grouped_by_expert_in_padded_blocks():
     ids = torch.tensor([[3, 0], [3, 1], [0, 3]])  # expert 3 thrice, 0 twice, 1 once
     sorted_pairs, block_expert = align_by_expert(ids, num_experts=4)

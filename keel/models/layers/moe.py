@@ -66,16 +66,26 @@ class SparseMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """hidden += moe(norm(hidden)), in place."""
-        x = norm(hidden)
         if self.fused:
-            from keel.kernels.fused_moe import fused_moe, fused_route  # Triton only when asked for
-
-            weights, ids = fused_route(self.gate(x), self.top_k, self.renormalize)
-            out = fused_moe(x, self.experts.w13, self.experts.w2, weights, self.experts.local_ids(ids))
-        else:
-            weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-            out = self._experts_one_by_one(x, weights.to(x.dtype), self.experts.local_ids(ids))
+            return self._fused(hidden, norm)
+        x = norm(hidden)
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        out = self._experts_one_by_one(x, weights.to(x.dtype), self.experts.local_ids(ids))
         return hidden.add_(all_reduce(out))  # the ranks' slices of every expert (or their experts) sum to the output
+
+    def _fused(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        from keel.kernels.fused_moe import few_pairs, fused_moe, fused_route  # Triton only when asked for
+
+        w13, w2 = self.experts.w13, self.experts.w2
+        # Batch-1 decode: the norm folds into the router's GEMV and the experts' gate/up GEMV, one kernel fewer.
+        fold = few_pairs(hidden.shape[0], self.top_k, w13.shape[0])
+        x = hidden if fold else norm(hidden)
+        weights, ids = fused_route(self.gate(x, norm=norm if fold else None), self.top_k, self.renormalize)
+        norm_args = (norm.weight, norm.eps) if fold else (None, 0.0)
+        ids = self.experts.local_ids(ids)
+        if tensor_parallel().size == 1:  # nothing to sum over ranks: the k-sum goes straight into the stream
+            return fused_moe(x, w13, w2, weights, ids, *norm_args, add_to=hidden)
+        return hidden.add_(all_reduce(fused_moe(x, w13, w2, weights, ids, *norm_args)))
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
