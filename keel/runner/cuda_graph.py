@@ -87,17 +87,16 @@ Logits = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # (hidd
 
 
 class CudaGraphRunner:
-    def __init__(self, forward_hidden: Callable[[ForwardBatch], Hidden], compute_logits: Logits, max_bs: int,
-                 device: torch.device,
-                 input_features: Optional[tuple[int, torch.dtype]] = None, tree: bool = False,
-                 sizes: Optional[list[int]] = None) -> None:
-        """Capture `forward_hidden` and `compute_logits` for each of `sizes` (default: capture_sizes(max_bs)).
-        `input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
+    def __init__(self, forward_hidden: Callable[[ForwardBatch], Hidden], compute_logits: Logits, sizes: list[int],
+                 device: torch.device, input_features: Optional[tuple[int, torch.dtype]] = None,
+                 tree: bool = False) -> None:
+        """Capture `forward_hidden` and `compute_logits` for each of `sizes` (capture_sizes). The input buffers
+        are sized from the largest, so no replay can write past them. `input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
         head); `tree`: capture with a TreeMask input, so that draft trees replay too (rows outside a tree get the
         mask that hides nothing)."""
         self.device = device
-        self.sizes = sizes or capture_sizes(max_bs)
-        self.max_bs = max(self.sizes)
+        self.sizes = sorted(sizes)
+        self.max_bs = max_bs = self.sizes[-1]
 
         def buffer() -> torch.Tensor:
             return torch.zeros(max_bs, dtype=torch.int64, device=device)

@@ -31,7 +31,7 @@ from keel.distributed.parallel import attention_split, tensor_parallel
 from keel.models.config import ModelConfig
 from keel.models.loader import load_model
 from keel.models.source import ModelSource
-from keel.runner.cuda_graph import CudaGraphRunner, Hidden, RunnerOutput
+from keel.runner.cuda_graph import CudaGraphRunner, Hidden, RunnerOutput, capture_sizes
 from keel.runner.forward_batch import ForwardBatch, ForwardMode
 from keel.runner.sampler import SampleOutput, SamplingBatch, sample
 
@@ -146,11 +146,9 @@ class ModelRunner:
             return 0
         gc.collect()
         torch.cuda.empty_cache()
-        free_before = free_memory_bytes(self.device)
         self._attach_pool(1, ReqToTokenTable(1, 1, self.device), None)
-        probe_pool = self.kv_pool.bytes_allocated
         probe = self._capture_graphs([self.graph_max_bs])
-        used = free_before - free_memory_bytes(self.device) - probe_pool
+        used = probe.memory_bytes
         del probe
         self.kv_pool = self.req_table = self.attn_backend = None
         gc.collect()
@@ -168,9 +166,11 @@ class ModelRunner:
                                            swa.page_map if swa else None)
 
     def _capture_graphs(self, sizes: Optional[list[int]] = None) -> CudaGraphRunner:
+        """Graphs for `sizes` (default: every capture size up to graph_max_bs)."""
         features = (self.model.input_feature_size, self.dtype) if self.model.needs_features else None
-        return CudaGraphRunner(self.forward_hidden, self.model.compute_logits, self.graph_max_bs, self.device,
-                               features, self.config.draft_tree, sizes)
+        return CudaGraphRunner(self.forward_hidden, self.model.compute_logits,
+                               sizes or capture_sizes(self.graph_max_bs), self.device, features,
+                               self.config.draft_tree)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
