@@ -231,6 +231,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = ids.shape[1]
+    if add_to is not None and (add_to.shape != x.shape or add_to.stride(1) != 1):
+        raise ValueError(f"add_to must be [{tokens}, {hidden}] with unit-stride rows, got {tuple(add_to.shape)}")
     out = add_to if add_to is not None else torch.empty_like(x)
     if tokens == 0:
         return out
