@@ -486,9 +486,9 @@ def limit_host_threads(device: torch.device, ranks_here: int = 1) -> None:
     one element per task), and with other processes busy (the API server, its clients) each step then waited on
     descheduled OpenMP threads: host-bound decode steps of 40-80 ms instead of 9 (llama-3.1-8b, batch 160, H200).
     With the model on the CPU, the `ranks_here` ranks of this machine share its cores: each takes its share (two
-    ranks each spinning threads over both cores of a 2-core machine took a tiny Qwen3-MoE's TP 2 step from 21 to
-    151 ms). Set after the model has loaded (casting weights on the host does use the cores); OMP_NUM_THREADS
-    overrides."""
+    ranks each spinning threads over both cores of a 2-core machine made a tiny Qwen3-MoE's TP 2 step 151 ms, 28
+    with a thread each). Set after the model has loaded (casting weights on the host does use the cores);
+    OMP_NUM_THREADS overrides."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     threads = 1 if device.type == "cuda" else max(1, torch.get_num_threads() // ranks_here)

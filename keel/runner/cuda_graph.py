@@ -91,9 +91,9 @@ class CudaGraphRunner:
                  device: torch.device, input_features: Optional[tuple[int, torch.dtype]] = None,
                  tree: bool = False) -> None:
         """Capture `forward_hidden` and `compute_logits` for each of `sizes` (capture_sizes). The input buffers
-        are sized from the largest, so no replay can write past them. `input_features`: (size, dtype) of ForwardBatch.input_features, for a model that reads them (an EAGLE
-        head); `tree`: capture with a TreeMask input, so that draft trees replay too (rows outside a tree get the
-        mask that hides nothing)."""
+        are sized from the largest, so no replay can write past them. `input_features`: (size, dtype) of
+        ForwardBatch.input_features, for a model that reads them (an EAGLE head); `tree`: capture with a TreeMask
+        input, so that draft trees replay too (rows outside a tree get the mask that hides nothing)."""
         self.device = device
         self.sizes = sorted(sizes)
         self.max_bs = max_bs = self.sizes[-1]

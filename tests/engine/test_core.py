@@ -26,7 +26,7 @@ def test_a_gpu_engine_keeps_one_host_thread(threads, monkeypatch):
 
 
 def test_ranks_on_the_cpu_share_its_cores(threads, monkeypatch):
-    """Two ranks each spinning threads over all the cores took a tiny model's TP 2 step 7x longer."""
+    """Two ranks each spinning threads over all the cores made a tiny model's TP 2 step 5x longer."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     limit_host_threads(torch.device("cpu"), ranks_here=2)
     assert torch.get_num_threads() == 2
