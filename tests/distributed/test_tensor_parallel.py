@@ -42,18 +42,21 @@ def test_two_ranks_holding_whole_experts_give_the_tokens_of_one(kind, tiny_model
         assert_same_greedy(a, b, f"{kind}: prompt {i}")
 
 
-@pytest.mark.parametrize("parallel", [dict(tp_size=2), dict(tp_size=2, ep_size=2)], ids=["tp", "ep"])
+@pytest.mark.parametrize("parallel", [dict(tp_size=2), dict(tp_size=2, ep_size=2),
+                                      dict(tp_size=2, ep_size=2, dp_size=2, enable_dp_attention=True)],
+                         ids=["tp", "ep", "dp-attention"])
 def test_fused_moe_kernels_on_two_ranks_give_the_tokens_of_one(parallel, tiny_model, make_engine):
     """The Triton backend (interpreted on a CPU): each rank's fused MoE output is summed over the ranks before the
     residual add (one rank adds it inside the kernels instead); a single request decodes through the unsorted
-    path, with the norm folded into the router and the experts' GEMVs."""
+    path, with the norm folded into the router and the experts' GEMVs (under DP attention, the other rank's
+    forwards are IDLE: zero tokens through the same kernels)."""
     directory, _ = tiny_model("qwen3-moe")
     prompts = random_prompts([1, 20], seed=60)
     params = keel.SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True, top_logprobs=2)
     single = make_engine(directory, page_size=4).generate(prompts, params)
     engine = make_engine(directory, page_size=4, attention_backend="triton", disable_cuda_graph=True, **parallel)
     try:
-        split = engine.generate(prompts, params)
+        split = [engine.generate([prompt], params)[0] for prompt in prompts]  # one at a time: one DP rank idles
     finally:
         engine.core.close()
     for i, (a, b) in enumerate(zip(split, single)):
