@@ -1,10 +1,11 @@
 """Fused mixture-of-experts: routing, tokens grouped by expert, and one grouped-GEMM launch per projection.
 
 Each token goes to its top-k experts, so the batch is T * k (token, expert) pairs. `align_by_expert` sorts the
-pairs by expert and pads each expert's group to a multiple of BLOCK_M, so every block of BLOCK_M sorted pairs
+pairs by expert and pads each expert's group to a multiple of a block size, so every block of sorted pairs
 belongs to one expert; all of it runs on the device with buffers sized from T, k and the expert count alone (no
 host sync, so it can be captured in a CUDA graph). Then two launches of `_expert_gemm_kernel`, each program one
-block of pairs times one tile of output columns, reading its expert's weights:
+block of pairs times one tile of output columns, reading its expert's weights (blocks larger the more pairs each
+expert gets, `expert_gemm_configs`):
   1. x[token] @ w13[e].T, gate and up columns of the tile in one program, storing silu(gate) * up;
   2. that @ w2[e].T, scaled by the pair's routing weight;
 and one more launch sums the k weighted rows of each token (into the residual stream, when asked).
@@ -17,6 +18,8 @@ gate/up programs; `fused_route` does the routing in one launch.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,26 +30,32 @@ from keel.kernels.gemv import GemvConfig
 from keel.kernels.norm import rms_norm
 from keel.kernels.pdl import pdl_launch_args, pdl_wait
 
-BLOCK_M = 16  # pairs per block; each expert's group is padded to a multiple of it
+@dataclass(frozen=True)
+class ExpertGemmConfig:
+    block_m: int  # pairs per program; the groups are padded to a multiple of the larger of the two GEMMs' block_m
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted pairs [P] int64: pair index t * k + j, or T * k for padding; the expert of each block of BLOCK_M
-    [P / BLOCK_M] int64, num_experts for blocks past the last group). P = T * k + num_experts * (BLOCK_M - 1),
-    rounded up to BLOCK_M: the most any routing can need."""
+def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted pairs [P] int64: pair index t * k + j, or T * k for padding; the expert of each block of block_m
+    [P / block_m] int64, num_experts for blocks past the last group). P = T * k + num_experts * (block_m - 1),
+    rounded up to block_m: the most any routing can need."""
     flat = ids.flatten()
     pairs = flat.numel()
     # scatter_add, not bincount: bincount reads the largest id back to the host, which a CUDA graph cannot hold
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded = (counts + block_m - 1) // block_m * block_m
     group_ends = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
     experts = flat[order]
     rank = torch.arange(pairs, device=ids.device) - (torch.cumsum(counts, 0) - counts)[experts]
-    size = triton.cdiv(pairs + num_experts * (BLOCK_M - 1), BLOCK_M) * BLOCK_M
+    size = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
     sorted_pairs = torch.full((size,), pairs, dtype=torch.int64, device=ids.device)
     sorted_pairs[group_ends[experts] - padded[experts] + rank] = order
-    block_starts = torch.arange(0, size, BLOCK_M, device=ids.device)
+    block_starts = torch.arange(0, size, block_m, device=ids.device)
     block_expert = torch.searchsorted(group_ends, block_starts, right=True)
     return sorted_pairs, block_expert
 
@@ -55,14 +64,15 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr,
                         num_pairs, N, K, stride_am, stride_we, stride_wn, stride_om,
                         TOP_K: tl.constexpr, ROWS_ARE_TOKENS: tl.constexpr, GATED: tl.constexpr,
-                        SCALED: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """out[pair, n] = a[row] @ w[e, n].T for one block of pairs (all of expert e) and one tile of n. Rows of `a`
-    are tokens (pair // TOP_K) or pairs. GATED: w holds [gate; up] rows (2N of them): out = silu(gate) * up.
-    SCALED: out *= the pair's routing weight."""
+                        SCALED: tl.constexpr, NUM_EXPERTS: tl.constexpr, EVEN_K: tl.constexpr, ALIGN_M: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """out[pair, n] = a[row] @ w[e, n].T for one block of BLOCK_M pairs (all of expert e) and one tile of n. The
+    groups are aligned to ALIGN_M, a multiple of BLOCK_M. Rows of `a` are tokens (pair // TOP_K) or pairs. GATED: w
+    holds [gate; up] rows (2N of them): out = silu(gate) * up. SCALED: out *= the pair's routing weight."""
     block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
-    if expert >= NUM_EXPERTS:
+    expert = tl.load(block_expert_ptr + block * BLOCK_M // ALIGN_M)
+    first_pair = tl.load(sorted_pairs_ptr + block * BLOCK_M)
+    if expert >= NUM_EXPERTS or first_pair >= num_pairs:  # padding follows a group's pairs: a block of it only
         return
     pairs = tl.load(sorted_pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
@@ -74,22 +84,23 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_pt
     up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < K
-        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + kk[None, :], mask=valid[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_expert + n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                    other=0.0)
+        a_ok = valid[:, None]
+        w_ok = n_ok[None, :]
+        if not EVEN_K:  # K a multiple of BLOCK_K needs no mask along k
+            a_ok = a_ok & (kk < K)[None, :]
+            w_ok = w_ok & (kk < K)[:, None]
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + kk[None, :], mask=a_ok, other=0.0)
+        w = tl.load(w_expert + n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=w_ok, other=0.0)
         if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")
+            acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
-            acc += tl.dot(a, w)
+            acc = tl.dot(a, w, acc)
         if GATED:
-            w_up = tl.load(w_expert + (N + n[None, :]).to(tl.int64) * stride_wn + kk[:, None],
-                           mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            w_up = tl.load(w_expert + (N + n[None, :]).to(tl.int64) * stride_wn + kk[:, None], mask=w_ok, other=0.0)
             if IEEE:
-                up += tl.dot(a, w_up, input_precision="ieee")
+                up = tl.dot(a, w_up, up, input_precision="ieee")
             else:
-                up += tl.dot(a, w_up)
+                up = tl.dot(a, w_up, up)
     if GATED:
         acc = acc * tl.sigmoid(acc) * up
     if SCALED:
@@ -254,22 +265,65 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     return out
 
 
+def expert_gemm_configs(tokens: int, top_k: int, num_experts: int) -> tuple[ExpertGemmConfig, ExpertGemmConfig]:
+    """The sorted grouped GEMMs' tiles (gate/up, down), the best of a sweep at Qwen3-30B-A3B's and Mixtral's sizes on
+    an H200 (docs/benchmarks.md). Blocks grow with the pairs each expert gets: a block re-reads its expert's weight
+    tiles, so 16-pair blocks at 8,192 tokens took 2.3-3.3x as long as these."""
+    per_expert = tokens * top_k / num_experts
+    if per_expert < 8:
+        small = ExpertGemmConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        return small, small
+    if per_expert < 32:
+        return (ExpertGemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
+                ExpertGemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4))
+    large = ExpertGemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    if per_expert < 1024:
+        return ExpertGemmConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3), large
+    return large, large
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def _fit(config: ExpertGemmConfig, n: int, k: int, gated: bool, x: torch.Tensor) -> ExpertGemmConfig:
+    """The config with tiles no wider than the problem, and fewer stages (then narrower tiles) where its pipeline
+    would not fit the device's shared memory (the tuned tiles fill an H200's 227 KiB)."""
+    block_n = min(config.block_n, max(16, triton.next_power_of_2(n)))
+    block_k = min(config.block_k, max(16, triton.next_power_of_2(k)))
+    stages = config.num_stages
+    if x.is_cuda:
+        limit = _shared_memory_per_block(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        b_tiles = 2 if gated else 1
+        while stages * (config.block_m + b_tiles * block_n) * block_k * x.element_size() > limit:
+            if stages > 2:
+                stages -= 1
+            else:
+                block_n //= 2
+    return ExpertGemmConfig(config.block_m, block_n, block_k, config.num_warps, stages)
+
+
 def _moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 gated: torch.Tensor, down: torch.Tensor) -> None:
     """Each pair's weighted expert output into `down` [T * k, H], the pairs grouped by expert: two grouped GEMMs."""
     num_experts, _, hidden = w13.shape
     inter = w2.shape[2]
-    top_k = ids.shape[1]
-    sorted_pairs, block_expert = align_by_expert(ids, num_experts + 1)  # blocks of expert E are skipped
+    tokens, top_k = ids.shape
+    configs = expert_gemm_configs(tokens, top_k, num_experts)
+    align_m = max(c.block_m for c in configs)
+    sorted_pairs, block_expert = align_by_expert(ids, num_experts + 1, align_m)  # blocks of expert E are skipped
     ieee = x.dtype == torch.float32
-    for a, w, out, n, k, first in ((x, w13, gated, inter, hidden, True), (gated, w2, down, hidden, inter, False)):
-        block_n = min(64, max(16, triton.next_power_of_2(n)))
-        block_k = min(64, max(16, triton.next_power_of_2(k)))
-        grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    for a, w, out, n, k, first, config in ((x, w13, gated, inter, hidden, True, configs[0]),
+                                           (gated, w2, down, hidden, inter, False, configs[1])):
+        config = _fit(config, n, k, first, x)
+        grid = (sorted_pairs.numel() // config.block_m, triton.cdiv(n, config.block_n))
         _expert_gemm_kernel[grid](a, w, out, sorted_pairs, block_expert, weights, ids.numel(), n, k, a.stride(0),
                                   w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k, ROWS_ARE_TOKENS=first,
-                                  GATED=first, SCALED=not first, NUM_EXPERTS=num_experts, BLOCK_M=BLOCK_M,
-                                  BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+                                  GATED=first, SCALED=not first, NUM_EXPERTS=num_experts, ALIGN_M=align_m,
+                                  EVEN_K=k % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                                  BLOCK_K=config.block_k, IEEE=ieee, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
 
 
 def _moe_unsorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

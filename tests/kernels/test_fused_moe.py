@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keel.kernels.fused_moe import BLOCK_M, align_by_expert, fused_moe
+from keel.kernels.fused_moe import align_by_expert, fused_moe
 from keel.models.layers.moe import route
 from tests.helpers import KERNEL_DEVICE
 
@@ -23,7 +23,7 @@ def reference(x, w13, w2, weights, ids):
     return out
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 37])
+@pytest.mark.parametrize("tokens", [1, 5, 37, 80])  # 80 x 2 over 8 experts: the sorted path's larger blocks
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (16, 8), (128, 8)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_fused_moe_matches_float32_experts(tokens, num_experts, top_k, renormalize):
@@ -61,16 +61,45 @@ def test_the_norm_before_and_the_residual_add_after(tokens):
     torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_pairs_are_grouped_by_expert_in_padded_blocks():
+@pytest.mark.parametrize("block_m", [2, 16, 64])
+def test_pairs_are_grouped_by_expert_in_padded_blocks(block_m):
     ids = torch.tensor([[3, 0], [3, 1], [0, 3]])  # expert 3 thrice, 0 twice, 1 once
-    sorted_pairs, block_expert = align_by_expert(ids, num_experts=4)
+    sorted_pairs, block_expert = align_by_expert(ids.to(KERNEL_DEVICE), num_experts=4, block_m=block_m)
+    sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
     pairs = ids.numel()
-    assert sorted_pairs.numel() == block_expert.numel() * BLOCK_M >= pairs + 4 * (BLOCK_M - 1)
-    blocks = sorted_pairs.view(-1, BLOCK_M)
-    assert block_expert[:3].tolist() == [0, 1, 3] and bool((block_expert[3:] == 4).all())
-    for block, expert in zip(blocks[:3], block_expert[:3].tolist()):
+    assert sorted_pairs.numel() == block_expert.numel() * block_m >= pairs + 4 * (block_m - 1)
+    blocks = sorted_pairs.view(-1, block_m)
+    experts = block_expert.tolist()
+    assert experts == sorted(experts) and experts[-1] == 4  # groups in expert order, then the unused blocks
+    for block, expert in zip(blocks, experts):
         real = block[block < pairs]
-        assert bool((ids.flatten()[real] == expert).all())
+        assert bool((ids.flatten()[real] == expert).all()) and (expert < 4 or real.numel() == 0)
+    used = [e for e in experts if e < 4]
+    assert {e: used.count(e) for e in used} == {e: -(-n // block_m) for e, n in ((0, 2), (1, 1), (3, 3))}
+    assert sorted(sorted_pairs[sorted_pairs < pairs].tolist()) == list(range(pairs))  # each pair exactly once
+
+
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_many_pairs_are_grouped_by_expert_across_programs(block_m):
+    """5,600 pairs over 33 experts: the counting and placing kernels run many programs each."""
+    num_experts = 33
+    ids = torch.randint(0, num_experts, (700, 8), generator=torch.Generator().manual_seed(block_m))
+    sorted_pairs, block_expert = align_by_expert(ids.to(KERNEL_DEVICE), num_experts, block_m)
+    sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
+    pairs = ids.numel()
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=num_experts)
+    used = block_expert[block_expert < num_experts]
+    assert torch.equal(used, torch.repeat_interleave(torch.arange(num_experts), (counts + block_m - 1) // block_m))
+    assert bool((block_expert[used.numel():] == num_experts).all())
+    group = sorted_pairs[:used.numel() * block_m]
+    real = group < pairs
+    assert torch.equal(flat[group[real]], torch.repeat_interleave(used, block_m)[real])
+    ends = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)
+    assert torch.equal(real.nonzero().flatten(), torch.cat([torch.arange(e - (c + block_m - 1) // block_m * block_m,
+                                                                         e - (c + block_m - 1) // block_m * block_m + c)
+                                                            for e, c in zip(ends.tolist(), counts.tolist())]))
+    assert bool((sorted_pairs[used.numel() * block_m:] == pairs).all())
     assert sorted(sorted_pairs[sorted_pairs < pairs].tolist()) == list(range(pairs))  # each pair exactly once
 
 
