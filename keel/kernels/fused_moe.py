@@ -39,24 +39,59 @@ class ExpertGemmConfig:
     num_stages: int
 
 
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, slots_ptr, num_pairs, BLOCK: tl.constexpr):
+    """Each pair's count of its expert, and its slot in the expert's group (the count before it was added)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < num_pairs
+    expert = tl.load(ids_ptr + i, mask=ok, other=0)
+    slot = tl.atomic_add(counts_ptr + expert, 1, mask=ok)
+    tl.store(slots_ptr + i, slot, mask=ok)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, counts_ptr, slots_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, size, E,
+                  ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Each program: its chunk of pairs to their places in the sorted list, and the padding and block experts of its
+    chunk of the list's positions. Every program derives the groups' starts from the counts itself (E is small; the
+    [BLOCK, E_PAD] tiles stay in registers because BLOCK is small)."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    is_pair = i < num_pairs
+    expert = tl.load(ids_ptr + i, mask=is_pair, other=0).to(tl.int32)
+    start = tl.sum(tl.where(experts[None, :] == expert[:, None], starts[None, :], 0), 1)
+    tl.store(sorted_pairs_ptr + start + tl.load(slots_ptr + i, mask=is_pair, other=0), i.to(tl.int64), mask=is_pair)
+    # position i of the list: in group g = the number of groups ending at or before it (E past the last group)
+    group = tl.sum(((ends[None, :] <= i[:, None]) & (experts < E)[None, :]).to(tl.int32), 1)
+    filled = tl.sum(tl.where(experts[None, :] == group[:, None], starts[None, :] + counts[None, :], 0), 1)
+    in_list = i < size
+    tl.store(sorted_pairs_ptr + i, num_pairs, mask=in_list & ((group >= E) | (i >= filled)))
+    tl.store(block_expert_ptr + i // ALIGN, group.to(tl.int64), mask=in_list & (i % ALIGN == 0))
+
+
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted pairs [P] int64: pair index t * k + j, or T * k for padding; the expert of each block of block_m
     [P / block_m] int64, num_experts for blocks past the last group). P = T * k + num_experts * (block_m - 1),
-    rounded up to block_m: the most any routing can need."""
+    rounded up to block_m: the most any routing can need. Within a group the pairs' order is arbitrary (atomics):
+    each pair's row is computed on its own, so results do not depend on it. Two launches and a fill: on an H200 in a
+    CUDA graph, 12-58 us at 16-8,192 tokens of Qwen3-30B-A3B (129 groups), where the torch ops before took 41-141."""
     flat = ids.flatten()
     pairs = flat.numel()
-    # scatter_add, not bincount: bincount reads the largest id back to the host, which a CUDA graph cannot hold
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    group_ends = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)
-    experts = flat[order]
-    rank = torch.arange(pairs, device=ids.device) - (torch.cumsum(counts, 0) - counts)[experts]
     size = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
-    sorted_pairs = torch.full((size,), pairs, dtype=torch.int64, device=ids.device)
-    sorted_pairs[group_ends[experts] - padded[experts] + rank] = order
-    block_starts = torch.arange(0, size, block_m, device=ids.device)
-    block_expert = torch.searchsorted(group_ends, block_starts, right=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    slots = torch.empty(pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs = torch.empty(size, dtype=torch.int64, device=ids.device)
+    block_expert = torch.empty(size // block_m, dtype=torch.int64, device=ids.device)
+    if pairs:
+        _count_kernel[(triton.cdiv(pairs, 256),)](flat, counts, slots, pairs, BLOCK=256)
+    place = 32  # list positions a program: with 129 groups, 256 spilled registers (136 us at 16 tokens on an H200)
+    _place_kernel[(triton.cdiv(size, place),)](flat, counts, slots, sorted_pairs, block_expert, pairs, size,
+                                               num_experts, ALIGN=block_m, E_PAD=triton.next_power_of_2(num_experts),
+                                               BLOCK=place, num_warps=8)
     return sorted_pairs, block_expert
 
 
