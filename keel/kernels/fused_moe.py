@@ -151,7 +151,7 @@ def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, norm_ptr, N
     """One pair and one tile of n (K a multiple of BLOCK_K). GATED: out[pair, n] = silu(x[token] . gate[n]) *
     (x[token] . up[n]), gate and up rows loaded in the same iteration, with NORM x RMS-normalised on the way as in
     keel's dense GEMV (x * norm weight in the products, 1 / rms(x) on the two sums); else out[pair, n] = weight[pair]
-    * (a[pair] . w2[expert, n]). Pairs of an expert this rank does not hold (id NUM_EXPERTS) store zeros. As in the
+    * (a[pair] . w2[expert, n]). Pairs of an expert this rank does not hold (id NUM_EXPERTS) store nothing. As in the
     dense GEMV, products are summed over k once, at the end. (Summing a token's k pairs inside the down
     projection's programs was slower at top-8: each program then reads k experts' tiles, a few rows of short runs
     each.)"""
@@ -161,7 +161,6 @@ def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, norm_ptr, N
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     if expert >= NUM_EXPERTS:
-        tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, tl.zeros([BLOCK_N], out_ptr.dtype.element_ty), mask=n_ok)
         return
     rows = w_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
     a_row = a_ptr + ((pair // TOP_K) if GATED else pair).to(tl.int64) * stride_a
@@ -194,17 +193,19 @@ def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, norm_ptr, N
 
 
 @triton.jit
-def _sum_pairs_kernel(down_ptr, out_ptr, N, stride_o, TOP_K: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr,
-                      PDL: tl.constexpr):
-    """out[t] = sum_j down[t * TOP_K + j] (in float32, rounded once); with ADD, out[t] += that sum (rounded first, as
-    the sum and a separate add would)."""
+def _sum_pairs_kernel(down_ptr, ids_ptr, out_ptr, N, stride_o, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                      ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out[t] = sum_j down[t * TOP_K + j] over the pairs of experts this rank holds (the others' rows were never
+    written), in float32, rounded once; with ADD, out[t] += that sum (rounded first, as the sum and a separate add
+    would)."""
     pdl_wait(PDL)
     t = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = n < N
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(down_ptr + (t * TOP_K + j).to(tl.int64) * N + n, mask=ok, other=0.0).to(tl.float32)
+        if tl.load(ids_ptr + t * TOP_K + j) < NUM_EXPERTS:
+            acc += tl.load(down_ptr + (t * TOP_K + j).to(tl.int64) * N + n, mask=ok, other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
     target = out_ptr + t.to(tl.int64) * stride_o + n
     if ADD:
@@ -286,17 +287,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     gated = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     down = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
     flat_weights = weights.flatten().to(torch.float32).contiguous()
+    flat_ids = ids.flatten().contiguous()
     if few_pairs(tokens, top_k, num_experts):
-        _moe_unsorted(x, w13, w2, flat_weights, ids.flatten().contiguous(), gated, down, norm_weight, eps)
+        _moe_unsorted(x, w13, w2, flat_weights, flat_ids, gated, down, norm_weight, eps)
     else:
         if norm_weight is not None:
             x = rms_norm(x, norm_weight, eps)
-        down.zero_()  # pairs of skipped experts stay 0
         _moe_sorted(x, w13, w2, flat_weights, ids, gated, down)
     block = min(1024, triton.next_power_of_2(hidden))
-    _sum_pairs_kernel[(tokens, triton.cdiv(hidden, block))](down, out, hidden, out.stride(0), TOP_K=top_k,
-                                                            ADD=add_to is not None, BLOCK=block,
-                                                            **pdl_launch_args(x.device))
+    _sum_pairs_kernel[(tokens, triton.cdiv(hidden, block))](down, flat_ids, out, hidden, out.stride(0), TOP_K=top_k,
+                                                            NUM_EXPERTS=num_experts, ADD=add_to is not None,
+                                                            BLOCK=block, **pdl_launch_args(x.device))
     return out
 
 
