@@ -79,11 +79,11 @@ def test_pairs_are_grouped_by_expert_in_padded_blocks(block_m):
     assert sorted(sorted_pairs[sorted_pairs < pairs].tolist()) == list(range(pairs))  # each pair exactly once
 
 
-@pytest.mark.parametrize("block_m", [16, 128])
-def test_many_pairs_are_grouped_by_expert_across_programs(block_m):
-    """5,600 pairs over 33 experts: the counting and placing kernels run many programs each."""
-    num_experts = 33
-    ids = torch.randint(0, num_experts, (700, 8), generator=torch.Generator().manual_seed(block_m))
+@pytest.mark.parametrize("block_m,num_experts,tokens", [(16, 33, 700), (128, 33, 700), (16, 300, 100)])
+def test_many_pairs_are_grouped_by_expert_across_programs(block_m, num_experts, tokens):
+    """Thousands of pairs: the counting and placing kernels run many programs each (with 300 experts, fewer list
+    positions a program)."""
+    ids = torch.randint(0, num_experts, (tokens, 8), generator=torch.Generator().manual_seed(block_m))
     sorted_pairs, block_expert = align_by_expert(ids.to(KERNEL_DEVICE), num_experts, block_m)
     sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
     pairs = ids.numel()
