@@ -334,7 +334,7 @@ def _fit(config: ExpertGemmConfig, n: int, k: int, gated: bool, x: torch.Tensor)
     if x.is_cuda:
         limit = _shared_memory_per_block(x.device.index if x.device.index is not None else torch.cuda.current_device())
         b_tiles = 2 if gated else 1
-        while stages * (config.block_m + b_tiles * block_n) * block_k * x.element_size() > limit:
+        while stages * (config.block_m + b_tiles * block_n) * block_k * x.element_size() > limit and block_n > 16:
             if stages > 2:
                 stages -= 1
             else:
