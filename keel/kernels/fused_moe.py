@@ -160,10 +160,10 @@ def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, norm_ptr, N
     pdl_wait(PDL)
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
     if expert >= NUM_EXPERTS:
         return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
     rows = w_ptr + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
     a_row = a_ptr + ((pair // TOP_K) if GATED else pair).to(tl.int64) * stride_a
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -332,7 +332,7 @@ def _fit(config: ExpertGemmConfig, n: int, k: int, gated: bool, x: torch.Tensor)
     block_k = min(config.block_k, max(16, triton.next_power_of_2(k)))
     stages = config.num_stages
     if x.is_cuda:
-        limit = _shared_memory_per_block(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        limit = _shared_memory_per_block(x.device.index)  # a CUDA tensor's device always names its index
         b_tiles = 2 if gated else 1
         while stages * (config.block_m + b_tiles * block_n) * block_k * x.element_size() > limit and block_n > 16:
             if stages > 2:
