@@ -5,8 +5,9 @@ Before each forward the ranks agree, on the host, on the round's shape (`agree_r
 A rank with no requests brings zero and runs an IDLE forward; a round where no rank has tokens runs no forward at
 all. In a decode round (every rank decoding or idle) each rank pads its batch to the largest one, so every rank
 runs the same shape (the same captured CUDA graph; padded rows are neutral), and an idle rank's forward is all
-padding. Around each MLP the round's tokens are gathered (`DpRound.gather`), the split MLP runs on all of them (its
-all-reduce sums the ranks' slices), and each rank keeps its own rows (`DpRound.own`).
+padding. Around each MLP the round's tokens are gathered (`DpRound.gather`), the split MLP runs on all of them, and
+its partial results are summed over the ranks by a reduce-scatter that leaves each rank its own rows
+(`DpRound.scatter_sum`).
 
 The round is a value of its forward, carried by its ForwardBatch like the attention metadata (DESIGN rule
 "metadata is a value"): nothing of a previous round is reachable from the next.
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from keel.distributed.parallel import all_gather_rows, tensor_parallel
+from keel.distributed.parallel import all_gather_rows, reduce_scatter_rows, tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,10 @@ class DpRound:
             raise ValueError(f"DP round: rank {self.rank} brings {hidden.shape[0]} rows, the round says {mine}")
         return all_gather_rows(F.pad(hidden, (0, 0, 0, self.padded - mine)) if mine < self.padded else hidden)
 
-    def own(self, gathered: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a gathered tensor."""
-        start = self.rank * self.padded
-        return gathered[start:start + self.tokens[self.rank]]
+    def scatter_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the sum over the ranks of `partial` (each rank's partial result of a split layer on
+        the gathered rows): a reduce-scatter, half the traffic of an all-reduce, and no rank adds rows it drops."""
+        return reduce_scatter_rows(partial)[:self.tokens[self.rank]]
 
 
 def agree_round(tokens: int, decode: bool) -> DpRound | None:

@@ -149,8 +149,20 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# torch 2.13 renamed all_gather_into_tensor (deprecated there); torch 2.11 has only the old name
+def reduce_scatter_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rank r's block of rows of the sum of `x` over the ranks: x is [size * rows, ...] on every rank; returns the
+    sum's rows [r * rows, (r + 1) * rows)."""
+    if _TP.size == 1:
+        return x
+    out = x.new_empty((x.shape[0] // _TP.size,) + tuple(x.shape[1:]))
+    _reduce_scatter_single(out, x.contiguous(), group=_TP.group)
+    return out
+
+
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (deprecated there); torch 2.11 has only the
+# old names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

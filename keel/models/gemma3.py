@@ -76,8 +76,9 @@ class Gemma3MLP(nn.Module):
         self.act = GeluTanhAndMul()
         self.down_proj = Linear(size, config.hidden_size, fused=fused, parallel="row")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
+        """The MLP of x; with `partial`, this rank's share, not yet summed over the ranks (LlamaMLP)."""
+        return self.down_proj(self.act(self.gate_up_proj(x)), reduce=not partial)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -96,8 +97,8 @@ class Gemma3DecoderLayer(nn.Module):
         attn = self.self_attn(positions, self.input_layernorm(hidden), ctx)
         hidden = hidden + self.post_attention_layernorm(attn)
         x = self.pre_feedforward_layernorm(hidden)
-        # data-parallel attention: the split MLP runs on every rank's tokens; this rank keeps its own
-        mlp = self.mlp(x) if ctx.dp is None else ctx.dp.own(self.mlp(ctx.dp.gather(x)))
+        # data-parallel attention: the split MLP runs on every rank's tokens; this rank sums its own over the ranks
+        mlp = self.mlp(x) if ctx.dp is None else ctx.dp.scatter_sum(self.mlp(ctx.dp.gather(x), partial=True))
         return hidden + self.post_feedforward_layernorm(mlp)
 
 

@@ -64,9 +64,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, fused=fused, parallel="column")
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, fused=fused, parallel="row")
 
-    def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """hidden += mlp(norm(hidden)), in place."""
-        return self.down_proj(self.gate_up_proj(hidden, norm=norm), add_to=hidden)
+    def forward(self, hidden: torch.Tensor, norm: RMSNorm, partial: bool = False) -> torch.Tensor:
+        """hidden += mlp(norm(hidden)), in place; with `partial`, this rank's share of mlp(norm(hidden)) instead,
+        not yet summed over the ranks (data-parallel attention sums it with a reduce-scatter)."""
+        x = self.gate_up_proj(hidden, norm=norm)
+        return self.down_proj(x, reduce=False) if partial else self.down_proj(x, add_to=hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,14 +85,14 @@ class LlamaDecoderLayer(nn.Module):
                                  moe.renormalize, fused)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Updates the residual stream `hidden` in place and returns it (under data-parallel attention, this rank's
-        rows of the gathered stream). Each norm is applied by the projection that follows it and each residual add
+        """Updates the residual stream `hidden` in place and returns it. Each norm is applied by the projection that follows it and each residual add
         by the projection that precedes it, so a one-row step needs no norm or add kernels."""
         hidden = self.self_attn(positions, hidden, self.input_layernorm, ctx)
         if ctx.dp is None:
             return self.mlp(hidden, self.post_attention_layernorm)
-        # data-parallel attention: the split MLP runs on every rank's tokens; this rank keeps its own
-        return ctx.dp.own(self.mlp(ctx.dp.gather(hidden), self.post_attention_layernorm))
+        # data-parallel attention: the split MLP runs on every rank's tokens; this rank sums its own over the ranks
+        partial = self.mlp(ctx.dp.gather(hidden), self.post_attention_layernorm, partial=True)
+        return hidden.add_(ctx.dp.scatter_sum(partial))
 
 
 class LlamaModel(nn.Module):

@@ -44,11 +44,17 @@ class Linear(nn.Module):
                 self.bias.tp_dim = 0
 
     def forward(self, x: torch.Tensor, norm: Optional[RMSNorm] = None,
-                add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """norm(x) @ weight.T + bias; with `add_to`, added into that tensor in place and returned."""
+                add_to: Optional[torch.Tensor] = None, reduce: bool = True) -> torch.Tensor:
+        """norm(x) @ weight.T + bias; with `add_to`, added into that tensor in place and returned. A row-parallel
+        layer sums its ranks' partial products; with `reduce` False it returns this rank's partial product (the bias
+        in rank 0's) for a caller that sums them itself (data-parallel attention's reduce-scatter)."""
         if self.parallel == "row" and tensor_parallel().size > 1:
-            out = all_reduce(self._product(x, norm))
-            if self.bias is not None:
+            if not reduce and add_to is not None:
+                raise ValueError("a partial product (reduce=False) cannot be added into the stream")
+            out = self._product(x, norm)
+            if reduce:
+                out = all_reduce(out)
+            if self.bias is not None and (reduce or tensor_parallel().rank == 0):
                 out += self.bias
             return out if add_to is None else add_to.add_(out)
         if self.fused and gemv_applies(x, self.weight):

@@ -64,16 +64,18 @@ class SparseMoE(nn.Module):
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.top_k, self.renormalize, self.fused = top_k, renormalize, fused
 
-    def forward(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """hidden += moe(norm(hidden)), in place."""
+    def forward(self, hidden: torch.Tensor, norm: RMSNorm, partial: bool = False) -> torch.Tensor:
+        """hidden += moe(norm(hidden)), in place; with `partial`, this rank's share of moe(norm(hidden)) instead, not
+        yet summed over the ranks (LlamaMLP)."""
         if self.fused:
-            return self._fused(hidden, norm)
+            return self._fused(hidden, norm, partial)
         x = norm(hidden)
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         out = self._experts_one_by_one(x, weights.to(x.dtype), self.experts.local_ids(ids))
-        return hidden.add_(all_reduce(out))  # the ranks' slices of every expert (or their experts) sum to the output
+        # the ranks' slices of every expert (or their experts) sum to the output
+        return out if partial else hidden.add_(all_reduce(out))
 
-    def _fused(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def _fused(self, hidden: torch.Tensor, norm: RMSNorm, partial: bool) -> torch.Tensor:
         from keel.kernels.fused_moe import few_pairs, fused_moe, fused_route  # Triton only when asked for
 
         w13, w2 = self.experts.w13, self.experts.w2
@@ -83,9 +85,10 @@ class SparseMoE(nn.Module):
         weights, ids = fused_route(self.gate(x, norm=norm if fold else None), self.top_k, self.renormalize)
         norm_args = (norm.weight, norm.eps) if fold else (None, 0.0)
         ids = self.experts.local_ids(ids)
-        if tensor_parallel().size == 1:  # nothing to sum over ranks: the k-sum goes straight into the stream
+        if tensor_parallel().size == 1 and not partial:  # nothing to sum over ranks: the k-sum goes into the stream
             return fused_moe(x, w13, w2, weights, ids, *norm_args, add_to=hidden)
-        return hidden.add_(all_reduce(fused_moe(x, w13, w2, weights, ids, *norm_args)))
+        out = fused_moe(x, w13, w2, weights, ids, *norm_args)
+        return out if partial else hidden.add_(all_reduce(out))
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
