@@ -159,6 +159,23 @@ def reduce_scatter_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """Rows of `x`, grouped by destination (send_counts[d] rows for rank d, in rank order), sent to their ranks;
+    returns the rows received, grouped by source (recv_counts[s] from rank s)."""
+    out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=_TP.group)
+    return out
+
+
+def exchange_counts(send_counts: list[int], device: torch.device) -> list[int]:
+    """How many rows each rank will send this one, given how many this one sends each (all-to-all of the counts;
+    the host waits for it: the receive buffers are sized from it)."""
+    sent = torch.tensor(send_counts, dtype=torch.int64, device=device)
+    received = torch.empty_like(sent)
+    dist.all_to_all_single(received, sent, group=_TP.group)
+    return received.tolist()
+
+
 # torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (deprecated there); torch 2.11 has only the
 # old names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from keel.attention.base import AttentionContext, AttentionLayer, Rotation
-from keel.distributed.parallel import attention_parallel, attention_split
+from keel.distributed.parallel import attention_parallel, attention_split, tensor_parallel
 from keel.models.causal_lm import CausalLM
 from keel.models.config import ModelConfig
 from keel.models.layers.embedding import LMHead, VocabEmbedding
@@ -90,6 +90,9 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, self.input_layernorm, ctx)
         if ctx.dp is None:
             return self.mlp(hidden, self.post_attention_layernorm)
+        dispatch = isinstance(self.mlp, SparseMoE) and tensor_parallel().whole_experts and not ctx.dp.decode
+        if dispatch:  # each token to the ranks of its experts only (all-to-all)
+            return hidden.add_(self.mlp.dispatched(hidden, self.post_attention_layernorm))
         # data-parallel attention: the split MLP runs on every rank's tokens; this rank sums its own over the ranks
         partial = self.mlp(ctx.dp.gather(hidden), self.post_attention_layernorm, partial=True)
         return hidden.add_(ctx.dp.scatter_sum(partial))

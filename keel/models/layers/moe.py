@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keel.distributed.parallel import all_reduce, split, tensor_parallel
+from keel.distributed.parallel import all_reduce, all_to_all_rows, exchange_counts, split, tensor_parallel
 from keel.models.layers.linear import Linear
 from keel.models.layers.norm import RMSNorm
 
@@ -70,8 +70,8 @@ class SparseMoE(nn.Module):
         if self.fused:
             return self._fused(hidden, norm, partial)
         x = norm(hidden)
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        out = self._experts_one_by_one(x, weights.to(x.dtype), self.experts.local_ids(ids))
+        weights, ids = self._route(x)
+        out = self._experts(x, weights, self.experts.local_ids(ids))
         # the ranks' slices of every expert (or their experts) sum to the output
         return out if partial else hidden.add_(all_reduce(out))
 
@@ -89,6 +89,45 @@ class SparseMoE(nn.Module):
             return fused_moe(x, w13, w2, weights, ids, *norm_args, add_to=hidden)
         out = fused_moe(x, w13, w2, weights, ids, *norm_args)
         return out if partial else hidden.add_(all_reduce(out))
+
+    def dispatched(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """moe(norm(hidden)) for this rank's own tokens under expert parallelism: each token's row goes (all-to-all)
+        only to the ranks holding one of its experts, they run those experts on the rows they receive, and send
+        the results back, summed here over the ranks. For data-parallel attention's eager rounds (their token
+        counts differ by rank and step; decode rounds gather instead, in one shape a CUDA graph can hold)."""
+        x = norm(hidden)
+        weights, ids = self._route(x)
+        count, ranks = self.experts.w13.shape[0], tensor_parallel().size
+        owner = ids // count  # the rank holding each chosen expert
+        rows = [(owner == rank).any(dim=1).nonzero()[:, 0] for rank in range(ranks)]  # tokens each rank gets
+        send = [len(r) for r in rows]
+        receive = exchange_counts(send, x.device)
+        order = torch.cat(rows)
+        destination = torch.repeat_interleave(torch.arange(ranks, device=x.device),
+                                              torch.tensor(send, device=x.device))
+        # each sent row carries its k choices as that rank's expert indices; choices of other ranks' experts get
+        # `count`, an expert no kernel runs
+        local = torch.where(owner[order] == destination[:, None], ids[order] - destination[:, None] * count, count)
+        out = self._experts(all_to_all_rows(x[order], send, receive),
+                            all_to_all_rows(weights[order], send, receive),
+                            all_to_all_rows(local, send, receive))
+        back = all_to_all_rows(out, receive, send)
+        per_rank = x.new_zeros((ranks,) + tuple(x.shape))
+        per_rank[destination, order] = back
+        return per_rank.sum(dim=0)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            from keel.kernels.fused_moe import fused_route
+            return fused_route(self.gate(x), self.top_k, self.renormalize)
+        return route(self.gate(x), self.top_k, self.renormalize)
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) over this rank's experts (an id of `count`: none)."""
+        if self.fused:
+            from keel.kernels.fused_moe import fused_moe
+            return fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        return self._experts_one_by_one(x, weights.to(x.dtype), ids)
 
     def _experts_one_by_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
