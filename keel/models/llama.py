@@ -85,8 +85,9 @@ class LlamaDecoderLayer(nn.Module):
                                  moe.renormalize, fused)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Updates the residual stream `hidden` in place and returns it. Each norm is applied by the projection that follows it and each residual add
-        by the projection that precedes it, so a one-row step needs no norm or add kernels."""
+        """Updates the residual stream `hidden` in place and returns it. Each norm is applied by the projection that
+        follows it and each residual add by the projection that precedes it, so a one-row step needs no norm or add
+        kernels."""
         hidden = self.self_attn(positions, hidden, self.input_layernorm, ctx)
         if ctx.dp is None:
             return self.mlp(hidden, self.post_attention_layernorm)
