@@ -8,6 +8,8 @@ kernels; otherwise each expert runs on the tokens routed to it, in plain torch, 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,13 +78,13 @@ class SparseMoE(nn.Module):
         return out if partial else hidden.add_(all_reduce(out))
 
     def _fused(self, hidden: torch.Tensor, norm: RMSNorm, partial: bool) -> torch.Tensor:
-        from keel.kernels.fused_moe import few_pairs, fused_moe, fused_route  # Triton only when asked for
+        from keel.kernels.fused_moe import few_pairs, fused_moe  # Triton only when asked for
 
         w13, w2 = self.experts.w13, self.experts.w2
         # Batch-1 decode: the norm folds into the router's GEMV and the experts' gate/up GEMV, one kernel fewer.
         fold = few_pairs(hidden.shape[0], self.top_k, w13.shape[0])
         x = hidden if fold else norm(hidden)
-        weights, ids = fused_route(self.gate(x, norm=norm if fold else None), self.top_k, self.renormalize)
+        weights, ids = self._route(x, norm if fold else None)
         norm_args = (norm.weight, norm.eps) if fold else (None, 0.0)
         ids = self.experts.local_ids(ids)
         if tensor_parallel().size == 1 and not partial:  # nothing to sum over ranks: the k-sum goes into the stream
@@ -116,11 +118,13 @@ class SparseMoE(nn.Module):
         per_rank[destination, order] = back
         return per_rank.sum(dim=0)
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor, norm: Optional[RMSNorm] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) of the router on x (on norm(x), folded into the router's GEMV, when given)."""
+        logits = self.gate(x, norm=norm)
         if self.fused:
             from keel.kernels.fused_moe import fused_route
-            return fused_route(self.gate(x), self.top_k, self.renormalize)
-        return route(self.gate(x), self.top_k, self.renormalize)
+            return fused_route(logits, self.top_k, self.renormalize)
+        return route(logits, self.top_k, self.renormalize)
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) over this rank's experts (an id of `count`: none)."""
