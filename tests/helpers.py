@@ -47,9 +47,11 @@ TINY_MODELS: dict[str, tuple[type, type, dict]] = {
 }
 
 
-def build_tiny_hf_model(kind: str, directory: Path, seed: int = 0, max_shard_size: str | None = None):
+def build_tiny_hf_model(kind: str, directory: Path, seed: int = 0, max_shard_size: str | None = None,
+                        **overrides):
+    """A tiny random checkpoint of `kind` in `directory`; `overrides`: config fields to change."""
     config_cls, model_cls, extra = TINY_MODELS[kind]
-    config = config_cls(**{**_COMMON, **extra})
+    config = config_cls(**{**_COMMON, **extra, **overrides})
     config.architectures = [model_cls.__name__]
     model = model_cls(config).eval()
     init_random_weights(model, seed, std=WEIGHT_STD)

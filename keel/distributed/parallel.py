@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Optional
+from typing import Literal, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # a rank waits this long for the others at a collective before failing (a dead peer must not hang it forever)
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -73,6 +74,16 @@ def tensor_parallel() -> TensorParallel:
     return _TP
 
 
+def gather_on_host(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, over the host group; [value] with one rank. Every rank calls
+    it at the same point of the same step: how ranks agree on what only some of them saw (a clock, a transfer)."""
+    if _TP.control is None:
+        return [value]
+    values: list = [None] * _TP.size
+    dist.all_gather_object(values, value, group=_TP.control)
+    return values
+
+
 def split(size: int, what: str) -> int:
     """This rank's share of `size` (e.g. attention heads), which must divide evenly."""
     tp = _TP.size
@@ -82,9 +93,16 @@ def split(size: int, what: str) -> int:
 
 
 def attention_split(size: int, what: str) -> int:
-    """This rank's share of an attention-side size (heads, KV heads, the vocabulary): all of it under data-parallel
-    attention, else split()."""
+    """This rank's share of an attention-side size (heads, KV heads): all of it under data-parallel attention, else
+    split()."""
     return size if _TP.dp_attention else split(size, what)
+
+
+def vocab_rows(vocab_size: int) -> int:
+    """Rows of the vocabulary this rank's embedding and LM head hold: all of them with one rank or under
+    data-parallel attention, else an equal share rounded up, so that any vocabulary splits (the last rank's rows
+    past the vocabulary are zeros, never looked up, and their logits are dropped)."""
+    return vocab_size if _TP.dp_attention or _TP.size == 1 else -(-vocab_size // _TP.size)
 
 
 def attention_parallel(kind: Parallel) -> Parallel:

@@ -98,6 +98,12 @@ def _read_rank_slice(f, hf_name: str, param: torch.Tensor) -> torch.Tensor:
         return f.get_tensor(hf_name)
     part = f.get_slice(hf_name)
     size = part.get_shape()[dim]
+    if getattr(param, "tp_padded", False):  # the vocabulary's rows: an equal share rounded up, zeros past the end
+        rows = param.shape[0]
+        if -(-size // tp.size) != rows:
+            raise ValueError(f"{hf_name} has {size} rows, the model expects {rows} on each of {tp.size} ranks")
+        tensor = part[min(size, tp.rank * rows):min(size, (tp.rank + 1) * rows)]
+        return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
     if size % tp.size:
         raise ValueError(f"{hf_name} has {size} rows along dimension {dim}, not divisible by {tp.size} ranks")
     start, stop = tp.rank * size // tp.size, (tp.rank + 1) * size // tp.size

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import keel
-from tests.helpers import assert_same_greedy, random_prompts
+from tests.helpers import assert_same_greedy, build_tiny_hf_model, random_prompts
 
 KINDS = ["llama3", "qwen3", "qwen3-moe", "mixtral"]
 
@@ -24,6 +24,25 @@ def test_two_ranks_give_the_tokens_of_one(kind, tiny_model, make_engine):
     engine.core.close()
     for i, (a, b) in enumerate(zip(split, single)):
         assert_same_greedy(a, b, f"{kind}: prompt {i}")  # sums in another order: equal up to rounding
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])  # the LM head tied to the embedding, and its own
+def test_a_vocabulary_the_ranks_do_not_divide_splits_with_padding(kind, make_engine, tmp_path):
+    """383 rows over two ranks: 192 each, the last rank's last row padding (zeros, its logit dropped); ids on both
+    sides of the boundary."""
+    build_tiny_hf_model(kind, tmp_path, vocab_size=383)
+    prompts = random_prompts([5, 23], vocab=383, seed=3)
+    params = keel.SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=2)
+    single = make_engine(tmp_path, page_size=4).generate(prompts, params)
+    engine = make_engine(tmp_path, page_size=4, tp_size=2)
+    try:
+        assert engine.core.runner.model.model.embed_tokens.weight.shape[0] == 192
+        split = engine.generate(prompts, params)
+    finally:
+        engine.core.close()
+    for i, (a, b) in enumerate(zip(split, single)):
+        assert len(a.logprobs[0].top) == 2 and max(t for t, _ in a.logprobs[0].top) < 383
+        assert_same_greedy(a, b, f"{kind}, vocabulary 383: prompt {i}")
 
 
 @pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
