@@ -34,7 +34,7 @@ import torch
 
 from keel.bench.common import append_result, environment
 from keel.cache.kv_pool import KVPool
-from keel.disagg.kv_transfer import KVTransferAgent, PagePlan, PeerInfo, TransferError, TransferState
+from keel.disagg.kv_transfer import AgentInfo, KVTransferAgent, PagePlan, TransferError, TransferState
 from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
 
@@ -98,10 +98,10 @@ class DecodeSide:
     def __init__(self, spec: PoolSpec, device: str, name: str) -> None:
         self.name = name
         self.pool = spec.make(_device(device))
-        self.agent = KVTransferAgent(name, self.pool)
+        self.agent = KVTransferAgent(name, self.pool, progress_thread=True)  # it idles while the writer times
 
-    def peer_info(self) -> PeerInfo:
-        return self.agent.peer_info()
+    def info(self) -> AgentInfo:
+        return self.agent.info()
 
     def clear(self) -> None:
         self.pool.k_cache.zero_()
@@ -244,7 +244,7 @@ def measure(args: argparse.Namespace, spec: PoolSpec) -> list[Row]:
         _sync([src_device])
         prefill = KVTransferAgent("bench-prefill", pool)
         stack.callback(prefill.close)
-        prefill.connect(decode.peer_info())
+        prefill.connect(decode.info())
         for order in args.order:
             for tokens in args.tokens:
                 plan = plan_pages(tokens, spec, order, rng)

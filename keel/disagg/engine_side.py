@@ -17,18 +17,25 @@ saying it is done with it). A prefill server therefore reports the end of an abo
 destination (finish "abort", no error) once nothing more will be written for it: the decode server may then free
 the pages it held for it (`sender_done`). Nothing waits forever: past `transfer_timeout_s` a transfer still in
 progress is given up on either side (its peer is taken for gone) and its request ends with an error.
+
+Under tensor parallelism every rank holds its KV heads' share of each page and has its own transfer agent; rank r
+of a prefill server writes to rank r of a decode server. The ranks run the same scheduler, so what they decide must
+not depend on what only one of them saw: at each poll they exchange what their transfer agents reported and rank
+0's clock (`gather_on_host`), then all apply the same outcome. A request's KV has arrived when every rank's has; a
+transfer has ended when every rank's write has, and succeeded only if all did.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from keel.cache.kv_cache import KVCacheManager
 from keel.disagg.kv_transfer import (KVDestination, KVTransferAgent, PagePlan, PeerInfo, Transfer, TransferError,
                                      TransferState)
+from keel.distributed.parallel import gather_on_host, tensor_parallel
 from keel.engine.outputs import CoreOutput
 from keel.scheduler.req import Req
 from keel.scheduler.scheduler import Scheduler
@@ -55,9 +62,37 @@ class TransferStats:
 class Receiving:
     """A decode server's preallocated request, waiting for its KV."""
 
-    deadline: float
+    deadline: float  # (rank 0's decides)
     since: float
-    bytes: int
+    bytes: int  # every rank's share
+    landed: dict[int, int] = field(default_factory=dict)  # rank -> the first token its notification carried
+
+
+@dataclass
+class Sending:
+    """A prefill server's request whose KV this rank is writing."""
+
+    transfer: Optional[Transfer]  # None: this rank's write failed to start
+    error: str  # why it failed to start
+    deadline: float  # when to give up on it (rank 0's decides)
+    started: float
+
+
+@dataclass(frozen=True)
+class SendsSeen:
+    """What one prefill rank saw at a poll: its writes' states, and by rank 0's clock which are overdue."""
+
+    states: dict[int, tuple[TransferState, int, str]]  # rid -> (this rank's write: state, bytes moved, error)
+    overdue: frozenset[int] = frozenset()  # writes still unfinished past their deadline: given up on
+
+
+@dataclass(frozen=True)
+class ArrivalsSeen:
+    """What one decode rank saw at a poll: the notifications of KV that landed in its pool, and by rank 0's clock
+    which requests waited too long."""
+
+    notes: tuple[tuple[int, int], ...]  # (rid, first token)
+    overdue: frozenset[int] = frozenset()
 
 
 class DisaggSide:
@@ -68,7 +103,9 @@ class DisaggSide:
         self.kv = kv
         self.agent = agent
         self.transfer_timeout_s = transfer_timeout_s
-        self.sending: dict[int, tuple[Transfer, float]] = {}  # prefill: transfers in flight and when to give up
+        self.rank, self.ranks = tensor_parallel().rank, tensor_parallel().size
+        self.peers: dict[str, str] = {}  # prefill: decode server's name -> its agent this rank writes to
+        self.sending: dict[int, Sending] = {}  # prefill: transfers in flight
         self.receiving: dict[int, Receiving] = {}  # decode: preallocated requests, by id
         self.aborted: set[int] = set()  # parked requests already reported finished, waiting for their transfer
         self.ended: list[int] = []  # prefill: aborted requests no transfer touches any more, to report
@@ -76,11 +113,15 @@ class DisaggSide:
 
     # ---- both roles ----------------------------------------------------------------------------
 
-    def peer_info(self) -> PeerInfo:
-        return self.agent.peer_info()
-
     def connect(self, peer: PeerInfo) -> None:
-        self.agent.connect(peer)
+        """Prefill: reach the decode server's agent of this rank (rank r writes the KV heads of rank r)."""
+        if len(peer.agents) != self.ranks:
+            raise TransferError(f"the decode server {peer.name!r} runs {len(peer.agents)} tensor-parallel rank(s), "
+                                f"this prefill server {self.ranks}: rank r sends its KV heads to rank r, so both "
+                                "need the same --tp-size")
+        agent = peer.agents[self.rank]
+        self.agent.connect(agent)
+        self.peers[peer.name] = agent.name
 
     def poll(self) -> list[CoreOutput]:
         """Start the transfers of requests parked since the last call, and end the requests whose transfers have
@@ -121,8 +162,8 @@ class DisaggSide:
         swa_pages = self._swa_pages(req.rid, window_page)
         now = time.monotonic()
         layout = self.agent.layout
-        self.receiving[req.rid] = Receiving(now + self.transfer_timeout_s, now, len(pages) * layout.page_bytes("full")
-                                            + len(swa_pages) * layout.page_bytes("swa"))
+        self.receiving[req.rid] = Receiving(now + self.transfer_timeout_s, now, self.ranks * (
+            len(pages) * layout.page_bytes("full") + len(swa_pages) * layout.page_bytes("swa")))
         return KVDestination(self.agent.name, req.rid, req.seed, first, pages, window_page, swa_pages,
                              self.kv.row(req.rid), SEND_WITHIN * self.transfer_timeout_s)
 
@@ -133,27 +174,33 @@ class DisaggSide:
             self._drop_received(rid)
 
     def _poll_arrivals(self) -> list[CoreOutput]:
-        outputs = []
-        for note in self.agent.arrived():
-            rid, token = (int(field) for field in note.split(":"))
-            if rid not in self.receiving:
-                logger.warning("KV arrived for request %d, which is no longer waiting for it", rid)
-                continue
-            if rid in self.aborted:
-                self._drop_received(rid)
-                continue
-            arrival = self.receiving.pop(rid)
-            self._count(True, arrival.bytes, arrival.since)
-            req, reason = self.scheduler.unpark(rid, token)
-            outputs.append(CoreOutput(rid, [token], None, reason, req.num_cached_tokens, req.error))
         now = time.monotonic()
-        for rid in [rid for rid, waiting in self.receiving.items() if waiting.deadline < now]:
-            reported = rid in self.aborted
-            self.stats.failed += 1
-            req = self._drop_received(rid, f"request {rid}: its KV did not arrive within "
-                                           f"{self.transfer_timeout_s:.0f} s")
-            if not reported:
-                outputs.append(CoreOutput(rid, [], None, "abort", req.num_cached_tokens, req.error))
+        notes = tuple((int(rid), int(token)) for rid, token in (note.split(":") for note in self.agent.arrived()))
+        overdue = frozenset(rid for rid, waiting in self.receiving.items() if waiting.deadline < now)
+        seen = gather_on_host(ArrivalsSeen(notes, overdue if self.rank == 0 else frozenset()))
+        for rank, view in enumerate(seen):
+            for rid, token in view.notes:
+                if rid in self.receiving:
+                    self.receiving[rid].landed[rank] = token
+                elif self.rank == 0:
+                    logger.warning("KV arrived for request %d, which is no longer waiting for it", rid)
+        outputs = []
+        for rid, waiting in list(self.receiving.items()):
+            if len(waiting.landed) == self.ranks:  # every rank's share is here
+                if rid in self.aborted:
+                    self._drop_received(rid)
+                    continue
+                del self.receiving[rid]
+                self._count(True, waiting.bytes, waiting.since)
+                req, reason = self.scheduler.unpark(rid, waiting.landed[0])
+                outputs.append(CoreOutput(rid, [waiting.landed[0]], None, reason, req.num_cached_tokens, req.error))
+            elif rid in seen[0].overdue:
+                reported = rid in self.aborted
+                self.stats.failed += 1
+                req = self._drop_received(rid, f"request {rid}: its KV did not arrive within "
+                                               f"{self.transfer_timeout_s:.0f} s")
+                if not reported:
+                    outputs.append(CoreOutput(rid, [], None, "abort", req.num_cached_tokens, req.error))
         return outputs
 
     def _drop_received(self, rid: int, error: Optional[str] = None) -> Req:
@@ -164,57 +211,85 @@ class DisaggSide:
     # ---- prefill server ------------------------------------------------------------------------
 
     def _poll_sends(self) -> list[CoreOutput]:
-        outputs = []
-        for rid, req in list(self.scheduler.parked.items()):
-            if rid not in self.sending:
-                outputs += self._send(req)
+        outputs, lead = [], self.rank == 0
+        ready = [req for rid, req in self.scheduler.parked.items() if rid not in self.sending]
+        if ready:  # (the same on every rank) by rank 0's clock, which may no longer be sent
+            now = time.monotonic()
+            late = gather_on_host(frozenset(req.rid for req in ready if now > req.kv_send_by) if lead else None)[0]
+            for req in ready:
+                outputs += self._send(req, late=req.rid in late)
         now = time.monotonic()
-        for rid, (transfer, deadline) in list(self.sending.items()):
-            state = self.agent.poll(transfer)
-            error = f"request {rid}: the KV transfer to {transfer.peer!r} failed"
-            if state is TransferState.IN_PROGRESS and now > deadline:  # a peer gone mid-transfer: stop waiting
-                self.agent.release(transfer)
-                state = TransferState.FAILED
-                error = (f"request {rid}: the KV transfer to {transfer.peer!r} did not finish within "
-                         f"{self.transfer_timeout_s:.0f} s")
-            if state is TransferState.IN_PROGRESS:
-                continue
-            del self.sending[rid]
-            self._count(state is TransferState.DONE, transfer.bytes, transfer.started)
-            if rid in self.aborted:
-                self.aborted.discard(rid)
-                self.scheduler.drop_parked(rid, None)
-                self.ended.append(rid)
-            elif state is TransferState.DONE:
-                req, reason = self.scheduler.unpark(rid, None)
-                outputs.append(CoreOutput(rid, [], None, reason))
-            else:
-                req = self.scheduler.drop_parked(rid, error)
-                outputs.append(CoreOutput(rid, [], None, "abort", error=req.error))
+        overdue = frozenset(rid for rid, sending in self.sending.items() if now > sending.deadline)
+        mine = SendsSeen({rid: self._state(rid, sending) for rid, sending in self.sending.items()},
+                         overdue if lead else frozenset())
+        seen = gather_on_host(mine)
+        for rid in list(self.sending):
+            outputs += self._settle(rid, [view.states[rid] for view in seen], rid in seen[0].overdue)
         return outputs
 
-    def _send(self, req: Req) -> list[CoreOutput]:
-        """Start writing `req`'s prompt KV into its destination; on failure it ends with the error."""
+    def _state(self, rid: int, sending: Sending) -> tuple[TransferState, int, str]:
+        """This rank's write of `rid`'s KV now: its state, the bytes it moved, and its error."""
+        if sending.transfer is None:
+            return TransferState.FAILED, 0, sending.error
+        transfer = sending.transfer
+        state = self.agent.poll(transfer)
+        return (state, transfer.bytes if state is TransferState.DONE else 0,
+                f"request {rid}: the KV transfer to {transfer.peer!r} failed")
+
+    def _settle(self, rid: int, states: list[tuple[TransferState, int, str]], overdue: bool) -> list[CoreOutput]:
+        """End `rid`'s transfer once every rank's write has ended (or it is overdue); its outputs."""
+        unfinished = any(state is TransferState.IN_PROGRESS for state, _, _ in states)
+        if unfinished and not overdue:
+            return []
+        sending = self.sending.pop(rid)
+        if unfinished:  # a peer gone mid-transfer: stop waiting
+            if sending.transfer is not None:
+                self.agent.release(sending.transfer)
+            error = f"request {rid}: the KV transfer did not finish within {self.transfer_timeout_s:.0f} s"
+        else:
+            error = next((error for state, _, error in states if state is not TransferState.DONE), "")
+        done = not error
+        self._count(done, sum(size for _, size, _ in states), sending.started)
+        if rid in self.aborted:
+            self.aborted.discard(rid)
+            self.scheduler.drop_parked(rid, None)
+            self.ended.append(rid)
+            return []
+        if done:
+            req, reason = self.scheduler.unpark(rid, None)
+            return [CoreOutput(rid, [], None, reason)]
+        req = self.scheduler.drop_parked(rid, error)
+        return [CoreOutput(rid, [], None, "abort", error=req.error)]
+
+    def _send(self, req: Req, late: bool) -> list[CoreOutput]:
+        """Start this rank's write of `req`'s prompt KV into its destination. A request every rank refuses to send
+        (late, or not matching its destination) ends here with the error; a write that fails to start on this
+        rank ends it at the next poll, once the other ranks' writes have ended too."""
         dest: KVDestination = req.kv_destination
         pages = tuple(self.kv.row_pages(req.rid)[dest.first_page:].tolist())
         swa_pages = self._swa_pages(req.rid, dest.window_page)
-        try:
-            if time.monotonic() > req.kv_send_by:
-                raise TransferError(f"request {req.rid}: its KV was ready after the decode server's deadline "
-                                    f"({dest.send_within_s:.1f} s from the order); not sent")
-            if (len(pages), len(swa_pages)) != (len(dest.pages), len(dest.swa_pages)):
-                raise TransferError(f"request {req.rid}: {len(pages)} pages of KV and {len(swa_pages)} of window KV "
-                                    f"to send, the decode server holds {len(dest.pages)} and "
-                                    f"{len(dest.swa_pages)} for them")
-            note = f"{dest.rid}:{req.output_ids[0]}"
-            rows = ((self.kv.row(req.rid),), (dest.row,)) if self.agent.layout.group("feat") else ((), ())
-            transfer = self.agent.write(dest.peer, note, PagePlan(pages, dest.pages, swa_pages, dest.swa_pages, *rows))
-            self.sending[req.rid] = (transfer, time.monotonic() + self.transfer_timeout_s)
-            return []
-        except TransferError as e:
+        error = ""
+        if late:
+            error = (f"request {req.rid}: its KV was ready after the decode server's deadline "
+                     f"({dest.send_within_s:.1f} s from the order); not sent")
+        elif (len(pages), len(swa_pages)) != (len(dest.pages), len(dest.swa_pages)):
+            error = (f"request {req.rid}: {len(pages)} pages of KV and {len(swa_pages)} of window KV to send, the "
+                     f"decode server holds {len(dest.pages)} and {len(dest.swa_pages)} for them")
+        if error:
             self.stats.failed += 1
-            self.scheduler.drop_parked(req.rid, str(e))
-            return [CoreOutput(req.rid, [], None, "abort", error=str(e))]
+            self.scheduler.drop_parked(req.rid, error)
+            return [CoreOutput(req.rid, [], None, "abort", error=error)]
+        note = f"{dest.rid}:{req.output_ids[0]}"
+        rows = ((self.kv.row(req.rid),), (dest.row,)) if self.agent.layout.group("feat") else ((), ())
+        plan = PagePlan(pages, dest.pages, swa_pages, dest.swa_pages, *rows)
+        transfer, error = None, ""
+        try:
+            transfer = self.agent.write(self.peers.get(dest.peer, dest.peer), note, plan)
+        except TransferError as e:
+            error = str(e)
+        now = time.monotonic()
+        self.sending[req.rid] = Sending(transfer, error, now + self.transfer_timeout_s, now)
+        return []
 
     def _swa_pages(self, rid: int, first_page: int) -> tuple[int, ...]:
         """The SWA pages of the request's pages from `first_page` on (none without a hybrid pool)."""

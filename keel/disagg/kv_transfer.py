@@ -1,11 +1,12 @@
 """KV transfer between a prefill and a decode server's pools, with NIXL (the transfer library vLLM's and SGLang's
 disaggregation use): UCX over host memory on a CPU, GPU memory on GPUs.
 
-Each side's agent registers its pool's K and V buffers once. The decode side hands the prefill side a `PeerInfo`
-(its agent's metadata and its pool's `KVLayout`: where each layer's pages are) in the bootstrap exchange; from
-then on the prefill side writes a request's pages straight into the decode side's pages (a one-sided WRITE: the
-decode side's host does nothing), and NIXL tells the decode side when a transfer has landed, by the notification
-the writer attached (the request's id).
+Each side's agent registers its pool's K and V buffers once (under tensor parallelism each rank has an agent over
+its own pool, and rank r of a prefill server writes to rank r of a decode server). The decode side hands the
+prefill side a `PeerInfo` (each agent's metadata and its pool's `KVLayout`: where each layer's pages are) in the
+bootstrap exchange; from then on the prefill side writes a request's pages straight into the decode side's pages
+(a one-sided WRITE: the decode side's host does nothing), and NIXL tells the decode side when a transfer has
+landed, by the notification the writer attached (the request's id).
 
 A layout is the pool's geometry, not its contents: a page of layer l of a buffer lies at
 address + l * layer_bytes + page * page_bytes. Both sides must agree on everything but the addresses and the
@@ -32,7 +33,8 @@ if TYPE_CHECKING:  # the API process reads this module's messages without import
     from keel.cache.kv_pool import KVPool
 
 
-FAIL_EVERY_ENV = "KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY"  # fault injection: every N-th transfer fails to start
+# fault injection: every N-th transfer fails to start ("N"), or only on tensor-parallel rank R ("N:R")
+FAIL_EVERY_ENV = "KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY"
 
 
 class TransferError(RuntimeError):
@@ -76,12 +78,25 @@ class KVLayout:
 
 
 @dataclass(frozen=True)
-class PeerInfo:
-    """What a decode server hands a prefill server in the bootstrap exchange."""
+class AgentInfo:
+    """How to reach one transfer agent (one rank's KV pool) and where its pages are."""
 
-    name: str  # its agent's
-    metadata: bytes  # its agent's NIXL metadata (how to reach it, its registered memory)
+    name: str
+    metadata: bytes  # its NIXL metadata (how to reach it, its registered memory)
     layout: KVLayout
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a decode server hands a prefill server in the bootstrap exchange: its agents, one per tensor-parallel
+    rank (rank r's pool holds the KV heads the prefill server's rank r computes)."""
+
+    agents: tuple[AgentInfo, ...]
+
+    @property
+    def name(self) -> str:
+        """The server's name among its peers (its rank 0 agent's); KVDestination.peer names it."""
+        return self.agents[0].name
 
 
 @dataclass(frozen=True)
@@ -177,28 +192,34 @@ def check_compatible(ours: KVLayout, theirs: KVLayout) -> None:
 
 
 class KVTransferAgent:
-    """One server's NIXL agent over its KV pool: the decode side hands out `peer_info()`, the prefill side
+    """One server's (one rank's) NIXL agent over its KV pool: the decode side hands out its `info()`, the prefill side
     `connect`s to it and `write`s requests' pages, the decode side collects `arrived()` request ids."""
 
     def __init__(self, name: str, pool: KVPool, draft_pool: Optional[KVPool] = None,
-                 features: Optional[torch.Tensor] = None) -> None:
+                 features: Optional[torch.Tensor] = None, rank: int = 0,
+                 progress_thread: Optional[bool] = None) -> None:
         """`draft_pool`, `features`: a drafter's state that travels with the KV (a draft model's or EAGLE head's
-        K/V, the head's input features per request-table row)."""
+        K/V, the head's input features per request-table row); `rank`: the tensor-parallel rank whose pool it is.
+        `progress_thread`: whether NIXL runs its own thread to drive transfers (default: on GPUs only). It spins
+        a core even when idle; without it UCX moves host memory only while both sides poll (`poll`, `arrived`),
+        as the engines do at every step."""
         from nixl_cu13 import nixl_agent, nixl_agent_config
 
         self.name = name
         self.layout = kv_layout(pool, draft_pool, features)
-        self._agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        if progress_thread is None:  # CPU ranks keep their cores for the model
+            progress_thread = self.layout.mem_type == "VRAM"
+        self._agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
         tensors = [tensor for _, tensor, _ in _buffers(pool, draft_pool, features)]
         self._registered = self._agent.register_memory(self._agent.get_reg_descs(tensors))
         self._peers: dict[str, KVLayout] = {}
-        self._fail_every = int(os.environ.get(FAIL_EVERY_ENV, "0") or 0)
+        self._fail_every = _fail_every(rank)
         self._writes = itertools.count(1)
 
-    def peer_info(self) -> PeerInfo:
-        return PeerInfo(self.name, self._agent.get_agent_metadata(), self.layout)
+    def info(self) -> AgentInfo:
+        return AgentInfo(self.name, self._agent.get_agent_metadata(), self.layout)
 
-    def connect(self, peer: PeerInfo) -> None:
+    def connect(self, peer: AgentInfo) -> None:
         """Learn how to reach `peer` and where its pages are (once per peer; again after it restarts)."""
         check_compatible(self.layout, peer.layout)
         if peer.name in self._peers:
@@ -270,6 +291,12 @@ class KVTransferAgent:
         for peer in list(self._peers):
             self.disconnect(peer)
         self._agent.deregister_memory(self._registered)
+
+
+def _fail_every(rank: int) -> int:
+    """FAIL_EVERY_ENV's N for an agent of `rank` (0: no injected failures)."""
+    every, _, only_rank = os.environ.get(FAIL_EVERY_ENV, "").partition(":")
+    return int(every or 0) if not only_rank or int(only_rank) == rank else 0
 
 
 def _runs(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,8 +32,8 @@ from keel.config import EngineConfig
 from keel.debug.guards import DISABLE_ENV, GUARDS, disabled_guards
 from keel.debug.invariants import check_drained, check_idle, check_invariants, strict_checks_enabled
 from keel.disagg.engine_side import DisaggSide, Role
-from keel.disagg.kv_transfer import KVDestination, KVTransferAgent
-from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel
+from keel.disagg.kv_transfer import AgentInfo, KVDestination, KVTransferAgent, PeerInfo, TransferError
+from keel.distributed.parallel import init_tensor_parallel, shutdown_tensor_parallel, tensor_parallel
 from keel.distributed.dp_controller import DpController, RankStep
 from keel.distributed.ranks import RankProcesses, RankSetup, rank_config, ranks_per_node
 from keel.engine.launched_step import LaunchedStep, StepResults, launch_step
@@ -205,8 +205,8 @@ class EngineCore:
         rid = req.rid
         target = self.dp.assign(len(prompt_ids), dp_rank) if self.dp is not None else None
         if self.ranks is not None and target != 0:  # with the seed drawn here, so every rank samples alike
-            self.ranks.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=req.seed), rid,
-                            to=target)
+            self.ranks.send("add_request", list(prompt_ids), dataclasses.replace(params, seed=req.seed), rid, None,
+                            kv_destination, to=target)
         if target in (None, 0):
             self.scheduler.add(req)
         return rid
@@ -235,15 +235,64 @@ class EngineCore:
         `peer_info()` before sending."""
         if self.disagg is not None:
             raise ValueError(f"this engine is already a {self.disagg.role} server")
-        if self.config.tp_size > 1:
-            raise ValueError("disaggregation does not support several ranks yet")
+        if self.config.enable_dp_attention:
+            raise ValueError("disaggregation does not run with data-parallel attention yet")
         assert self.runner.kv_pool is not None
+        name = name or f"keel-{role}-{os.getpid()}-{id(self):x}"
+        if self.ranks is not None:  # every rank registers its own pool (its KV heads) with an agent of its own
+            self.ranks.send("enable_disaggregation", role, name, transfer_timeout_s)
+        rank = tensor_parallel().rank
         # a drafter's state travels with the KV: a draft model's K/V, an EAGLE head's input features
-        agent = KVTransferAgent(name or f"keel-{role}-{os.getpid()}-{id(self):x}", self.runner.kv_pool,
+        agent = KVTransferAgent(name if rank == 0 else f"{name}.rank{rank}", self.runner.kv_pool,
                                 self.draft_runner.kv_pool if self.draft_runner is not None else None,
-                                self.drafter.features if self.drafter is not None else None)
+                                self.drafter.features if self.drafter is not None else None, rank)
         self.disagg = DisaggSide(role, self.scheduler, self.kv_cache, agent, transfer_timeout_s)
         return self.disagg
+
+    def kv_peer_info(self) -> PeerInfo:
+        """What this server's transfer agents are (every rank's), for a peer's bootstrap exchange."""
+        if self.disagg is None:
+            raise ValueError("kv_peer_info needs a disaggregated server (enable_disaggregation)")
+        if self.ranks is None:
+            return PeerInfo((self.kv_agent_info(),))
+        self.ranks.send("kv_agent_info", reply=True)
+        return PeerInfo(tuple(self.ranks.gather(self.kv_agent_info())))
+
+    def kv_agent_info(self) -> AgentInfo:
+        """This rank's transfer agent."""
+        assert self.disagg is not None
+        return self.disagg.agent.info()
+
+    def connect_kv_peer(self, peer: PeerInfo) -> None:
+        """Prefill server: the bootstrap exchange with a decode server (`kv_peer_info()` there), each rank with its
+        counterpart; raises TransferError if any rank cannot reach it."""
+        if self.disagg is None or self.disagg.role != "prefill":
+            raise ValueError("connect_kv_peer needs a prefill server (enable_disaggregation)")
+        if self.ranks is not None:
+            self.ranks.send("connect_kv_rank", peer, reply=True)
+            errors = self.ranks.gather(self.connect_kv_rank(peer))
+        else:
+            errors = [self.connect_kv_rank(peer)]
+        for rank, error in enumerate(errors):
+            if error is not None:
+                raise TransferError(error if len(errors) == 1 else f"rank {rank}: {error}")
+
+    def connect_kv_rank(self, peer: PeerInfo) -> Optional[str]:
+        """This rank's part of connect_kv_peer: the error, if any."""
+        assert self.disagg is not None
+        try:
+            self.disagg.connect(peer)
+        except Exception as e:  # another geometry, another rank count, or NIXL cannot reach it
+            return str(e)
+        return None
+
+    def kv_sender_done(self, rids: list[int]) -> None:
+        """Decode server: the prefill server will write nothing more for these requests (DisaggSide.sender_done)."""
+        if self.ranks is not None:
+            self.ranks.send("kv_sender_done", list(rids))
+        assert self.disagg is not None
+        for rid in rids:
+            self.disagg.sender_done(rid)
 
     def preallocate(self, prompt_ids: list[int], params: SamplingParams,
                     rid: Optional[int] = None) -> Optional[KVDestination]:
@@ -255,6 +304,8 @@ class EngineCore:
             raise ValueError("log-probs are not served by disaggregated servers yet (the prefill server's first "
                              "token and prompt scores do not travel with the KV)")
         req = self._new_req(prompt_ids, params, rid)
+        if self.ranks is not None:  # every rank holds the same pages (each its KV heads' share of them)
+            self.ranks.send("preallocate", list(prompt_ids), dataclasses.replace(params, seed=req.seed), req.rid)
         destination = self.disagg.preallocate(req)
         if destination is not None:
             self._live.add(req.rid)

@@ -69,7 +69,7 @@ def run_engine_process(config: EngineConfig, ipc_dir: str, secret: bytes) -> Non
 
         core = EngineCore(config)
         send(EngineReady(core.limits, core.kv_cache.page_size,
-                         core.disagg.peer_info() if core.disagg is not None else None))
+                         core.kv_peer_info() if core.disagg is not None else None))
         try:
             EngineLoop(core, requests, send, to_engine_decoder(secret)).run()
         finally:
@@ -157,8 +157,7 @@ class EngineLoop:
             elif isinstance(message, ConnectPeer):
                 self.send(self._connect(message))
             elif isinstance(message, SenderDone) and self.core.disagg is not None:
-                for rid in message.rids:
-                    self.core.disagg.sender_done(rid)
+                self.core.kv_sender_done(message.rids)
             elif isinstance(message, Shutdown):
                 return False
         if rejected:
@@ -196,7 +195,7 @@ class EngineLoop:
         if self.core.disagg is None or self.core.disagg.role != "prefill":
             return PeerConnected(message.peer.name, "this server is not a prefill server (--disaggregation-mode)")
         try:
-            self.core.disagg.connect(message.peer)
+            self.core.connect_kv_peer(message.peer)
         except Exception as e:  # another pool geometry, or NIXL cannot reach it
             return PeerConnected(message.peer.name, str(e))
         return PeerConnected(message.peer.name, None)

@@ -15,7 +15,7 @@ import torch
 
 import keel
 from keel.config import EngineConfig
-from keel.disagg.kv_transfer import PeerInfo
+from keel.disagg.kv_transfer import PeerInfo, TransferError
 from keel.engine.core import EngineCore
 
 _names = itertools.count()
@@ -30,7 +30,7 @@ def _pair(model, page_size: int = 1, **options) -> tuple[EngineCore, EngineCore]
     prefill, decode = _core(model, page_size=page_size, **options), _core(model, page_size=page_size, **options)
     prefill.enable_disaggregation("prefill", f"p{n}")
     decode.enable_disaggregation("decode", f"d{n}", transfer_timeout_s=30.0)
-    prefill.disagg.connect(decode.disagg.peer_info())
+    prefill.connect_kv_peer(decode.kv_peer_info())
     return prefill, decode
 
 
@@ -90,7 +90,7 @@ def _route(prefill: EngineCore, decode: EngineCore, work: list[tuple[list[int], 
                     if results[i].finish is None:  # its KV never reached the decoder
                         results[i].finish, results[i].error = "abort", out.error
                         decode.abort(decode_rid[i])
-                    decode.disagg.sender_done(decode_rid[i])
+                    decode.kv_sender_done([decode_rid[i]])
             for rid, i in list(on_prefill.items()):
                 if abort.get(i) == "prefilling" and any(r.rid == rid for r in prefill.scheduler.running):
                     abort_both(i)
@@ -213,7 +213,12 @@ def test_what_a_role_cannot_do_is_refused(tiny_model, closing):
     for asks in ({"logprobs": True}, {"prompt_logprobs": 1}):
         with pytest.raises(ValueError, match="log-probs are not served"):
             decode.preallocate([1, 2, 3], dataclasses.replace(params, **asks))
-    assert isinstance(decode.disagg.peer_info(), PeerInfo)
+    peer = decode.kv_peer_info()
+    assert isinstance(peer, PeerInfo) and len(peer.agents) == 1
+    with pytest.raises(TransferError, match="same --tp-size"):  # a decode server of two ranks
+        prefill.connect_kv_peer(PeerInfo(peer.agents * 2))
+    with pytest.raises(ValueError, match="needs a prefill server"):
+        decode.connect_kv_peer(peer)
     assert not decode.has_work
 
 

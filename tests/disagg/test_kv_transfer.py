@@ -38,17 +38,18 @@ def _pages(cache: torch.Tensor, pages: list[int], page_size: int) -> torch.Tenso
 def _agents(prefill_pool: KVPool, decode_pool: KVPool) -> tuple[KVTransferAgent, KVTransferAgent]:
     n = next(_names)
     prefill, decode = KVTransferAgent(f"prefill-{n}", prefill_pool), KVTransferAgent(f"decode-{n}", decode_pool)
-    prefill.connect(decode.peer_info())
+    prefill.connect(decode.info())
     return prefill, decode
 
 
 def _finish(sender: KVTransferAgent, receiver: KVTransferAgent, transfer, timeout_s: float = 10.0) -> list[str]:
+    """Poll both sides, as a prefill and a decode engine do at every step, until the transfer is done and its
+    notification has arrived (over host memory nothing else drives UCX)."""
     deadline = time.monotonic() + timeout_s
-    while sender.poll(transfer) is TransferState.IN_PROGRESS:
-        assert time.monotonic() < deadline, "the transfer never finished"
     arrived: list[str] = []
-    while not arrived and time.monotonic() < deadline:
-        arrived = receiver.arrived()
+    while sender.poll(transfer) is TransferState.IN_PROGRESS or not arrived:
+        arrived += receiver.arrived()
+        assert time.monotonic() < deadline, "the transfer never finished"
     return arrived
 
 

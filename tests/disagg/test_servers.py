@@ -46,15 +46,15 @@ def start_router(log: Path, prefill: list[str], decode: list[str]) -> Server:
 
 
 @contextmanager
-def deployment(folder: Path, decode: Server | None = None,
-               prefill_env: dict[str, str] | None = None) -> Iterator[Deployment]:
+def deployment(folder: Path, decode: Server | None = None, prefill_env: dict[str, str] | None = None,
+               server_args: tuple[str, ...] = ()) -> Iterator[Deployment]:
     """A prefill server and a router in front of it and `decode` (a decode server of their own when None); the
-    servers started here are stopped at the end."""
-    prefill = start_server(folder / "prefill.log", "--disaggregation-mode", "prefill", env=prefill_env)
+    servers started here are stopped at the end, and get `server_args`."""
+    prefill = start_server(folder / "prefill.log", "--disaggregation-mode", "prefill", *server_args, env=prefill_env)
     own_decode = decode is None
     if own_decode:
         decode = start_server(folder / "decode.log", "--disaggregation-mode", "decode",
-                              "--disaggregation-transfer-timeout", "60")
+                              "--disaggregation-transfer-timeout", "60", *server_args)
     router = start_router(folder / "router.log", [prefill.url], [decode.url])
     try:
         yield Deployment(router, prefill, decode)
@@ -199,3 +199,23 @@ def test_a_prefill_server_dying_mid_request_fails_its_requests_and_frees_the_dec
             assert answer["status"] == 200 or "prefill server" in answer["error"]["message"], answer
         assert_drained(doomed.decode)
     assert complete(disagg.router.url, PROMPTS[0])["status"] == 200
+
+
+def test_two_tensor_parallel_ranks_a_side_pair_rank_by_rank(tmp_path, single):
+    """A prefill and a decode server of two ranks each (gloo): rank r writes its KV heads into rank r. The
+    prefill server's rank 1 fails every fourth write while rank 0's succeed: those requests end with the transfer's
+    error once both ranks' writes have ended; the others get the plain single-rank server's answer; afterwards
+    every page is free on both (every rank runs the invariant checker after every step)."""
+    with deployment(tmp_path, None, {"KEEL_DEBUG_FAIL_KV_TRANSFER_EVERY": "4:1"}, ("--tp-size", "2")) as tp:
+        work = [(prompt, {} if i % 2 else {"temperature": 0.8, "seed": 7 + i}) for i, prompt in enumerate(PROMPTS * 2)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda w: complete(tp.router.url, w[0], **w[1]), work))
+        failed = [a for a in answers if a["status"] != 200]
+        assert len(failed) == len(work) // 4
+        assert all("KV transfer" in a["error"]["message"] for a in failed)
+        for (prompt, fields), answer in zip(work, answers):
+            if answer["status"] == 200:
+                assert answer["choices"][0]["text"] == complete(single.url, prompt, **fields)["choices"][0]["text"]
+        assert tp.decode.info()["engine"]["transfers_done"] == len(work) - len(failed)
+        assert_drained(tp.prefill, tp.decode)
+

@@ -46,4 +46,4 @@ def test_servers_with_different_drafters_are_refused(drafters, tiny_model, closi
     prefill, _ = closing(*_pair(model, 1))
     _, decode = closing(*_pair(model, 1, **drafters["eagle3"]))
     with pytest.raises(TransferError, match="does not match"):
-        prefill.disagg.connect(decode.disagg.peer_info())
+        prefill.connect_kv_peer(decode.kv_peer_info())
