@@ -5,8 +5,9 @@ layer (keel.disagg.kv_transfer), against a plain torch copy of the same number o
 
 The pools are sized from the model's config (every layer in one full-attention pool, the checkpoint's dtype); no
 weights are loaded. A request of T tokens moves ceil(T / page_size) whole pages of every layer's K and V.
-`--order shuffled` spreads its pages over each pool at random, as after long serving; `contiguous` uses pages
-1..n on both sides. A transfer is timed from `write` until `poll` reports it done (the setup part, building and
+`--order shuffled` spreads its pages over each pool at random; `churned` takes them from keel's page allocator after
+a run of random requests has taken and freed pages, as after long serving; `contiguous` uses pages 1..n on both
+sides. A transfer is timed from `write` until `poll` reports it done (the setup part, building and
 posting the descriptors, also on its own); the median of the repeats after warm-up is reported. Before timing,
 each size is checked once: the decode pool is zeroed, one transfer runs, and every moved page must equal its
 source page (compared by exact per-page checksums, so no page has to cross devices for the check).
@@ -34,6 +35,7 @@ import torch
 
 from keel.bench.common import append_result, environment
 from keel.cache.kv_pool import KVPool
+from keel.cache.page_allocator import PageAllocator
 from keel.disagg.kv_transfer import AgentInfo, KVTransferAgent, PagePlan, TransferError, TransferState
 from keel.models.loader import load_model_config
 from keel.models.source import resolve_model
@@ -189,7 +191,27 @@ def plan_pages(tokens: int, spec: PoolSpec, order: str, rng: random.Random) -> P
     n = math.ceil(tokens / spec.page_size)
     if order == "contiguous":
         return PagePlan(tuple(range(1, n + 1)), tuple(range(1, n + 1)))
+    if order == "churned":
+        return PagePlan(churned_pages(n, spec, rng), churned_pages(n, spec, rng))
     return PagePlan(tuple(rng.sample(range(1, spec.pages + 1), n)), tuple(rng.sample(range(1, spec.pages + 1), n)))
+
+
+def churned_pages(n: int, spec: PoolSpec, rng: random.Random, steps: int = 2000) -> tuple[int, ...]:
+    """n pages as keel's page allocator hands them out after serving a while: `steps` requests of 1 to 1/16 of
+    the pool's pages each take pages, and live ones are freed at random (half the steps, or when room runs out)."""
+    allocator, live = PageAllocator(spec.pages, spec.page_size), {}
+    for owner in range(1, steps + 1):
+        want = rng.randint(1, max(1, spec.pages // 16))
+        while live and (rng.random() < 0.5 or allocator.num_free < want):
+            freed = rng.choice(list(live))
+            allocator.free(live.pop(freed), freed)
+            if allocator.num_free >= want:
+                break
+        live[owner] = allocator.alloc(torch.full((want,), owner, dtype=torch.int64))
+    while allocator.num_free < n:
+        freed = rng.choice(list(live))
+        allocator.free(live.pop(freed), freed)
+    return tuple(allocator.alloc(torch.full((n,), steps + 1, dtype=torch.int64)).tolist())
 
 
 def time_write(prefill: KVTransferAgent, decode: Any, note: str, plan: PagePlan,
@@ -276,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the model's layer count (tests)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="request lengths")
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--order", nargs="+", choices=["shuffled", "contiguous"], default=["shuffled"],
+    parser.add_argument("--order", nargs="+", choices=["shuffled", "churned", "contiguous"], default=["shuffled"],
                         help="where the request's pages lie in each pool")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

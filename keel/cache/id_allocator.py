@@ -101,7 +101,10 @@ class OwnedIdAllocator:
             self.reclaim(wait=True)  # the ids are there once the forward reading them is done
         if n and int(owners.min()) <= FREE:
             raise KVAccountingError(f"{self.what} owners must be positive ids, got {owners.min().item()}")
-        ids = self._free[self._num_free - n:self._num_free].flip(0)
+        # lowest first: ids freed by different owners meet again as consecutive runs, and a disaggregated server's
+        # KV transfer sends one descriptor per run of pages (docs/disaggregation.md: a simulated churn of 4,096
+        # pages handed out 1.5 pages a run in stack order, 9 sorted)
+        ids = self._free[self._num_free - n:self._num_free].sort().values
         self._num_free -= n
         taken = self._owner[ids]
         if bool((taken != FREE).any()):

@@ -20,6 +20,16 @@ def test_alloc_hands_out_free_ids_only_and_never_id_zero():
     assert alloc.owner_of(a).tolist() == [1, 1, 1]
 
 
+def test_ids_freed_by_several_owners_come_back_lowest_first_as_one_run():
+    """A churned pool still hands out consecutive runs (a disaggregated server sends one KV descriptor per run)."""
+    alloc = OwnedIdAllocator(17, "page")
+    a, b, c = alloc.alloc(owners(1, 4)), alloc.alloc(owners(2, 4)), alloc.alloc(owners(3, 4))
+    assert a.tolist() == [1, 2, 3, 4] and c.tolist() == [9, 10, 11, 12]
+    alloc.free(b, 2)
+    alloc.free(a, 1)
+    assert alloc.alloc(owners(4, 8)).tolist() == list(range(1, 9))
+
+
 def test_failed_alloc_takes_nothing():
     alloc = OwnedIdAllocator(5, "page")
     assert alloc.alloc(owners(1, 5)) is None
