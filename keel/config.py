@@ -162,8 +162,8 @@ class EngineConfig:
                  "speculative_ngram_min_match_window_size", "must be >= 1 and <= the max match window size")
         _require(self.ep_size in (1, self.tp_size), "ep_size", "must be 1 or --tp-size (experts spread over the "
                  "tensor-parallel ranks)")
-        _require(self.speculative_algorithm is None or self.tp_size == 1, "speculative_algorithm",
-                 "is not supported with --tp-size > 1 yet")
+        _require(self.speculative_algorithm is None or not self.enable_dp_attention, "speculative_algorithm",
+                 "is not supported with --enable-dp-attention yet")
         self._check_parallel()
         with_model = self.speculative_algorithm in ("STANDALONE", "EAGLE", "EAGLE3")
         _require(with_model == (self.speculative_draft_model_path is not None), "speculative_draft_model_path",

@@ -165,10 +165,10 @@ class Scheduler:
             rids, seq_lens = [r.rid for r in ready], [r.seq_len for r in ready]
             drafts = [self._draft_budget(r) for r in ready] if self.config.num_draft_tokens else [0] * len(ready)
             held = [self.config.draft_reserve if d and self.config.draft_tree else d for d in drafts]
-            slots = self.kv.grow(rids, [n + h for n, h in zip(seq_lens, held)])
+            slots = self._grow(rids, [n + h for n, h in zip(seq_lens, held)])
             if slots is None and any(drafts):  # short of pages: decode without drafts before retracting anyone
                 drafts = held = [0] * len(ready)
-                slots = self.kv.grow(rids, seq_lens)
+                slots = self._grow(rids, seq_lens)
             if slots is not None:
                 break
             if len(ready) == 1 and self.chunked is None:
@@ -190,6 +190,11 @@ class Scheduler:
             slots = self.kv.slots(rids, [n - 1 for n in seq_lens], [n + d for n, d in zip(seq_lens, drafts)])
         return [BatchPart(r, self.kv.row(r.rid), 1 + d, n + d, True, d, h)
                 for r, n, d, h in zip(ready, seq_lens, drafts, held)], slots
+
+    def _grow(self, rids: list[int], lens: list[int]) -> Optional[torch.Tensor]:
+        """kv.grow to `lens`, but never below what a request holds: a tree step in flight holds its drafter's
+        reserve, which can reach past this step's tokens (a step without drafts, or a reserve above the drafts)."""
+        return self.kv.grow(rids, [max(n, self.kv.kv_len(rid)) for rid, n in zip(rids, lens)])
 
     def wants_drafts(self) -> bool:
         """Whether the next decode step would draft for some request with a drafter that reads its tokens on the

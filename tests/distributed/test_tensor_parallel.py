@@ -82,10 +82,37 @@ def test_fused_moe_kernels_on_two_ranks_give_the_tokens_of_one(parallel, tiny_mo
         assert_same_greedy(a, b, f"qwen3-moe {parallel}: prompt {i}")
 
 
+@pytest.mark.parametrize("drafter, topk", [("ngram", 1), ("self", 1), ("noisy", 4), ("eagle", 1), ("eagle3", 1)])
+def test_speculative_decoding_on_two_ranks_gives_the_tokens_of_one_rank_without_it(drafter, topk, drafters,
+                                                                                     tiny_model, make_engine):
+    """The drafter splits over the ranks like the target (a draft model, an EAGLE head's layer) or runs on the host
+    alike on each (n-grams); each rank verifies the same drafts and accepts the same tokens from the same
+    gathered logits, so greedy speculation on two ranks gives one rank's plain tokens, and drafts as well as one
+    rank does (the same drafts accepted)."""
+    target, _ = tiny_model("llama3")
+    prompts = [p * 3 for p in random_prompts([5, 9, 17], seed=3)]  # repeats, for the n-gram drafter
+    params = keel.SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    plain = make_engine(target, page_size=4).generate(prompts, params)
+    spec = {}
+    for tp in (1, 2):
+        engine = make_engine(target, page_size=4, tp_size=tp, speculative_eagle_topk=topk,
+                             **({"speculative_num_draft_tokens": 6} if topk > 1 else {}), **drafters[drafter])
+        try:
+            spec[tp] = engine.generate(prompts, params)
+        finally:
+            engine.core.close()
+    assert [o.token_ids for o in spec[2]] == [o.token_ids for o in plain]
+    assert [o.spec_accepted_tokens for o in spec[2]] == [o.spec_accepted_tokens for o in spec[1]]
+    assert sum(o.spec_draft_tokens for o in spec[2]) > 0
+    if drafter in ("ngram", "self", "noisy", "eagle"):
+        assert sum(o.spec_accepted_tokens for o in spec[2]) > 0
+
+
 def test_what_does_not_split_yet_is_refused_in_one_line(tiny_model):
     directory, _ = tiny_model("llama3")
-    with pytest.raises(ValueError, match="speculative_algorithm: is not supported with --tp-size > 1 yet"):
-        keel.Engine(str(directory), device="cpu", tp_size=2, speculative_algorithm="NGRAM")
+    with pytest.raises(ValueError, match="speculative_algorithm: is not supported with --enable-dp-attention yet"):
+        keel.Engine(str(directory), device="cpu", tp_size=2, dp_size=2, enable_dp_attention=True,
+                    speculative_algorithm="NGRAM")
 
 
 @pytest.mark.parametrize("parallel", [dict(tp_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True)],

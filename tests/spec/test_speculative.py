@@ -57,6 +57,20 @@ def test_greedy_output_equals_non_speculative(drafter, topk, page_size, drafters
         assert 0 < accepted < drafted
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_tree_drafter_writing_more_tokens_than_are_verified(page_size, drafters, reference, tiny_model, make_engine):
+    """3 steps of 4 candidates write 8 draft tokens, 5 of them verified (SGLang's usual `--speculative-num-steps 3
+    --speculative-eagle-topk 4 --speculative-num-draft-tokens 6`): a step in flight holds the drafter's 8 slots,
+    past what the next step, with no drafts or 5, asks for; that step must not give them back (it used to fail
+    with "grow() cannot shrink a request's KV")."""
+    target, _ = tiny_model("llama3")
+    engine = make_engine(target, page_size=page_size, **drafters["noisy"],
+                         **{**TREE, "speculative_num_draft_tokens": 6})
+    outputs = engine.generate(PROMPTS, GREEDY)
+    assert_greedy_equal(outputs, reference)
+    assert sum(o.spec_accepted_tokens for o in outputs) > 0
+
+
 def options(drafter: str, drafters: dict[str, dict]) -> dict:
     """A drafter by name; "tree:NAME" is NAME drafting trees (topk 4, 8 tokens verified)."""
     tree, _, name = drafter.rpartition(":")
