@@ -26,15 +26,17 @@ def run(directory, prompts, **options) -> list[keel.RequestOutput]:
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("algorithm, topk", [("NGRAM", 1), ("STANDALONE", 1), ("EAGLE3", 1), ("EAGLE", 1),
-                                             ("STANDALONE", 4), ("EAGLE3", 4), ("EAGLE", 4)])
-def test_greedy_speculation_on_triton_with_cuda_graphs(algorithm, topk, page_size, tiny_model, tmp_path):
+@pytest.mark.parametrize("algorithm, topk, tokens", [
+    ("NGRAM", 1, None), ("STANDALONE", 1, None), ("EAGLE3", 1, None), ("EAGLE", 1, None), ("STANDALONE", 4, 8),
+    ("EAGLE3", 4, 8), ("EAGLE", 4, 8), ("STANDALONE", 4, 6), ("EAGLE3", 4, 6)])
+def test_greedy_speculation_on_triton_with_cuda_graphs(algorithm, topk, tokens, page_size, tiny_model, tmp_path):
     """EAGLE3: a random head with a 300-token draft vocabulary; EAGLE: the identity head, which drafts the
-    last token again (tests/spec/eagle_heads.py). topk 4: trees of 8 tokens, verified and drafted in CUDA graphs
-    captured with the tree mask."""
+    last token again (tests/spec/eagle_heads.py). topk 4: trees of 8 tokens (or 6: fewer than the drafter's steps
+    write), verified and drafted in CUDA graphs captured with the tree mask."""
     directory, _ = tiny_model("llama3")
     prompts = random_prompts([1, 7, 16, 33, 100, 250], seed=3) + [[5, 6, 7, 8] * 10]
-    spec = dict(speculative_algorithm=algorithm, **(TREE if topk > 1 else {}))
+    spec = dict(speculative_algorithm=algorithm, **({**TREE, "speculative_num_draft_tokens": tokens}
+                                                       if topk > 1 else {}))
     if algorithm == "STANDALONE":
         spec["speculative_draft_model_path"] = str(directory)
     elif algorithm.startswith("EAGLE"):
