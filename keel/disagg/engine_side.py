@@ -62,7 +62,7 @@ class TransferStats:
 class Receiving:
     """A decode server's preallocated request, waiting for its KV."""
 
-    deadline: float  # (rank 0's decides)
+    deadline: float  # (rank 0's clock decides)
     since: float
     bytes: int  # every rank's share
     landed: dict[int, int] = field(default_factory=dict)  # rank -> the first token its notification carried
@@ -74,7 +74,7 @@ class Sending:
 
     transfer: Optional[Transfer]  # None: this rank's write failed to start
     error: str  # why it failed to start
-    deadline: float  # when to give up on it (rank 0's decides)
+    deadline: float  # when to give up on it (rank 0's clock decides)
     started: float
 
 
