@@ -22,7 +22,9 @@ Under tensor parallelism every rank holds its KV heads' share of each page and h
 of a prefill server writes to rank r of a decode server. The ranks run the same scheduler, so what they decide must
 not depend on what only one of them saw: at each poll they exchange what their transfer agents reported and rank
 0's clock (`gather_on_host`), then all apply the same outcome. A request's KV has arrived when every rank's has; a
-transfer has ended when every rank's write has, and succeeded only if all did.
+transfer has ended when every rank's write has, and succeeded only if all did. Under data-parallel attention each
+rank schedules its own requests with all KV heads: its side stands alone, and writes to whichever rank of the
+decode server holds the request (every rank connects to all of them).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, TypeVar
 
 from keel.cache.kv_cache import KVCacheManager
 from keel.disagg.kv_transfer import (KVDestination, KVTransferAgent, PagePlan, PeerInfo, Transfer, TransferError,
@@ -43,6 +45,7 @@ from keel.scheduler.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode"]
+T = TypeVar("T")
 # A decode server waits transfer_timeout_s for a request's KV; the prefill server must start writing within this
 # share of it, so that the write ends before the decode server gives the pages up
 SEND_WITHIN = 0.8
@@ -103,7 +106,9 @@ class DisaggSide:
         self.kv = kv
         self.agent = agent
         self.transfer_timeout_s = transfer_timeout_s
-        self.rank, self.ranks = tensor_parallel().rank, tensor_parallel().size
+        tp = tensor_parallel()
+        self.mirrored = not tp.dp_attention  # the ranks run one schedule (each a share of the heads)
+        self.rank, self.ranks = (tp.rank, tp.size) if self.mirrored else (0, 1)
         self.peers: dict[str, str] = {}  # prefill: decode server's name -> its agent this rank writes to
         self.sending: dict[int, Sending] = {}  # prefill: transfers in flight
         self.receiving: dict[int, Receiving] = {}  # decode: preallocated requests, by id
@@ -114,7 +119,12 @@ class DisaggSide:
     # ---- both roles ----------------------------------------------------------------------------
 
     def connect(self, peer: PeerInfo) -> None:
-        """Prefill: reach the decode server's agent of this rank (rank r writes the KV heads of rank r)."""
+        """Prefill: reach the decode server's agent of this rank (rank r writes the KV heads of rank r); under
+        data-parallel attention, every agent of the decode server (each rank holds its own requests)."""
+        if not self.mirrored:
+            for agent in peer.agents:
+                self.agent.connect(agent)
+            return
         if len(peer.agents) != self.ranks:
             raise TransferError(f"the decode server {peer.name!r} runs {len(peer.agents)} tensor-parallel rank(s), "
                                 f"this prefill server {self.ranks}: rank r sends its KV heads to rank r, so both "
@@ -177,7 +187,7 @@ class DisaggSide:
         now = time.monotonic()
         notes = tuple((int(rid), int(token)) for rid, token in (note.split(":") for note in self.agent.arrived()))
         overdue = frozenset(rid for rid, waiting in self.receiving.items() if waiting.deadline < now)
-        seen = gather_on_host(ArrivalsSeen(notes, overdue if self.rank == 0 else frozenset()))
+        seen = self._agree(ArrivalsSeen(notes, overdue if self.rank == 0 else frozenset()))
         for rank, view in enumerate(seen):
             for rid, token in view.notes:
                 if rid in self.receiving:
@@ -203,6 +213,10 @@ class DisaggSide:
                     outputs.append(CoreOutput(rid, [], None, "abort", req.num_cached_tokens, req.error))
         return outputs
 
+    def _agree(self, seen: T) -> list[T]:
+        """What every rank saw (`gather_on_host`), when the ranks mirror one schedule; this rank's alone else."""
+        return gather_on_host(seen) if self.mirrored else [seen]
+
     def _drop_received(self, rid: int, error: Optional[str] = None) -> Req:
         del self.receiving[rid]
         self.aborted.discard(rid)
@@ -215,14 +229,14 @@ class DisaggSide:
         ready = [req for rid, req in self.scheduler.parked.items() if rid not in self.sending]
         if ready:  # (the same on every rank) by rank 0's clock, which may no longer be sent
             now = time.monotonic()
-            late = gather_on_host(frozenset(req.rid for req in ready if now > req.kv_send_by) if lead else None)[0]
+            late = self._agree(frozenset(req.rid for req in ready if now > req.kv_send_by) if lead else None)[0]
             for req in ready:
                 outputs += self._send(req, late=req.rid in late)
         now = time.monotonic()
         overdue = frozenset(rid for rid, sending in self.sending.items() if now > sending.deadline)
         mine = SendsSeen({rid: self._state(rid, sending) for rid, sending in self.sending.items()},
                          overdue if lead else frozenset())
-        seen = gather_on_host(mine)
+        seen = self._agree(mine)
         for rid in list(self.sending):
             outputs += self._settle(rid, [view.states[rid] for view in seen], rid in seen[0].overdue)
         return outputs

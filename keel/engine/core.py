@@ -235,8 +235,6 @@ class EngineCore:
         `peer_info()` before sending."""
         if self.disagg is not None:
             raise ValueError(f"this engine is already a {self.disagg.role} server")
-        if self.config.enable_dp_attention:
-            raise ValueError("disaggregation does not run with data-parallel attention yet")
         assert self.runner.kv_pool is not None
         name = name or f"keel-{role}-{os.getpid()}-{id(self):x}"
         if self.ranks is not None:  # every rank registers its own pool (its KV heads) with an agent of its own
@@ -304,9 +302,15 @@ class EngineCore:
             raise ValueError("log-probs are not served by disaggregated servers yet (the prefill server's first "
                              "token and prompt scores do not travel with the KV)")
         req = self._new_req(prompt_ids, params, rid)
-        if self.ranks is not None:  # every rank holds the same pages (each its KV heads' share of them)
-            self.ranks.send("preallocate", list(prompt_ids), dataclasses.replace(params, seed=req.seed), req.rid)
-        destination = self.disagg.preallocate(req)
+        args = (list(prompt_ids), dataclasses.replace(params, seed=req.seed), req.rid)
+        target = self.dp.assign(len(prompt_ids)) if self.dp is not None else None
+        if self.ranks is not None and target is None:  # every rank holds the same pages (its KV heads' share)
+            self.ranks.send("preallocate", *args)
+        if self.ranks is not None and target not in (None, 0):  # data-parallel attention: another rank holds it
+            self.ranks.send("preallocate", *args, to=target, reply=True)
+            destination = self.ranks.gather(None)[target]
+        else:
+            destination = self.disagg.preallocate(req)
         if destination is not None:
             self._live.add(req.rid)
         self._after_step()

@@ -187,7 +187,7 @@ def add_prefill_routes(app: FastAPI, client: EngineClient, read_body: Callable[[
         error = await client.connect_peer(peer)
         if error is not None:
             raise APIError(400, f"cannot take KV destinations of {peer.name!r}: {error}")
-        known_peers.add(peer.name)
+        known_peers.update(agent.name for agent in peer.agents)  # (any of them may name a destination)
         return {"connected": peer.name}
 
     @app.post("/disagg/prefill")

@@ -219,3 +219,19 @@ def test_two_tensor_parallel_ranks_a_side_pair_rank_by_rank(tmp_path, single):
         assert tp.decode.info()["engine"]["transfers_done"] == len(work) - len(failed)
         assert_drained(tp.prefill, tp.decode)
 
+
+def test_data_parallel_attention_servers_send_each_request_to_the_rank_holding_it(tmp_path, single):
+    """A prefill and a decode server of two data-parallel attention ranks each: each rank schedules its own
+    requests with all KV heads, and a prefill rank writes to whichever decode rank preallocated the request."""
+    dp = ("--tp-size", "2", "--dp-size", "2", "--enable-dp-attention")
+    with deployment(tmp_path, server_args=dp) as running:
+        work = [(prompt, {} if i % 2 else {"temperature": 0.8, "seed": 3 + i}) for i, prompt in enumerate(PROMPTS * 2)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda w: complete(running.router.url, w[0], **w[1]), work))
+        for (prompt, fields), answer in zip(work, answers):
+            assert answer["status"] == 200, answer
+            assert answer["choices"][0]["text"] == complete(single.url, prompt, **fields)["choices"][0]["text"]
+        for server in (running.prefill, running.decode):  # its counts are rank 0's: rank 1 took the others
+            assert 0 < server.info()["engine"]["transfers_done"] < len(work)
+        assert_drained(running.prefill, running.decode)
+
