@@ -41,7 +41,7 @@ class Engine:
         params = self._params(sampling_params, len(items))
         for (_, ids), p in zip(items, params):
             self.core.validate(ids, p)
-        rids = [self._add(text, ids, p) for (text, ids), p in zip(items, params)]
+        rids = [self._add(text, ids, p, incremental_text=False) for (text, ids), p in zip(items, params)]
         unfinished = set(rids)
         with tqdm(total=len(rids), desc="Requests", unit="req", disable=not progress) as bar:
             while unfinished:
@@ -71,9 +71,9 @@ class Engine:
                 self.core.abort(rid)
             self._states.pop(rid, None)
 
-    def _add(self, text: Optional[str], ids: list[int], params: SamplingParams) -> int:
+    def _add(self, text: Optional[str], ids: list[int], params: SamplingParams, incremental_text: bool = True) -> int:
         rid = self.core.add_request(ids, params)
-        self._states[rid] = RequestState(str(rid), text, ids, params, self.tokenizer)
+        self._states[rid] = RequestState(str(rid), text, ids, params, self.tokenizer, incremental_text=incremental_text)
         return rid
 
     def _step(self) -> list[int]:

@@ -4,6 +4,10 @@ Token-level stops (EOS, stop_token_ids, max_new_tokens) are decided by the sched
 strings need text, so they are found here, and the front end then finishes the request in the
 core. The text never contains a stop string, and streamed deltas hold back any tail that could
 still become one.
+
+Text is made as it is needed: on every step for a stream or a request with stop strings, else once when the
+request finishes. The offline engine detokenizes on the thread that launches the steps: at batch 256 the two
+window decodes per request and token were half of its host time per step outside the forward (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from keel.sampling_params import SamplingParams
 
 class RequestState:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: PreTrainedTokenizerBase, stop_automaton: Optional[StopAutomaton] = None) -> None:
-        """`stop_automaton`: params.stop's automaton, built once and shared when a request has several choices."""
+                 tokenizer: PreTrainedTokenizerBase, stop_automaton: Optional[StopAutomaton] = None,
+                 incremental_text: bool = True) -> None:
+        """`stop_automaton`: params.stop's automaton, built once and shared when a request has several choices.
+        `incremental_text`: take_delta is called while the request runs (else the text is read once it finished)."""
         self.output = RequestOutput(request_id, prompt, list(prompt_ids),
                                     logprobs=[] if params.wants_logprobs else None)
         self.detokenizer = IncrementalDetokenizer(TextDecoder(tokenizer), prompt_ids)
         self.stops = StopMatcher(stop_automaton or StopAutomaton(params.stop))
         self.streamed = 0  # characters of output.text already handed out by take_delta
+        self.text_each_step = incremental_text or bool(params.stop)
+        self.detokenized = 0  # output tokens given to the detokenizer
 
     def update(self, out: CoreOutput) -> bool:
         """Apply one step's tokens. True if a stop string just ended the request (the core must finish it)."""
@@ -43,7 +51,10 @@ class RequestState:
         result.token_ids.extend(out.token_ids)
         if result.logprobs is not None and out.logprobs:
             result.logprobs.extend(out.logprobs)
-        text = self.detokenizer.push(out.token_ids)
+        if not self.text_each_step and out.finish_reason is None:
+            return False
+        text = self.detokenizer.push(result.token_ids[self.detokenized:])
+        self.detokenized = len(result.token_ids)
         if out.finish_reason is not None:
             text += self.detokenizer.flush()
         result.text += text

@@ -51,3 +51,24 @@ def test_the_decoder_decodes_as_transformers_does(model, keel_cache_dir):
     sequences = [[rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 12))] for _ in range(200)]
     expected = [tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
     assert [TextDecoder(tokenizer)(seq) for seq in sequences] == expected
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_text_made_once_at_the_end_is_the_deltas_joined(model, keel_cache_dir):
+    """A request whose text is only read when it finishes is detokenized in one push (RequestState): the same
+    text as one push per token. Random ids, so partial characters, special and silent tokens all occur."""
+    import random
+
+    from keel.models.source import resolve_model
+    from keel.models.tokenizer import load_tokenizer
+
+    decoder = TextDecoder(load_tokenizer(resolve_model(model)))
+    rng = random.Random(1)
+    vocab = len(decoder.tokenizer)
+    for _ in range(100):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+        output = [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+        each = IncrementalDetokenizer(decoder, prompt)
+        deltas = "".join(each.push([t]) for t in output) + each.flush()
+        once = IncrementalDetokenizer(decoder, prompt)
+        assert once.push(output) + once.flush() == deltas, (prompt, output)
