@@ -171,7 +171,7 @@ async def native_generate(ctx: ServerContext, body: GenerateRequest, request: Re
     params = sampling_params(body.sampling_params, {})
     check_request(ctx, prompt, params, "input_ids" if body.text is None else "text")
     request_id = f"gen-{uuid.uuid4().hex}"
-    (generation,) = await make_generations(ctx, request_id, [prompt], [params], 1, request)
+    (generation,) = await make_generations(ctx, request_id, [prompt], [params], 1, request, body.stream)
     if not body.stream:
         outputs = await collect([generation], request)
         if outputs is None:

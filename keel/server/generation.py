@@ -49,7 +49,8 @@ class GenerationEvent:
 class Generation:
     def __init__(self, request_id: str, index: int, client: EngineClient, metrics: ServerMetrics,
                  tokenizer: PreTrainedTokenizerBase, prompt: Optional[str], prompt_ids: list[int],
-                 params: SamplingParams, stops: StopAutomaton, submit: Optional[Submit] = None) -> None:
+                 params: SamplingParams, stops: StopAutomaton, submit: Optional[Submit] = None,
+                 incremental_text: bool = True) -> None:
         self.request_id = request_id  # the response id: POST /abort/{request_id} stops it
         self.index = index
         self.client = client
@@ -58,7 +59,7 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.params = params
         self.rid = client.next_rid()
-        self.state = RequestState(str(self.rid), prompt, prompt_ids, params, tokenizer, stops)
+        self.state = RequestState(str(self.rid), prompt, prompt_ids, params, tokenizer, stops, incremental_text)
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
         """One event per batch of engine outputs: when the consumer falls behind the engine, the outputs waiting

@@ -157,10 +157,12 @@ def json_schema(response_format: Optional[ResponseFormat]) -> Optional[str]:
 
 
 async def make_generations(ctx: ServerContext, request_id: str, prompts: list[Prompt],
-                           prompt_params: list[SamplingParams], n: int, request: Request) -> list[Generation]:
+                           prompt_params: list[SamplingParams], n: int, request: Request,
+                           streamed: bool) -> list[Generation]:
     """n choices per prompt, numbered prompt by prompt; with a seed, choice j draws from seed + j, so the
     choices differ but repeat. Every choice shares one stop-string automaton (the stops are the request's).
-    On a decode server, each is prefilled on the prefill server the router named."""
+    On a decode server, each is prefilled on the prefill server the router named. Unless `streamed`, their text
+    is made once they end (RequestState)."""
     url = prefill_url(ctx.client, request)
     submit = None
     if url is not None:
@@ -173,7 +175,7 @@ async def make_generations(ctx: ServerContext, request_id: str, prompts: list[Pr
         for j in range(n):
             choice_params = params if params.seed is None or j == 0 else _with_seed(params, (params.seed + j) % 2**64)
             generations.append(Generation(request_id, p * n + j, ctx.client, ctx.metrics, ctx.tokenizer,
-                                          prompt.text, prompt.ids, choice_params, stops, submit))
+                                          prompt.text, prompt.ids, choice_params, stops, submit, streamed))
     return generations
 
 
@@ -311,7 +313,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         checked.append(params)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echoes = [await prompt_text(ctx, p) for p in prompts] if body.echo else None
-    generations = await make_generations(ctx, response_id, prompts, checked, body.n, request)
+    generations = await make_generations(ctx, response_id, prompts, checked, body.n, request, body.stream)
     if body.stream:
         return sse_stream(stream_completion(ctx, body, prompts, echoes, generations, response_id, created),
                           response_id)
@@ -435,7 +437,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     params = sampling_params(fields, names)
     check_request(ctx, prompt, params, "messages")
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    generations = await make_generations(ctx, response_id, [prompt], [params], body.n, request)
+    generations = await make_generations(ctx, response_id, [prompt], [params], body.n, request, body.stream)
     fmt = AnswerFormat(ctx.config.reasoning_parser, ctx.config.tool_call_parser if tools else None,
                        body.parallel_tool_calls)
     if body.stream:
