@@ -133,6 +133,10 @@ class KVCacheManager:
     def kv_len(self, owner: int) -> int:
         return int(self._kv_lens_view[self._held(owner).row])
 
+    def kv_lens(self, owners: list[int]) -> list[int]:
+        """kv_len of each owner, in one read (the scheduler asks for every running request's on every step)."""
+        return self._kv_lens_view[self._rows_of(owners)].tolist()
+
     def grow(self, owners: list[int], new_lens: list[int]) -> Optional[torch.Tensor]:
         """Extend each owner's KV to `new_lens` tokens, evicting cached pages if needed; returns the new
         positions' slots, owner by owner, positions ascending. None, allocating nothing, if short."""

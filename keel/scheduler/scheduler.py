@@ -194,7 +194,7 @@ class Scheduler:
     def _grow(self, rids: list[int], lens: list[int]) -> Optional[torch.Tensor]:
         """kv.grow to `lens`, but never below what a request holds: a tree step in flight holds its drafter's
         reserve, which can reach past this step's tokens (a step without drafts, or a reserve above the drafts)."""
-        return self.kv.grow(rids, [max(n, self.kv.kv_len(rid)) for rid, n in zip(rids, lens)])
+        return self.kv.grow(rids, [max(n, held) for n, held in zip(lens, self.kv.kv_lens(rids))])
 
     def wants_drafts(self) -> bool:
         """Whether the next decode step would draft for some request with a drafter that reads its tokens on the
@@ -224,9 +224,9 @@ class Scheduler:
     def _decodable(self) -> list[Req]:
         """Running requests with at most one step in flight, whose KV covers all but their last token, and that
         may still owe tokens."""
-        return [r for r in self.running
-                if len(r.held_in_flight) <= 1 and self.kv.kv_len(r.rid) >= r.seq_len - 1
-                and r.num_generated < r.params.max_new_tokens]
+        kv_lens = self.kv.kv_lens([r.rid for r in self.running])
+        return [r for r, kv_len in zip(self.running, kv_lens)
+                if len(r.held_in_flight) <= 1 and kv_len >= r.seq_len - 1 and r.num_generated < r.params.max_new_tokens]
 
     @property
     def _prefill_budget(self) -> int:
