@@ -8,6 +8,12 @@ cached prefix locks the deepest node of it; a lock covers the node and all its a
 only unlocked leaves are evicted, least recently used first. The clock is a counter, not wall
 time, so eviction order is deterministic.
 
+Eviction pops a heap of the leaves that may be evictable, kept across calls: a node is offered to it whenever it
+may have become an unlocked leaf or was touched (insert, match, unlock, its last child evicted), and an entry whose
+node has changed since (locked, grown children, touched again, evicted) is dropped when it comes up. Scanning the
+whole tree on each call instead (SGLang's way) took 9 ms for 256 pages of a 10,000-leaf tree on a 2-core CPU, and
+a full pool evicts on every decode step. The heap is rebuilt from the tree when stale entries outnumber the nodes.
+
 On a hybrid pool (`swa`) a node's pages may also hold window KV (SWA pages, owned by the cache
 too). That part goes first when the SWA pool is short: `evict_swa` frees the SWA pages of
 unlocked nodes, leaves or not, and leaves their full pages as tombstones (SGLang's term) that
@@ -58,6 +64,9 @@ class RadixCache:
         self.evictable_swa_pages = 0  # the same for their SWA pages (hybrid pools)
         self.locked_swa_pages = 0
         self._clock = 0
+        self._leaves: list[tuple[int, int, RadixNode]] = []  # (last_access, offer number, node): eviction candidates
+        self._offers = 0  # ties in last_access go in offer order (deterministic)
+        self.num_nodes = 0
 
     @property
     def total_pages(self) -> int:
@@ -73,6 +82,7 @@ class RadixCache:
             if matched < len(child.pages):
                 child = self._split(child, matched)
             child.last_access = self._clock
+            self._offer(child)
             pages += child.pages
             pos += matched * self.page_size
             node = child
@@ -101,7 +111,9 @@ class RadixCache:
             leaf.swa_pages = self._count_swa(leaf)
             self.evictable_swa_pages += leaf.swa_pages
         match.node.children[self._key(leaf.tokens, 0)] = leaf
+        self.num_nodes += 1
         self.evictable_pages += len(new_pages)
+        self._offer(leaf)
         return leaf, match.pages + new_pages
 
     def lock(self, node: RadixNode) -> None:
@@ -117,6 +129,7 @@ class RadixCache:
             n.lock_ref -= 1
             if n.lock_ref == 0:
                 self._count(n, +1)
+                self._offer(n)
 
     def _count(self, node: RadixNode, sign: int) -> None:
         """Move `node`'s pages between the evictable (sign +1) and locked (-1) counters."""
@@ -141,16 +154,12 @@ class RadixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free at least `num_pages` pages from unlocked leaves, least recently used first; returns pages freed."""
-        order = 0  # ties broken by tree order, so eviction is deterministic
-        heap = []
-        for node in self.nodes():
-            if not node.children and node.lock_ref == 0:
-                heap.append((node.last_access, order, node))
-                order += 1
-        heapq.heapify(heap)
         freed = 0
-        while freed < num_pages and heap:
-            _, _, node = heapq.heappop(heap)
+        while freed < num_pages and self._leaves:
+            entry = heapq.heappop(self._leaves)
+            if not self._is_evictable(entry):
+                continue
+            node = entry[2]
             pages = torch.tensor(node.pages, dtype=torch.int64)
             if self.swa is not None:
                 self.swa.detach(pages, CACHE)
@@ -161,10 +170,34 @@ class RadixCache:
             parent = node.parent
             assert parent is not None
             del parent.children[self._key(node.tokens, 0)]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, order, parent))
-                order += 1
+            node.parent = None  # out of the tree: its entries in the heap are stale
+            self.num_nodes -= 1
+            self._offer(parent)
         return freed
+
+    def evictable_leaves(self) -> Iterator[RadixNode]:
+        """The nodes evict() may take now: unlocked leaves."""
+        return (n for n in self.nodes() if not n.children and n.lock_ref == 0)
+
+    def offered(self) -> set[int]:
+        """ids of the nodes with a live entry in the eviction heap (the invariant checker's view)."""
+        return {id(entry[2]) for entry in self._leaves if self._is_evictable(entry)}
+
+    def _offer(self, node: RadixNode) -> None:
+        """`node` may now be evictable, or was touched: give it an entry at its last access."""
+        if node is self.root or node.children or node.lock_ref:
+            return
+        if len(self._leaves) > 2 * self.num_nodes + 64:  # mostly stale: start again from the tree
+            live = sorted(self.evictable_leaves(), key=lambda n: n.last_access)  # sorted: already a heap
+            self._leaves = [(n.last_access, i, n) for i, n in enumerate(live)]
+            self._offers = len(live)
+        heapq.heappush(self._leaves, (node.last_access, self._offers, node))
+        self._offers += 1
+
+    @staticmethod
+    def _is_evictable(entry: tuple[int, int, RadixNode]) -> bool:
+        last_access, _, node = entry
+        return node.parent is not None and not node.children and node.lock_ref == 0 and node.last_access == last_access
 
     def evict_swa(self, num_pages: int) -> int:
         """Free at least `num_pages` SWA pages of unlocked nodes (least recently used first), keeping their full
@@ -227,6 +260,7 @@ class RadixCache:
         head = RadixNode(node.tokens[:cut], node.pages[:pages], parent, lock_ref=node.lock_ref,
                          last_access=node.last_access)
         parent.children[self._key(head.tokens, 0)] = head
+        self.num_nodes += 1
         node.tokens, node.pages, node.parent = node.tokens[cut:], node.pages[pages:], head
         head.children[self._key(node.tokens, 0)] = node
         if self.swa is not None:  # the two halves share the count; the lock state (and so the totals) is the same

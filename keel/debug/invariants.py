@@ -191,6 +191,13 @@ def _radix_problems(kv: KVCacheManager, radix: RadixCache) -> list[str]:
         else:
             evictable += len(node.pages)
     problems += [f"page {p} is in {n} radix nodes" for p, n in seen.items() if n > 1]
+    nodes = sum(1 for _ in radix.nodes())
+    if nodes != radix.num_nodes:
+        problems.append(f"the radix tree has {nodes} nodes, its count says {radix.num_nodes}")
+    offered = radix.offered()
+    unseen = sum(1 for n in radix.evictable_leaves() if id(n) not in offered)
+    if unseen:  # evict() would not find their pages: the pool would look fuller than it is
+        problems.append(f"{unseen} unlocked radix leaves have no live entry in the eviction heap")
     if (evictable, locked) != (radix.evictable_pages, radix.locked_pages):
         problems.append(f"radix counters say {radix.evictable_pages} evictable / {radix.locked_pages} locked, "
                         f"the tree has {evictable} / {locked}")

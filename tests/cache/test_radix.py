@@ -64,6 +64,41 @@ def test_locks_protect_paths_and_eviction_is_lru():
     assert cache.evict(10) == 3 and cache.total_pages == 0
 
 
+def test_eviction_takes_the_least_recently_used_unlocked_leaf_through_random_use():
+    """The eviction heap is kept across calls, its entries going stale as nodes are touched, locked, split or
+    grow children: through random use each evict(1) must still take an unlocked leaf of the oldest access, and
+    every unlocked leaf must stay reachable (at the end, all unlocked pages can be evicted)."""
+    import random
+
+    rng = random.Random(0)
+    cache = cache_with(page_size=1, num_pages=3000)
+    locked = []
+    for _ in range(4000):
+        op = rng.random()
+        tokens = [rng.randrange(3) for _ in range(rng.randint(1, 8))]  # few symbols: shared prefixes, splits
+        if op < 0.35 and cache.allocator.num_free >= len(tokens):
+            insert(cache, tokens)
+        elif op < 0.6:
+            node = cache.match_prefix(tokens).node
+            if node is not cache.root and rng.random() < 0.5:
+                cache.lock(node)
+                locked.append(node)
+        elif op < 0.75 and locked:
+            cache.unlock(locked.pop(rng.randrange(len(locked))))
+        else:
+            leaves = {id(n): n.last_access for n in cache.evictable_leaves()}
+            if not leaves:
+                continue
+            assert cache.evict(1) >= 1
+            gone = set(leaves) - {id(n) for n in cache.nodes()}
+            assert len(gone) == 1 and leaves[gone.pop()] == min(leaves.values())
+        assert {id(n) for n in cache.evictable_leaves()} <= cache.offered()
+    for node in locked:
+        cache.unlock(node)
+    total = cache.total_pages
+    assert cache.evict(total) == total and cache.total_pages == 0 and cache.num_nodes == 0
+
+
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_shared_prefix_requests_reuse_cached_pages_and_match_transformers(page_size, tiny_model, make_engine):
     directory, hf_model = tiny_model("qwen2")

@@ -54,6 +54,11 @@ def test_radix_counters_off(busy_engine):
     expect(busy_engine, "radix counters")
 
 
+def test_radix_node_count_off(busy_engine):
+    busy_engine.kv_cache.radix.num_nodes += 1
+    expect(busy_engine, "its count says")
+
+
 def test_request_in_two_places(busy_engine):
     busy_engine.scheduler.waiting.append(busy_engine.scheduler.running[0])
     expect(busy_engine, "is in 2 places")
@@ -79,6 +84,12 @@ def drained_engine(tiny_model):
     engine.generate(random_prompts([9, 14], seed=41), keel.SamplingParams(max_new_tokens=3))
     check_drained(engine.core.scheduler)  # sound before each corruption
     return engine.core
+
+
+def test_unlocked_leaf_missing_from_the_eviction_heap(drained_engine):
+    drained_engine.kv_cache.radix._leaves.clear()  # evict() could no longer find the cached prompts' pages
+    with pytest.raises(InvariantViolation, match="no live entry in the eviction heap"):
+        check_invariants(drained_engine.scheduler)
 
 
 def test_the_drain_check_counts_a_leaked_page(drained_engine):
