@@ -177,7 +177,7 @@ class RadixCache:
 
     def evictable_leaves(self) -> Iterator[RadixNode]:
         """The nodes evict() may take now: unlocked leaves."""
-        return (n for n in self.nodes() if not n.children and n.lock_ref == 0)
+        return (n for n in self.nodes() if self._unlocked_leaf(n))
 
     def offered(self) -> set[int]:
         """ids of the nodes with a live entry in the eviction heap (the invariant checker's view)."""
@@ -185,7 +185,7 @@ class RadixCache:
 
     def _offer(self, node: RadixNode) -> None:
         """`node` may now be evictable, or was touched: give it an entry at its last access."""
-        if node is self.root or node.children or node.lock_ref:
+        if not self._unlocked_leaf(node):
             return
         if len(self._leaves) > 2 * self.num_nodes + 64:  # mostly stale: start again from the tree
             live = sorted(self.evictable_leaves(), key=lambda n: n.last_access)  # sorted: already a heap
@@ -194,10 +194,13 @@ class RadixCache:
         heapq.heappush(self._leaves, (node.last_access, self._offers, node))
         self._offers += 1
 
-    @staticmethod
-    def _is_evictable(entry: tuple[int, int, RadixNode]) -> bool:
+    def _unlocked_leaf(self, node: RadixNode) -> bool:
+        return node is not self.root and not node.children and node.lock_ref == 0
+
+    def _is_evictable(self, entry: tuple[int, int, RadixNode]) -> bool:
+        """Whether a heap entry is live: its node is still in the tree, an unlocked leaf, untouched since."""
         last_access, _, node = entry
-        return node.parent is not None and not node.children and node.lock_ref == 0 and node.last_access == last_access
+        return node.parent is not None and self._unlocked_leaf(node) and node.last_access == last_access
 
     def evict_swa(self, num_pages: int) -> int:
         """Free at least `num_pages` SWA pages of unlocked nodes (least recently used first), keeping their full
